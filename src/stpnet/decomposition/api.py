@@ -1,0 +1,178 @@
+"""The ``decompose`` entry point: input checks, rank rules, memory check, fit and refinement."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from .._arrays import ArrayLike, as_tensor
+from .._validate import check_finite_tensor, check_positive_int
+from ..formats import FactorizedTensor, TRTensor, TTTensor, TuckerTensor, format_class
+from .memory import check_memory, svd_bytes
+from .ranks import ranks_for_budget
+from .svd import SVD_METHODS
+from .tr import str_svd, tr_als
+from .tt import stt_svd
+from .tucker import hooi, st_hosvd
+
+__all__ = ["decompose", "relative_error"]
+
+
+def _estimate_bytes(cls, shape: tuple[int, ...], t, rank, n_iter: int, itemsize: int, svd: str) -> int:
+    numel = math.prod(shape)
+    randomized = svd == "randomized"
+    if cls is TuckerTensor:
+        peak = max(
+            svd_bytes(size // tk, numel // size * tk, itemsize,
+                      None if rank is None else rank[k] // tk, randomized)
+            for k, (size, tk) in enumerate(zip(shape, t))
+        )
+        return 2 * numel * itemsize + peak
+    dims = TTTensor.classic_shape(shape, t)
+    cap = None if rank is None else (rank[0] * rank[1] // (t * t) if cls is TRTensor else rank[0] // t)
+    peak = svd_bytes(dims[0], numel // dims[0], itemsize, cap, randomized)
+    if cls is TRTensor and n_iter > 0:
+        r2 = max(rank) ** 2 // (t * t) if rank is not None else min(dims[0], numel // dims[0])
+        peak = max(peak, itemsize * (2 * numel + 2 * r2 * (numel // min(dims))))
+    return 2 * numel * itemsize + peak
+
+
+def decompose(
+    X: ArrayLike,
+    format: str,
+    rank: int | Sequence[int] | None = None,
+    t: int | Sequence[int] | None = None,
+    tol: float | None = None,
+    max_params: int | None = None,
+    *,
+    n_iter: int = 0,
+    n_restarts: int = 3,
+    svd: str = "exact",
+    seed: int = 0,
+    max_memory: int | None = None,
+    callback: Callable[[int, float], None] | None = None,
+) -> FactorizedTensor:
+    """Decompose a tensor into one of the six formats.
+
+    Parameters
+    ----------
+    X : torch.Tensor or numpy.ndarray
+        float32 or float64, on any device; finite and non-empty.
+    format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
+    rank : int or sequence of int, optional
+        Upper bounds, as in TensorLy: a rank larger than the data allows is lowered to the largest
+        valid one, and the result reports its actual ranks. Lengths: Tucker N, TT N-1 (or N+1 with
+        boundary ones), TR N (or N+1 with R_N = R_0). Multiples of ``t``.
+    t : int or sequence of int, optional
+        STP factor; default 1 for the classic formats and 2 for the semi-tensor ones. Tucker/STTu
+        accept one per mode. The classic names require ``t = 1``.
+    tol : float, optional
+        Relative error target ``||X - X_hat|| <= tol ||X||`` for the SVD fit (delta-truncation
+        for TT/TR, per-mode energy for Tucker), with ``rank`` as caps if both are given. ALS
+        refinement stops once it reaches ``tol``.
+    max_params : int, optional
+        Parameter budget: the largest uniform rank that fits. Not combined with rank or tol.
+    n_iter : int, default 0
+        Refinement sweeps after the SVD fit: HOOI for Tucker/STTu, ALS for TR/STR. TT-SVD is
+        quasi-optimal and has none.
+    n_restarts : int, default 3
+        ALS restarts from random cores when a run stalls above ``tol``.
+    svd : {'exact', 'randomized'}
+        'randomized' sketches large unfoldings (needs rank or max_params).
+    seed : int, default 0
+        Seeds the randomized SVD and ALS restarts.
+    max_memory : int, optional
+        Refuse (InsufficientMemoryError) if the estimated peak exceeds this many bytes; by
+        default the memory free on the tensor's device.
+    callback : callable, optional
+        ``callback(sweep, relative_error)`` after each refinement sweep.
+
+    Returns
+    -------
+    FactorizedTensor
+        A :class:`TuckerTensor`, :class:`TTTensor` or :class:`TRTensor` on X's device and dtype.
+
+    Raises
+    ------
+    ValueError
+        Unknown format, wrong order, rank below 1, t not dividing a rank or mode size, NaN/Inf
+        or empty input, or a missing or conflicting rank rule.
+    InsufficientMemoryError
+        If the estimated peak memory exceeds ``max_memory`` or the free memory.
+
+    Examples
+    --------
+    >>> import torch, stpnet
+    >>> X = stpnet.TTTensor.random((8, 8, 8), rank=4, t=2, dtype=torch.float64).to_tensor()
+    >>> Y = stpnet.decompose(X, "stt", rank=4, t=2)
+    >>> bool(stpnet.relative_error(X, Y) < 1e-10)
+    True
+    """
+    cls, semi = format_class(format)
+    X, _ = as_tensor(X, "X")
+    X = X.detach()
+    if X.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"X must be float32 or float64, got {X.dtype}; convert with .float() or .double()")
+    check_finite_tensor(X, "X")
+    if svd not in SVD_METHODS:
+        raise ValueError(f"unknown svd method {svd!r}; valid: {', '.join(SVD_METHODS)}")
+    if n_iter < 0 or n_restarts < 0:
+        raise ValueError(f"n_iter and n_restarts must be >= 0, got {n_iter} and {n_restarts}")
+    if n_iter and cls is TTTensor:
+        raise ValueError("n_iter: TT/STT has no refinement (TT-SVD is quasi-optimal); refinement "
+                         "exists for tucker/sttu (HOOI) and tr/str (ALS)")
+    if tol is not None and not (0 <= tol < 1):
+        raise ValueError(f"tol is a relative error and must be in [0, 1), got {tol}")
+    if rank is None and tol is None and max_params is None:
+        raise ValueError("give a rank rule: rank=..., tol=..., or max_params=...")
+    if max_params is not None and (rank is not None or tol is not None):
+        raise ValueError("max_params chooses the ranks by itself; do not combine it with rank or tol")
+
+    shape = tuple(X.shape)
+    if t is None:
+        t = 2 if semi else 1
+    if cls is TuckerTensor:
+        t = TuckerTensor.validate_t(shape, t)
+        is_semi = any(v > 1 for v in t)
+    else:
+        t = check_positive_int(t, "t")
+        is_semi = t > 1
+    if is_semi and not semi:
+        raise ValueError(f"format {format!r} is the classic format (t = 1); for t={t} use "
+                         f"{cls.semi_name!r}")
+    if max_params is not None:
+        max_params = check_positive_int(max_params, "max_params")
+        caps = ranks_for_budget(cls, shape, t, max_params)
+    elif rank is not None:
+        caps = cls.validate_rank(shape, rank, t)
+    else:
+        cls.validate_rank(shape, 1 if cls is not TuckerTensor else t, t)  # order and t checks
+        caps = None
+
+    check_memory(_estimate_bytes(cls, shape, t, caps, n_iter, X.element_size(), svd), X.device,
+                 max_memory, f"decomposing a {shape} tensor as {format}")
+    generator = torch.Generator(device=X.device).manual_seed(seed)
+
+    if cls is TuckerTensor:
+        result = st_hosvd(X, caps, t, tol=tol, svd=svd, generator=generator)
+        if n_iter:
+            result = hooi(X, result, n_iter=n_iter, tol=1e-12, svd=svd, generator=generator,
+                          callback=callback)
+    elif cls is TTTensor:
+        result = stt_svd(X, caps, t, tol=tol, svd=svd, generator=generator)
+    else:
+        result = str_svd(X, caps, t, tol=tol, svd=svd, generator=generator)
+        if n_iter:
+            result = tr_als(X, result, n_iter=n_iter, tol=tol or 0.0, n_restarts=n_restarts,
+                            generator=generator, callback=callback)
+    return result
+
+
+def relative_error(X: ArrayLike, approximation: FactorizedTensor | ArrayLike) -> float:
+    """``||X - X_hat||_F / ||X||_F`` for a dense tensor and a factorized (or dense) approximation."""
+    X = as_tensor(X, "X")[0].detach()
+    Y = approximation.to_tensor() if isinstance(approximation, FactorizedTensor) else as_tensor(approximation)[0]
+    Y = Y.detach().to(X.dtype)
+    return float(torch.linalg.vector_norm(X - Y) / torch.linalg.vector_norm(X))

@@ -1,0 +1,52 @@
+"""Rank rules: ranks for a parameter budget (given ranks and tolerances are handled by the formats
+and the SVD fits)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from ..formats.base import FactorizedTensor
+
+__all__ = ["ranks_for_budget"]
+
+
+def _uniform(shape: Sequence[int], R: int, t: int | tuple[int, ...]) -> int | tuple[int, ...]:
+    if isinstance(t, tuple):  # Tucker: one t per mode, round R down to each mode's multiple
+        return tuple(max(tk, (R // tk) * tk) for tk in t)
+    return R
+
+
+def ranks_for_budget(
+    cls: type[FactorizedTensor], shape: Sequence[int], t: int | tuple[int, ...], max_params: int
+) -> tuple[int, ...]:
+    """The largest uniform rank whose (capped) ranks fit in ``max_params`` parameters.
+
+    Every bond (or mode) gets the same rank R, a multiple of t, lowered where the data allows less;
+    R grows until the count would exceed the budget or no rank can grow further.
+
+    Raises
+    ------
+    ValueError
+        If even the smallest ranks (all equal to t) need more than ``max_params`` parameters.
+    """
+    step = math.lcm(*t) if isinstance(t, tuple) else t
+    best = None
+    previous = None
+    R = step
+    while True:
+        rank = cls.validate_rank(shape, _uniform(shape, R, t), t)
+        if rank == previous:
+            break
+        if cls.param_count(shape, rank, t) > max_params:
+            break
+        best, previous = rank, rank
+        R += step
+    if best is None:
+        smallest = cls.validate_rank(shape, _uniform(shape, step, t), t)
+        need = cls.param_count(shape, smallest, t)
+        raise ValueError(
+            f"max_params={max_params} is below the smallest {cls.__name__} of shape {tuple(shape)} "
+            f"with t={t} (ranks {smallest}: {need} parameters); valid budgets are >= {need}"
+        )
+    return best

@@ -1,0 +1,202 @@
+"""Tensor ring (TR), and semi-tensor ring (STR) when t > 1 (MATH.md section 6)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .._validate import check_positive_int
+from ..functional.reconstruct import tr_to_tensor
+from ..functional.retensorize import first_core_from_classic, first_core_to_classic
+from ._checks import as_core_list, check_rank_multiple, check_shape, check_t_divides
+from .base import FactorizedTensor
+from .tt import TTTensor
+
+__all__ = ["TRTensor"]
+
+
+def _ring_ranks(rank: int | Sequence[int], order: int) -> tuple[int, ...]:
+    """Ranks R_0..R_{N-1} from an int, N values, or N+1 values with R_N = R_0."""
+    if isinstance(rank, (list, tuple)):
+        rank = tuple(rank)
+        if len(rank) == order + 1:
+            if rank[0] != rank[-1]:
+                raise ValueError(
+                    f"TR/STR: a rank list of length N+1={order + 1} must end with R_0={rank[0]}, got {rank[-1]}"
+                )
+            rank = rank[:-1]
+        if len(rank) != order:
+            raise ValueError(
+                f"TR/STR: rank has {len(rank)} entries; a tensor of order {order} needs {order} "
+                f"(R_0..R_{order - 1}) or {order + 1} (with R_N = R_0)"
+            )
+        return tuple(check_positive_int(r, f"rank[{i}]") for i, r in enumerate(rank))
+    return (check_positive_int(rank, "rank"),) * order
+
+
+def split_pair(total: int, cap0: int | None, cap1: int | None) -> tuple[int, int]:
+    """The largest product r_0 * r_1 <= total within the caps, split as evenly as possible."""
+    for size in range(total, 0, -1):
+        pairs = [
+            (a, size // a)
+            for a in range(1, size + 1)
+            if size % a == 0 and (cap0 is None or a <= cap0) and (cap1 is None or size // a <= cap1)
+        ]
+        if pairs:
+            return min(pairs, key=lambda p: (abs(p[0] - p[1]), p[0]))
+    return 1, 1
+
+
+def clip_ring(dims: Sequence[int], caps: Sequence[int]) -> tuple[int, ...]:
+    """Largest TR ranks <= caps that TR-SVD can produce for a tensor of shape ``dims``.
+
+    The first unfolding (I_1 x rest) bounds r_0 * r_1 (split as evenly as the caps allow when
+    it must be lowered). Later bonds follow TR-SVD: r_k <= min(r_{k-1} I_k, r_0 prod_{j>k} I_j).
+    """
+    r = list(caps)
+    n = len(dims)
+    first_cap = min(dims[0], math.prod(dims[1:]))
+    if r[0] * r[1] > first_cap:
+        r[0], r[1] = split_pair(first_cap, r[0], r[1])
+    for k in range(2, n):
+        r[k] = min(r[k], r[k - 1] * dims[k - 1], r[0] * math.prod(dims[k:]))
+    return tuple(r)
+
+
+class TRTensor(FactorizedTensor):
+    """A tensor in TR format (``t = 1``) or STR format (``t > 1``).
+
+    ``X[i_1, ..., j*t+u] = sum G_1[a, i_1, b_1*t+u] G_2[b_1, i_2, b_2] ... G_N[b_{N-1}, j, a]``
+
+    Parameters
+    ----------
+    cores : sequence of torch.Tensor
+        ``G_1`` (R_0/t, I_1, R_1); ``G_k`` (R_{k-1}/t, I_k, R_k/t); ``G_N`` (R_{N-1}/t, I_N/t, R_0/t).
+    t : int, default 1
+        The STP factor; it must divide every rank and the last mode size.
+    """
+
+    family = "tr"
+    semi_name = "str"
+
+    def __init__(self, cores: Sequence[torch.Tensor], t: int = 1):
+        super().__init__()
+        t = check_positive_int(t, "t")
+        cores = as_core_list(cores, "TRTensor")
+        if len(cores) < 2:
+            raise ValueError(f"TRTensor needs at least 2 cores (a tensor of order >= 2), got {len(cores)}")
+        for k, G in enumerate(cores):
+            if G.ndim != 3:
+                raise ValueError(f"TRTensor: core {k} must be 3-way (r_in, I, r_out), got shape {tuple(G.shape)}")
+        if cores[0].shape[2] != t * cores[1].shape[0]:
+            raise ValueError(
+                f"TRTensor: first core has R_1={cores[0].shape[2]}, so core 1 needs R_1/t="
+                f"{cores[0].shape[2] / t:g} rows (t={t}), got {cores[1].shape[0]}"
+            )
+        for k in range(1, len(cores) - 1):
+            if cores[k].shape[2] != cores[k + 1].shape[0]:
+                raise ValueError(
+                    f"TRTensor: core {k} ends in rank {cores[k].shape[2]} but core {k + 1} starts "
+                    f"with {cores[k + 1].shape[0]}"
+                )
+        if cores[-1].shape[2] != cores[0].shape[0]:
+            raise ValueError(
+                f"TRTensor: the last core must close the ring with R_0/t={cores[0].shape[0]}, "
+                f"got {cores[-1].shape[2]}"
+            )
+        self.cores = nn.ParameterList([nn.Parameter(G) for G in cores])
+        self._t = t
+
+    @property
+    def factors(self) -> list[torch.Tensor]:
+        return list(self.cores)
+
+    @property
+    def t(self) -> int:
+        return self._t
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        dims = [int(G.shape[1]) for G in self.cores]
+        dims[-1] *= self._t
+        return tuple(dims)
+
+    @property
+    def rank(self) -> tuple[int, ...]:
+        """(R_0, R_1, ..., R_{N-1}); R_N = R_0 closes the ring."""
+        return tuple(self._t * int(G.shape[0]) for G in self.cores)
+
+    def to_tensor(self) -> torch.Tensor:
+        return tr_to_tensor(list(self.cores), self._t)
+
+    def to_classic(self) -> "TRTensor":
+        """The exact TR (t = 1) with ranks R/t of the re-tensorized tensor (see TTTensor.to_classic)."""
+        cores = [G.detach().clone() for G in self.cores]
+        cores[0] = first_core_to_classic(cores[0], self._t)
+        return TRTensor(cores, t=1)
+
+    @classmethod
+    def from_classic(cls, tr: "TRTensor", t: int) -> "TRTensor":
+        """The STR with factor ``t`` whose classic form is ``tr``: inverse of :meth:`to_classic`."""
+        t = check_positive_int(t, "t")
+        if tr.t != 1:
+            raise ValueError(f"from_classic expects a classic TR (t = 1), got t={tr.t}")
+        check_t_divides(t, tr.shape[0], "the first mode of the classic TR")
+        cores = [G.detach().clone() for G in tr.cores]
+        cores[0] = first_core_from_classic(cores[0], t)
+        return cls(cores, t=t)
+
+    classic_shape = staticmethod(TTTensor.classic_shape)
+
+    @classmethod
+    def validate_rank(cls, shape: Sequence[int], rank: int | Sequence[int], t: int = 1) -> tuple[int, ...]:
+        """Check ``rank`` for ``shape`` and ``t``; lower it to the largest ranks TR-SVD can give.
+
+        Returns
+        -------
+        tuple of int
+            (R_0, ..., R_{N-1}), multiples of ``t``.
+        """
+        shape = check_shape(shape, 2, "TR/STR")
+        t = check_positive_int(t, "t")
+        check_t_divides(t, shape[-1], f"the last mode (mode {len(shape) - 1})")
+        ranks = _ring_ranks(rank, len(shape))
+        check_rank_multiple(ranks, t)
+        r = clip_ring(cls.classic_shape(shape, t), [R // t for R in ranks])
+        return tuple(t * v for v in r)
+
+    @staticmethod
+    def param_count(shape: Sequence[int], rank: Sequence[int], t: int = 1) -> int:
+        """MATH.md: R_0 I_1 R_1 / t + sum_mid I_k R_{k-1} R_k / t^2 + I_N R_{N-1} R_0 / t^3."""
+        shape, R = tuple(shape), tuple(rank)
+        n = R[0] * shape[0] * R[1] // t
+        for k in range(1, len(shape) - 1):
+            n += shape[k] * R[k] * R[k + 1] // (t * t)
+        return n + shape[-1] * R[-1] * R[0] // (t**3)
+
+    @classmethod
+    def random(
+        cls,
+        shape: Sequence[int],
+        rank: int | Sequence[int],
+        t: int = 1,
+        *,
+        std: float = 1.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> "TRTensor":
+        """Gaussian cores scaled so that the dense entries have standard deviation ``std``."""
+        shape = check_shape(shape, 2, "TR/STR")
+        ranks = cls.validate_rank(shape, rank, t)
+        r = [R // t for R in ranks]
+        n = len(shape)
+        s = (std**2 / math.prod(r)) ** (1.0 / (2 * n))
+        sizes = [(r[0], shape[0], ranks[1])]
+        sizes += [(r[k], shape[k], r[k + 1]) for k in range(1, n - 1)]
+        sizes += [(r[-1], shape[-1] // t, r[0])]
+        cores = [torch.randn(sz, dtype=dtype, device=device, generator=generator) * s for sz in sizes]
+        return cls(cores, t=t)

@@ -1,0 +1,225 @@
+"""Tensor train (TT), and semi-tensor train (STT) when t > 1 (MATH.md section 5)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .._validate import check_positive_int
+from ..functional.reconstruct import tt_to_tensor
+from ..functional.retensorize import first_core_from_classic, first_core_to_classic
+from ._checks import as_core_list, check_rank_multiple, check_shape, check_t_divides
+from .base import FactorizedTensor
+
+__all__ = ["TTTensor"]
+
+
+def _bond_ranks(rank: int | Sequence[int], order: int, what: str) -> tuple[int, ...]:
+    """Ranks R_1..R_{N-1} from an int, N-1 values, or N+1 values with unit boundaries."""
+    if isinstance(rank, (list, tuple)):
+        rank = tuple(rank)
+        if len(rank) == order + 1:
+            if rank[0] != 1 or rank[-1] != 1:
+                raise ValueError(
+                    f"{what}: a rank list of length N+1={order + 1} must start and end with 1, got {rank}"
+                )
+            rank = rank[1:-1]
+        if len(rank) != order - 1:
+            raise ValueError(
+                f"{what}: rank has {len(rank)} entries; a tensor of order {order} needs {order - 1} "
+                f"(R_1..R_{order - 1}) or {order + 1} (with boundary ones)"
+            )
+        return tuple(check_positive_int(r, f"rank[{i}]") for i, r in enumerate(rank))
+    return (check_positive_int(rank, "rank"),) * (order - 1)
+
+
+def _clip_chain(dims: Sequence[int], caps: Sequence[int]) -> tuple[int, ...]:
+    """Largest TT ranks <= caps that a tensor of shape ``dims`` can have."""
+    r = list(caps)
+    prev = 1
+    for k in range(len(r)):
+        r[k] = min(r[k], prev * dims[k])
+        prev = r[k]
+    nxt = 1
+    for k in reversed(range(len(r))):
+        r[k] = min(r[k], nxt * dims[k + 1])
+        nxt = r[k]
+    return tuple(r)
+
+
+class TTTensor(FactorizedTensor):
+    """A tensor in TT format (``t = 1``) or STT format (``t > 1``).
+
+    ``X[i_1, ..., i_{N-1}, j*t+u] = sum_b G_1[i_1, b_1*t+u] G_2[b_1, i_2, b_2] ... G_N[b_{N-1}, j]``
+
+    Parameters
+    ----------
+    cores : sequence of torch.Tensor
+        ``G_1`` of shape (1, I_1, R_1) or (I_1, R_1); ``G_k`` of shape (R_{k-1}/t, I_k, R_k/t);
+        ``G_N`` of shape (R_{N-1}/t, I_N/t, 1) or (R_{N-1}/t, I_N/t). They become Parameters
+        (3-way, with the singleton boundary dimensions).
+    t : int, default 1
+        The STP factor. ``t`` must divide every rank and the last mode size.
+
+    Examples
+    --------
+    >>> import stpnet
+    >>> X = stpnet.TTTensor.random((8, 6, 10), rank=4, t=2)
+    >>> X.shape, X.rank, X.num_params
+    ((8, 6, 10), (4, 4), 66)
+    """
+
+    family = "tt"
+    semi_name = "stt"
+
+    def __init__(self, cores: Sequence[torch.Tensor], t: int = 1):
+        super().__init__()
+        t = check_positive_int(t, "t")
+        cores = as_core_list(cores, "TTTensor")
+        if len(cores) < 2:
+            raise ValueError(f"TTTensor needs at least 2 cores (a tensor of order >= 2), got {len(cores)}")
+        if cores[0].ndim == 2:
+            cores[0] = cores[0].unsqueeze(0)
+        if cores[-1].ndim == 2:
+            cores[-1] = cores[-1].unsqueeze(-1)
+        for k, G in enumerate(cores):
+            if G.ndim != 3:
+                raise ValueError(f"TTTensor: core {k} must be 3-way (r_in, I, r_out), got shape {tuple(G.shape)}")
+        if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
+            raise ValueError(
+                "TTTensor: the first core must have shape (1, I_1, R_1) and the last (R/t, I_N/t, 1); "
+                f"got {tuple(cores[0].shape)} and {tuple(cores[-1].shape)}"
+            )
+        if cores[0].shape[2] != t * cores[1].shape[0]:
+            raise ValueError(
+                f"TTTensor: first core has R_1={cores[0].shape[2]} columns, so core 1 needs "
+                f"R_1/t={cores[0].shape[2] / t:g} rows (t={t}), got {cores[1].shape[0]}"
+            )
+        for k in range(1, len(cores) - 1):
+            if cores[k].shape[2] != cores[k + 1].shape[0]:
+                raise ValueError(
+                    f"TTTensor: core {k} ends in rank {cores[k].shape[2]} but core {k + 1} starts "
+                    f"with {cores[k + 1].shape[0]}"
+                )
+        self.cores = nn.ParameterList([nn.Parameter(G) for G in cores])
+        self._t = t
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def factors(self) -> list[torch.Tensor]:
+        return list(self.cores)
+
+    @property
+    def t(self) -> int:
+        return self._t
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        dims = [int(G.shape[1]) for G in self.cores]
+        dims[-1] *= self._t
+        return tuple(dims)
+
+    @property
+    def rank(self) -> tuple[int, ...]:
+        """(R_1, ..., R_{N-1})."""
+        return tuple(self._t * int(G.shape[0]) for G in list(self.cores)[1:])
+
+    def to_tensor(self) -> torch.Tensor:
+        return tt_to_tensor(list(self.cores), self._t)
+
+    # ------------------------------------------------------------- conversions
+    def to_classic(self) -> "TTTensor":
+        """The exact TT (t = 1) with ranks R/t of the re-tensorized tensor.
+
+        Its shape is (I_1*t, I_2, ..., I_{N-1}, I_N/t) and its entries are
+        ``X'[(i_1, u), ..., j] = X[i_1, ..., j*t + u]`` (MATH.md section 5).
+        """
+        cores = [G.detach().clone() for G in self.cores]
+        cores[0] = first_core_to_classic(cores[0], self._t)
+        return TTTensor(cores, t=1)
+
+    @classmethod
+    def from_classic(cls, tt: "TTTensor", t: int) -> "TTTensor":
+        """The STT with factor ``t`` whose classic form is ``tt``: inverse of :meth:`to_classic`.
+
+        ``tt`` must be a TT (t = 1) whose first mode size is a multiple of ``t``; the result has
+        shape (I_1/t, I_2, ..., I_N*t) and ranks ``t`` times those of ``tt``.
+        """
+        t = check_positive_int(t, "t")
+        if tt.t != 1:
+            raise ValueError(f"from_classic expects a classic TT (t = 1), got t={tt.t}")
+        check_t_divides(t, tt.shape[0], "the first mode of the classic TT")
+        cores = [G.detach().clone() for G in tt.cores]
+        cores[0] = first_core_from_classic(cores[0], t)
+        return cls(cores, t=t)
+
+    # ----------------------------------------------------------- rank algebra
+    @staticmethod
+    def classic_shape(shape: Sequence[int], t: int) -> tuple[int, ...]:
+        """Shape of the re-tensorized tensor: (I_1*t, I_2, ..., I_N/t)."""
+        shape = tuple(shape)
+        return (shape[0] * t, *shape[1:-1], shape[-1] // t)
+
+    @classmethod
+    def validate_rank(cls, shape: Sequence[int], rank: int | Sequence[int], t: int = 1) -> tuple[int, ...]:
+        """Check ``rank`` for ``shape`` and ``t``; lower it to the largest valid ranks.
+
+        Returns
+        -------
+        tuple of int
+            (R_1, ..., R_{N-1}), multiples of ``t``, no larger than the data allows.
+
+        Raises
+        ------
+        ValueError
+            For a wrong order, a rank below 1, a wrong number of ranks, or a ``t`` that does not
+            divide a rank or the last mode size.
+        """
+        shape = check_shape(shape, 2, "TT/STT")
+        t = check_positive_int(t, "t")
+        check_t_divides(t, shape[-1], f"the last mode (mode {len(shape) - 1})")
+        ranks = _bond_ranks(rank, len(shape), "TT/STT")
+        check_rank_multiple(ranks, t)
+        r = _clip_chain(cls.classic_shape(shape, t), [R // t for R in ranks])
+        return tuple(t * v for v in r)
+
+    @staticmethod
+    def param_count(shape: Sequence[int], rank: Sequence[int], t: int = 1) -> int:
+        """MATH.md: I_1 R_1 + sum_{k=2}^{N-1} I_k R_{k-1} R_k / t^2 + I_N R_{N-1} / t^2."""
+        shape, R = tuple(shape), tuple(rank)
+        n = shape[0] * R[0]
+        for k in range(1, len(shape) - 1):
+            n += shape[k] * R[k - 1] * R[k] // (t * t)
+        return n + shape[-1] * R[-1] // (t * t)
+
+    @classmethod
+    def random(
+        cls,
+        shape: Sequence[int],
+        rank: int | Sequence[int],
+        t: int = 1,
+        *,
+        std: float = 1.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> "TTTensor":
+        """Gaussian cores scaled so that the dense entries have standard deviation ``std``.
+
+        Each entry sums ``prod_k R_k / t`` products of N core entries; every core gets the same
+        std ``s`` with ``s^(2N) * prod_k (R_k/t) = std^2``.
+        """
+        shape = check_shape(shape, 2, "TT/STT")
+        ranks = cls.validate_rank(shape, rank, t)
+        r = [R // t for R in ranks]
+        n = len(shape)
+        terms = math.prod(r)
+        s = (std**2 / terms) ** (1.0 / (2 * n))
+        sizes = [(1, shape[0], ranks[0])]
+        sizes += [(r[k - 1], shape[k], r[k]) for k in range(1, n - 1)]
+        sizes += [(r[-1], shape[-1] // t, 1)]
+        cores = [torch.randn(sz, dtype=dtype, device=device, generator=generator) * s for sz in sizes]
+        return cls(cores, t=t)

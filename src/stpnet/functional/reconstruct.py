@@ -1,0 +1,56 @@
+"""Dense reconstruction of each format from its factors: pure functions with autograd.
+
+Index conventions follow MATH.md: row-major, and a dimension of size P*t splits as ``p*t + u``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..stp import _mode_product
+from .retensorize import copy_index_to_last_mode, first_core_to_classic
+
+__all__ = ["tucker_to_tensor", "tt_to_tensor", "tr_to_tensor"]
+
+
+def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``X = G ⋉_1 U_1 ⋉_2 U_2 ... ⋉_N U_N``; each mode's t is ``core.shape[n] / U_n.shape[1]``."""
+    X = core
+    for mode, U in enumerate(factors):
+        X = _mode_product(X, U, mode)
+    return X
+
+
+def _chain(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract classic cores (r_{k-1}, n_k, r_k) left to right into (r_0, prod n, r_N)."""
+    r0 = cores[0].shape[0]
+    M = cores[0].reshape(-1, cores[0].shape[-1])  # (r0*n1, r1)
+    for G in cores[1:]:
+        M = M @ G.reshape(G.shape[0], -1)  # (r0*n..., n_k*r_k)
+        M = M.reshape(-1, G.shape[-1])
+    return M.reshape(r0, -1, cores[-1].shape[-1])
+
+
+def tt_to_tensor(cores: Sequence[torch.Tensor], t: int = 1) -> torch.Tensor:
+    """Dense tensor of a TT (t = 1) or STT (t > 1) given 3-way cores with singleton boundaries.
+
+    ``X[i_1, ..., j*t+u] = sum G_1[0, i_1, b_1*t+u] G_2[b_1, i_2, b_2] ... G_N[b_{N-1}, j, 0]``.
+    """
+    classic = [first_core_to_classic(cores[0], t), *cores[1:]]
+    shape = [G.shape[1] for G in classic]
+    Xp = _chain(classic).reshape(shape)
+    return copy_index_to_last_mode(Xp, t)
+
+
+def tr_to_tensor(cores: Sequence[torch.Tensor], t: int = 1) -> torch.Tensor:
+    """Dense tensor of a TR (t = 1) or STR (t > 1).
+
+    ``X[i_1, ..., j*t+u] = sum G_1[a, i_1, b_1*t+u] G_2[b_1, i_2, b_2] ... G_N[b_{N-1}, j, a]``.
+    """
+    classic = [first_core_to_classic(cores[0], t), *cores[1:]]
+    shape = [G.shape[1] for G in classic]
+    M = _chain(classic)  # (r0, prod n, r0)
+    Xp = torch.diagonal(M, dim1=0, dim2=2).sum(-1).reshape(shape)
+    return copy_index_to_last_mode(Xp, t)
