@@ -207,19 +207,21 @@ class TTTensor(FactorizedTensor):
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> "TTTensor":
-        """Gaussian cores scaled so that the dense entries have standard deviation ``std``.
+        """A random TT/STT whose dense entries have root-mean-square ``std``.
 
-        Each entry sums ``prod_k R_k / t`` products of N core entries; every core gets the same
-        std ``s`` with ``s^(2N) * prod_k (R_k/t) = std^2``.
+        The cores of the classic form are left-orthonormal (QR of Gaussian matrices) and the last
+        core is Gaussian, so ``||X||_F`` equals the last core's norm and the entry scale
+        concentrates tightly around ``std`` (useful as a variance-preserving initialisation).
         """
         shape = check_shape(shape, 2, "TT/STT")
         ranks = cls.validate_rank(shape, rank, t)
-        r = [R // t for R in ranks]
-        n = len(shape)
-        terms = math.prod(r)
-        s = (std**2 / terms) ** (1.0 / (2 * n))
-        sizes = [(1, shape[0], ranks[0])]
-        sizes += [(r[k - 1], shape[k], r[k]) for k in range(1, n - 1)]
-        sizes += [(r[-1], shape[-1] // t, 1)]
-        cores = [torch.randn(sz, dtype=dtype, device=device, generator=generator) * s for sz in sizes]
+        dims = cls.classic_shape(shape, t)
+        r = (1, *[R // t for R in ranks], 1)
+        cores = []
+        for k in range(len(dims) - 1):
+            G = torch.randn(r[k] * dims[k], r[k + 1], dtype=dtype, device=device, generator=generator)
+            cores.append(torch.linalg.qr(G).Q.reshape(r[k], dims[k], r[k + 1]))
+        s = std * math.sqrt(math.prod(shape) / (r[-2] * dims[-1]))
+        cores.append(torch.randn(r[-2], dims[-1], 1, dtype=dtype, device=device, generator=generator) * s)
+        cores[0] = first_core_from_classic(cores[0], t)
         return cls(cores, t=t)

@@ -132,15 +132,19 @@ class TuckerTensor(FactorizedTensor):
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
     ) -> "TuckerTensor":
-        """Gaussian core and factors scaled so that the dense entries have std ``std``."""
+        """A random Tucker/STTu whose dense entries have root-mean-square ``std``.
+
+        The factors have orthonormal columns (so ``||X||_F = ||G||_F``) and the core is Gaussian,
+        which makes the entry scale concentrate tightly around ``std``.
+        """
         shape = check_shape(shape, 1, "Tucker/STTu")
         ts = cls.validate_t(shape, t)
         ranks = cls.validate_rank(shape, rank, ts)
-        terms = math.prod(R // tk for R, tk in zip(ranks, ts))
-        s = (std**2 / terms) ** (1.0 / (2 * (len(shape) + 1)))
+        s = std * math.sqrt(math.prod(shape) / math.prod(ranks))
         core = torch.randn(ranks, dtype=dtype, device=device, generator=generator) * s
         factors = [
-            torch.randn(size // tk, R // tk, dtype=dtype, device=device, generator=generator) * s
+            torch.linalg.qr(torch.randn(size // tk, R // tk, dtype=dtype, device=device,
+                                        generator=generator)).Q.contiguous()
             for size, R, tk in zip(shape, ranks, ts)
         ]
         return cls(core, factors, t=ts)
