@@ -148,7 +148,7 @@ def decompose(
     elif rank is not None:
         caps = cls.validate_rank(shape, rank, t)
     else:
-        cls.validate_rank(shape, 1 if cls is not TuckerTensor else t, t)  # order and t checks
+        cls.validate_rank(shape, t, t)  # order and t checks
         caps = None
 
     check_memory(_estimate_bytes(cls, shape, t, caps, n_iter, X.element_size(), svd), X.device,
