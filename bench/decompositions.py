@@ -152,13 +152,6 @@ def tl_params(factors) -> int:
     return sum(int(f.numel()) for f in factors)
 
 
-def tl_tucker_fn(X, rank, n_iter):
-    def run():
-        res = tucker(X, list(rank), n_iter_max=n_iter, init="svd", tol=0)
-        return res
-    return run
-
-
 def tl_backend_tensor(X: torch.Tensor, backend: str):
     return X if backend == "pytorch" else X.numpy()
 
@@ -399,7 +392,7 @@ def main(argv=None):
     ap.add_argument("--skip-decompositions", action="store_true", help="skip the decomposition tables")
     args = ap.parse_args(argv)
     args.repeats = 2 if args.quick else 7
-    args.stp_repeats = 3 if args.quick else 12
+    args.stp_repeats = 5 if args.quick else 30
 
     default_threads = torch.get_num_threads()
     torch.set_num_threads(default_threads)

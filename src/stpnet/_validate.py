@@ -5,9 +5,10 @@ from __future__ import annotations
 import operator
 from typing import Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["check_positive_int", "check_finite_tensor", "expand_per_item", "divisors"]
+__all__ = ["as_int_sequence", "check_positive_int", "check_finite_tensor", "expand_per_item", "divisors"]
 
 
 def divisors(n: int) -> list[int]:
@@ -28,9 +29,20 @@ def check_positive_int(value: object, name: str) -> int:
     return v
 
 
+def as_int_sequence(value: object) -> tuple | None:
+    """``value`` as a tuple if it is a list, tuple, 1-D NumPy array or 1-D tensor; else None."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1:
+        return tuple(v.item() for v in value)
+    return None
+
+
 def expand_per_item(value: int | Sequence[int], count: int, name: str, what: str) -> tuple[int, ...]:
     """Broadcast an int to ``count`` positive ints, or check a sequence has ``count`` of them."""
-    if isinstance(value, (list, tuple)):
+    seq = as_int_sequence(value)
+    if seq is not None:
+        value = seq
         if len(value) != count:
             raise ValueError(f"{name} has {len(value)} entries, but {what} needs {count}")
         return tuple(check_positive_int(v, f"{name}[{i}]") for i, v in enumerate(value))

@@ -46,12 +46,21 @@ def svd_bytes(m: int, n: int, itemsize: int, rank: int | None = None, randomized
     return itemsize * (2 * m * n + k * (m + n) + 5 * k * k)
 
 
+def format_bytes(nbytes: float) -> str:
+    """Human-readable size with a unit that suits it (B, KiB, MiB, GiB, TiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
 def check_memory(nbytes: int, device: torch.device, max_memory: int | None, what: str) -> None:
     """Raise InsufficientMemoryError if ``nbytes`` exceeds ``max_memory`` or what ``device`` has free."""
     limit = max_memory if max_memory is not None else available_memory(device)
     if limit is not None and nbytes > limit:
         raise InsufficientMemoryError(
-            f"{what} needs about {nbytes / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB is "
+            f"{what} needs about {format_bytes(nbytes)} but only {format_bytes(limit)} is "
             f"available on {device}; lower the rank, use svd='randomized', or decompose a "
             "smaller tensorization"
         )

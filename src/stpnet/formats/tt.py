@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .._validate import check_positive_int
+from .._validate import as_int_sequence, check_positive_int
 from ..functional.reconstruct import tt_to_tensor
 from ..functional.retensorize import first_core_from_classic, first_core_to_classic
 from ._checks import as_core_list, check_rank_multiple, check_shape, check_t_divides
@@ -19,8 +19,9 @@ __all__ = ["TTTensor"]
 
 def _bond_ranks(rank: int | Sequence[int], order: int, what: str) -> tuple[int, ...]:
     """Ranks R_1..R_{N-1} from an int, N-1 values, or N+1 values with unit boundaries."""
-    if isinstance(rank, (list, tuple)):
-        rank = tuple(rank)
+    seq = as_int_sequence(rank)
+    if seq is not None:
+        rank = seq
         if len(rank) == order + 1:
             if rank[0] != 1 or rank[-1] != 1:
                 raise ValueError(

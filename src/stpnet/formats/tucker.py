@@ -10,7 +10,7 @@ from torch import nn
 
 from .._validate import check_positive_int, expand_per_item
 from ..functional.reconstruct import tucker_to_tensor
-from ._checks import as_core_list, check_rank_multiple, check_shape, check_t_divides
+from ._checks import as_core_list, check_shape, check_t_divides
 from .base import FactorizedTensor
 
 __all__ = ["TuckerTensor"]
@@ -108,7 +108,12 @@ class TuckerTensor(FactorizedTensor):
         ts = cls.validate_t(shape, t)
         ranks = expand_per_item(rank, len(shape), "rank", f"a Tucker tensor of order {len(shape)}")
         for k, (R, tk) in enumerate(zip(ranks, ts)):
-            check_rank_multiple([R], tk, name=f"rank of mode {k}: rank")
+            if R % tk:
+                lo, hi = (R // tk) * tk, (R // tk + 1) * tk
+                raise ValueError(
+                    f"t={tk} does not divide the rank of mode {k}, rank[{k}]={R}; semi-tensor ranks "
+                    f"must be multiples of t (nearest valid: {f'{lo} or {hi}' if lo else hi})"
+                )
         total = math.prod(shape)
         return tuple(
             min(R, size, tk * tk * (total // size)) for R, size, tk in zip(ranks, shape, ts)
