@@ -7,6 +7,7 @@ with t = 1 they are Tucker, TT and TR.
 from .decomposition import InsufficientMemoryError, decompose, relative_error
 from .formats import FORMATS, FactorizedTensor, TRTensor, TTTensor, TuckerTensor
 from .stp import mode_product, rstp, stp, swap_matrix
+from . import nn
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "TTTensor",
     "TRTensor",
     "FORMATS",
+    "nn",
 ]

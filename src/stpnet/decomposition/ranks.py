@@ -4,7 +4,7 @@ and the SVD fits)."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..formats.base import FactorizedTensor
 
@@ -18,12 +18,19 @@ def _uniform(shape: Sequence[int], R: int, t: int | tuple[int, ...]) -> int | tu
 
 
 def ranks_for_budget(
-    cls: type[FactorizedTensor], shape: Sequence[int], t: int | tuple[int, ...], max_params: int
+    cls: type[FactorizedTensor],
+    shape: Sequence[int],
+    t: int | tuple[int, ...],
+    max_params: int,
+    rank_of: Callable[[int], int | tuple[int, ...]] | None = None,
+    clip: bool = True,
 ) -> tuple[int, ...]:
     """The largest uniform rank whose (capped) ranks fit in ``max_params`` parameters.
 
     Every bond (or mode) gets the same rank R, a multiple of t, lowered where the data allows less;
-    R grows until the count would exceed the budget or no rank can grow further.
+    R grows until the count would exceed the budget or no rank can grow further. ``rank_of(R)``
+    may map R to a rank specification instead (for example to keep some modes at full rank).
+    ``clip=False`` does not lower ranks to what the data allows (for layers trained from scratch).
 
     Raises
     ------
@@ -31,19 +38,21 @@ def ranks_for_budget(
         If even the smallest ranks (all equal to t) need more than ``max_params`` parameters.
     """
     step = math.lcm(*t) if isinstance(t, tuple) else t
+    if rank_of is None:
+        rank_of = lambda R: _uniform(shape, R, t)  # noqa: E731
     best = None
     previous = None
     R = step
     while True:
-        rank = cls.validate_rank(shape, _uniform(shape, R, t), t)
-        if rank == previous:
+        rank = cls.validate_rank(shape, rank_of(R), t, clip=clip)
+        if rank == previous or R > max(shape) ** 2:
             break
         if cls.param_count(shape, rank, t) > max_params:
             break
         best, previous = rank, rank
         R += step
     if best is None:
-        smallest = cls.validate_rank(shape, _uniform(shape, step, t), t)
+        smallest = cls.validate_rank(shape, rank_of(step), t)
         need = cls.param_count(shape, smallest, t)
         raise ValueError(
             f"max_params={max_params} is below the smallest {cls.__name__} of shape {tuple(shape)} "

@@ -153,8 +153,13 @@ class TRTensor(FactorizedTensor):
     classic_shape = staticmethod(TTTensor.classic_shape)
 
     @classmethod
-    def validate_rank(cls, shape: Sequence[int], rank: int | Sequence[int], t: int = 1) -> tuple[int, ...]:
+    def validate_rank(
+        cls, shape: Sequence[int], rank: int | Sequence[int], t: int = 1, clip: bool = True
+    ) -> tuple[int, ...]:
         """Check ``rank`` for ``shape`` and ``t``; lower it to the largest ranks TR-SVD can give.
+
+        With ``clip=False`` the ranks are only checked, not lowered (larger ranks are valid
+        parameterizations, and for TR they can add expressiveness beyond what TR-SVD produces).
 
         Returns
         -------
@@ -166,6 +171,8 @@ class TRTensor(FactorizedTensor):
         check_t_divides(t, shape[-1], f"the last mode (mode {len(shape) - 1})")
         ranks = _ring_ranks(rank, len(shape))
         check_rank_multiple(ranks, t)
+        if not clip:
+            return ranks
         r = clip_ring(cls.classic_shape(shape, t), [R // t for R in ranks])
         return tuple(t * v for v in r)
 
@@ -189,10 +196,14 @@ class TRTensor(FactorizedTensor):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        clip: bool = True,
     ) -> "TRTensor":
-        """Gaussian cores scaled so that the dense entries have standard deviation ``std``."""
+        """Gaussian cores scaled so that the dense entries have standard deviation ``std``.
+
+        ``clip=False`` keeps ranks above what TR-SVD could produce (see :meth:`validate_rank`).
+        """
         shape = check_shape(shape, 2, "TR/STR")
-        ranks = cls.validate_rank(shape, rank, t)
+        ranks = cls.validate_rank(shape, rank, t, clip=clip)
         r = [R // t for R in ranks]
         n = len(shape)
         s = (std**2 / math.prod(r)) ** (1.0 / (2 * n))

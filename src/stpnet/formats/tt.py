@@ -11,6 +11,7 @@ from torch import nn
 from .._validate import as_int_sequence, check_positive_int
 from ..functional.reconstruct import tt_to_tensor
 from ..functional.retensorize import first_core_from_classic, first_core_to_classic
+from ._random import orthonormal
 from ._checks import as_core_list, check_rank_multiple, check_shape, check_t_divides
 from .base import FactorizedTensor
 
@@ -165,8 +166,13 @@ class TTTensor(FactorizedTensor):
         return (shape[0] * t, *shape[1:-1], shape[-1] // t)
 
     @classmethod
-    def validate_rank(cls, shape: Sequence[int], rank: int | Sequence[int], t: int = 1) -> tuple[int, ...]:
+    def validate_rank(
+        cls, shape: Sequence[int], rank: int | Sequence[int], t: int = 1, clip: bool = True
+    ) -> tuple[int, ...]:
         """Check ``rank`` for ``shape`` and ``t``; lower it to the largest valid ranks.
+
+        With ``clip=False`` the ranks are only checked, not lowered (larger ranks are valid
+        parameterizations, and for TR they can add expressiveness beyond what TR-SVD produces).
 
         Returns
         -------
@@ -184,6 +190,8 @@ class TTTensor(FactorizedTensor):
         check_t_divides(t, shape[-1], f"the last mode (mode {len(shape) - 1})")
         ranks = _bond_ranks(rank, len(shape), "TT/STT")
         check_rank_multiple(ranks, t)
+        if not clip:
+            return ranks
         r = _clip_chain(cls.classic_shape(shape, t), [R // t for R in ranks])
         return tuple(t * v for v in r)
 
@@ -207,21 +215,24 @@ class TTTensor(FactorizedTensor):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        clip: bool = True,
     ) -> "TTTensor":
         """A random TT/STT whose dense entries have root-mean-square ``std``.
 
         The cores of the classic form are left-orthonormal (QR of Gaussian matrices) and the last
         core is Gaussian, so ``||X||_F`` equals the last core's norm and the entry scale
         concentrates tightly around ``std`` (useful as a variance-preserving initialisation).
+        With ``clip=False`` ranks above what the shape can use are kept (as in the layer
+        literature's nominal ranks); the scale is then approximate.
         """
         shape = check_shape(shape, 2, "TT/STT")
-        ranks = cls.validate_rank(shape, rank, t)
+        ranks = cls.validate_rank(shape, rank, t, clip=clip)
         dims = cls.classic_shape(shape, t)
         r = (1, *[R // t for R in ranks], 1)
         cores = []
         for k in range(len(dims) - 1):
-            G = torch.randn(r[k] * dims[k], r[k + 1], dtype=dtype, device=device, generator=generator)
-            cores.append(torch.linalg.qr(G).Q.reshape(r[k], dims[k], r[k + 1]))
+            Q = orthonormal(r[k] * dims[k], r[k + 1], dtype=dtype, device=device, generator=generator)
+            cores.append(Q.reshape(r[k], dims[k], r[k + 1]))
         s = std * math.sqrt(math.prod(shape) / (r[-2] * dims[-1]))
         cores.append(torch.randn(r[-2], dims[-1], 1, dtype=dtype, device=device, generator=generator) * s)
         cores[0] = first_core_from_classic(cores[0], t)

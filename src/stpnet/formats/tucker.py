@@ -10,6 +10,7 @@ from torch import nn
 
 from .._validate import check_positive_int, expand_per_item
 from ..functional.reconstruct import tucker_to_tensor
+from ._random import orthonormal
 from ._checks import as_core_list, check_shape, check_t_divides
 from .base import FactorizedTensor
 
@@ -95,7 +96,7 @@ class TuckerTensor(FactorizedTensor):
 
     @classmethod
     def validate_rank(
-        cls, shape: Sequence[int], rank: int | Sequence[int], t: int | Sequence[int] = 1
+        cls, shape: Sequence[int], rank: int | Sequence[int], t: int | Sequence[int] = 1, clip: bool = True
     ) -> tuple[int, ...]:
         """Check ``rank`` and lower each R_n to at most min(I_n, t_n^2 prod_{m != n} I_m).
 
@@ -114,6 +115,8 @@ class TuckerTensor(FactorizedTensor):
                     f"t={tk} does not divide the rank of mode {k}, rank[{k}]={R}; semi-tensor ranks "
                     f"must be multiples of t (nearest valid: {f'{lo} or {hi}' if lo else hi})"
                 )
+        if not clip:
+            return ranks
         total = math.prod(shape)
         return tuple(
             min(R, size, tk * tk * (total // size)) for R, size, tk in zip(ranks, shape, ts)
@@ -136,6 +139,7 @@ class TuckerTensor(FactorizedTensor):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        clip: bool = True,
     ) -> "TuckerTensor":
         """A random Tucker/STTu whose dense entries have root-mean-square ``std``.
 
@@ -144,12 +148,11 @@ class TuckerTensor(FactorizedTensor):
         """
         shape = check_shape(shape, 1, "Tucker/STTu")
         ts = cls.validate_t(shape, t)
-        ranks = cls.validate_rank(shape, rank, ts)
+        ranks = cls.validate_rank(shape, rank, ts, clip=clip)
         s = std * math.sqrt(math.prod(shape) / math.prod(ranks))
         core = torch.randn(ranks, dtype=dtype, device=device, generator=generator) * s
         factors = [
-            torch.linalg.qr(torch.randn(size // tk, R // tk, dtype=dtype, device=device,
-                                        generator=generator)).Q.contiguous()
+            orthonormal(size // tk, R // tk, dtype=dtype, device=device, generator=generator)
             for size, R, tk in zip(shape, ranks, ts)
         ]
         return cls(core, factors, t=ts)

@@ -1,0 +1,220 @@
+"""Contraction forward paths: apply a factorized weight to an input without rebuilding it.
+
+Every STP link is a reshape: the copy index ``u`` of a semi-tensor format rides along as the
+fastest part of a channel dimension, or as the depth dimension of a 5-D view, so no Kronecker
+product and no channel permutation of the activations is ever built.
+
+Layouts (MATH.md section 8):
+
+* ``sequential`` / ``ring`` (TT/STT, TR/STR): modes [I_1..I_d, K, O_1..O_e]. The input-side
+  cores are merged into one C_in x (r_d * a * t) matrix, the spatial core runs as a k x k
+  convolution in the rank space (``a * t`` groups sharing one kernel, ``a`` the ring rank), and
+  the output-side cores are merged into one (C_out/t) x (r' * a) matrix.
+* ``paired`` (TT/STT): modes [K, I_1 O_1, ..., I_d O_d]: the spatial core filters each input
+  channel, then the channel cores are contracted one at a time.
+* ``tucker2`` (Tucker/STTu): 1x1 (U_in ⊗ I_t)^T, the core as a k x k convolution, 1x1 (U_out ⊗ I_t).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .reconstruct import _chain
+from .retensorize import first_core_to_classic
+
+__all__ = [
+    "SequentialFactors",
+    "sequential_factors",
+    "sequential_conv",
+    "sequential_linear",
+    "tucker2_conv",
+    "tucker2_linear",
+    "paired_conv",
+    "paired_linear",
+]
+
+
+class SequentialFactors(NamedTuple):
+    """The three small operators of a sequential or ring layout.
+
+    A : (C_in, r * a * t), columns ordered (b, a, u)
+    S : (r', r, K) spatial core, or None for a linear layer
+    B : (C_out / t, r' * a), columns ordered (b', a)
+    """
+
+    A: torch.Tensor
+    S: torch.Tensor | None
+    B: torch.Tensor
+    rank_in: int
+    ring: int
+    t: int
+
+
+def sequential_factors(cores: Sequence[torch.Tensor], t: int, n_in: int, has_kernel: bool) -> SequentialFactors:
+    """Merge TT/STT or TR/STR cores of modes [I_1..I_d, (K,) O_1..O_e] into A, S, B.
+
+    ``cores`` are the semi-tensor cores; ``n_in`` is d, the number of input modes.
+    """
+    H = [first_core_to_classic(cores[0], t), *cores[1:]]  # classic cores of X'
+    a = H[0].shape[0]
+    P = _chain(H[:n_in])  # (a, I_1*t*I_2..I_d, r)
+    r = P.shape[-1]
+    c_in = P.shape[1] // t
+    first = H[0].shape[1] // t
+    A = P.reshape(a, first, t, c_in // first, r).permute(1, 3, 4, 0, 2).reshape(c_in, r * a * t)
+    k = n_in
+    S = None
+    if has_kernel:
+        S = H[k].permute(2, 0, 1)  # (r', r, K)
+        k += 1
+    Q = _chain(H[k:])  # (r', C_out/t, a)
+    B = Q.permute(1, 0, 2).reshape(Q.shape[1], Q.shape[0] * a)
+    return SequentialFactors(A, S, B, r, a, t)
+
+
+def _conv_nd(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    dim = weight.ndim - 2
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    return conv(x, weight, None, stride, padding, dilation)
+
+
+def sequential_conv(
+    x: torch.Tensor,
+    f: SequentialFactors,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
+) -> torch.Tensor:
+    """Convolution with a sequential / ring factorized kernel: 1x1 -> k x k (grouped) -> 1x1.
+
+    ``x`` is (N, C_in, *spatial) with 1 or 2 spatial dimensions (already padded for non-zero
+    padding modes); the output is (N, C_out, *spatial_out).
+    """
+    n, c_in = x.shape[:2]
+    spatial = x.shape[2:]
+    r, a, t = f.rank_in, f.ring, f.t
+    g = a * t
+    z = f.A.mT @ x.reshape(n, c_in, -1)  # (n, r*a*t, P_in), channels (b, a, u)
+    r_out = f.S.shape[0]
+    S = f.S.reshape(r_out, r, *kernel_size)
+    if g == 1:
+        z = _conv_nd(z.reshape(n, r, *spatial), S, stride, padding, dilation)
+    elif len(spatial) == 3:  # no 4-D convolution: fold the groups into the batch instead
+        z = z.reshape(n, r, g, *spatial).movedim(2, 1).reshape(n * g, r, *spatial)
+        z = _conv_nd(z, S, stride, padding, dilation)
+        z = z.reshape(n, g, r_out, *z.shape[2:]).movedim(1, 2)
+    else:
+        # the group index (a, u) becomes a depth dimension: one (d+1)-D convolution whose
+        # kernel has extent 1 along it shares the spatial kernel across all groups
+        pad = padding if isinstance(padding, str) else (0, *padding)
+        z = _conv_nd(z.reshape(n, r, g, *spatial), S.unsqueeze(2), (1, *stride), pad, (1, *dilation))
+    out_spatial = z.shape[-len(spatial):]
+    z = z.reshape(n, r_out * a, -1)  # rows (b', a), columns (u, P)
+    out = f.B @ z  # (n, C_out/t, t*P)
+    return out.reshape(n, -1, *out_spatial)
+
+
+def sequential_linear(x: torch.Tensor, f: SequentialFactors) -> torch.Tensor:
+    """Linear map with a sequential / ring factorized matrix; ``x`` is (N, C_in)."""
+    n = x.shape[0]
+    z = (x @ f.A).reshape(n, f.rank_in * f.ring, f.t)  # rows (b, a), u last
+    return (f.B @ z).reshape(n, -1)
+
+
+def tucker2_conv(
+    x: torch.Tensor,
+    core: torch.Tensor,
+    U_out: torch.Tensor,
+    U_in: torch.Tensor,
+    U_k: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
+) -> torch.Tensor:
+    """Convolution with a Tucker-2 / STTu kernel (core (R_o, R_i, K), factors per mode).
+
+    ``(U ⊗ I_t)`` acts on channels ``p*t + u`` as a matrix product on the (C/t, t*P) view.
+    """
+    n, c_in = x.shape[:2]
+    spatial = x.shape[2:]
+    z = U_in.mT @ x.reshape(n, U_in.shape[0], -1)  # (n, R_i/t, t*P)
+    r_in = core.shape[1]
+    W = torch.tensordot(core, U_k, dims=([2], [1])).reshape(core.shape[0], r_in, *kernel_size)
+    z = _conv_nd(z.reshape(n, r_in, *spatial), W, stride, padding, dilation)
+    out_spatial = z.shape[2:]
+    out = U_out @ z.reshape(n, U_out.shape[1], -1)  # (n, C_out/t, t*P)
+    return out.reshape(n, -1, *out_spatial)
+
+
+def tucker2_linear(x: torch.Tensor, core: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor) -> torch.Tensor:
+    """Linear map with a Tucker-2 / STTu matrix (core (R_o, R_i)); ``x`` is (N, C_in)."""
+    n = x.shape[0]
+    z = (U_in.mT @ x.reshape(n, U_in.shape[0], -1)).reshape(n, -1)  # (n, R_i)
+    z = z @ core.mT  # (n, R_o)
+    return (U_out @ z.reshape(n, U_out.shape[1], -1)).reshape(n, -1)
+
+
+def _paired_cores(
+    state: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: Sequence[int], out_modes: Sequence[int], t: int
+) -> torch.Tensor:
+    """Contract channel cores (b, I_k O_k, b') one at a time.
+
+    ``state`` is (N, I_1..I_d, b, u, P); the result is (N, O_1..O_d, P) with the last output mode
+    split as o'*t + u. The last core has shape (b, I_d O_d / t, 1).
+    """
+    d = len(in_modes)
+    for k, G in enumerate(cores):
+        last = k == d - 1
+        o = out_modes[k] // t if last else out_modes[k]
+        Gk = G.reshape(G.shape[0], in_modes[k], o, G.shape[-1])  # (b, i_k, o_k, b')
+        # state (N, i_k, rest_in..., O_1..O_{k-1}, b, u, P): contract i_k and b
+        state = torch.einsum("nixbup,ibov->nxovup", state.reshape(
+            state.shape[0], in_modes[k], -1, G.shape[0], t, state.shape[-1]), Gk.permute(1, 0, 2, 3))
+        # move the new output mode behind the previous ones: rest_in first, then O's
+        rest_in = math.prod(in_modes[k + 1:])
+        state = state.reshape(state.shape[0], rest_in, -1, G.shape[-1], t, state.shape[-1])
+    return state  # (N, 1, O_1..o', 1, u, P)
+
+
+def paired_linear(x: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: Sequence[int],
+                  out_modes: Sequence[int], t: int) -> torch.Tensor:
+    """Linear map with a paired TT/STT (TT-matrix) of modes [I_1 O_1, ..., I_d O_d]."""
+    n = x.shape[0]
+    G0 = cores[0]  # (1, I_1 O_1, R_1), R_1 = (b, u)
+    o0 = out_modes[0] // t if len(cores) == 1 else out_modes[0]
+    G0 = G0.reshape(in_modes[0], o0, -1, t)  # (i_1, o_1, b, u)
+    rest = math.prod(in_modes[1:])
+    state = torch.einsum("nix,iobu->nxobu", x.reshape(n, in_modes[0], rest), G0)
+    state = state.reshape(n, rest, o0, G0.shape[2], t, 1)
+    if len(cores) > 1:
+        state = _paired_cores(state, cores[1:], in_modes[1:], out_modes[1:], t)
+    return state.reshape(n, -1, t).reshape(n, -1)
+
+
+def paired_conv(x: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: Sequence[int],
+                out_modes: Sequence[int], t: int, kernel_size: Sequence[int], stride, padding,
+                dilation) -> torch.Tensor:
+    """Convolution with a paired TT/STT of modes [K, I_1 O_1, ..., I_d O_d] (Garipov et al.).
+
+    The spatial core filters every input channel with R_1 kernels, then the channel cores
+    contract (i_k, b) into (o_k, b') with the copy index riding along.
+    """
+    n, c_in = x.shape[:2]
+    spatial = x.shape[2:]
+    G0 = cores[0]  # (1, K, R_1)
+    r1 = G0.shape[-1]
+    filters = G0[0].mT.reshape(r1, 1, *kernel_size)
+    y = _conv_nd(x.reshape(n * c_in, 1, *spatial), filters, stride, padding, dilation)
+    out_spatial = y.shape[2:]
+    state = y.reshape(n, c_in, r1 // t, t, -1)  # (N, I..., b, u, P)
+    state = _paired_cores(state, cores[1:], in_modes, out_modes, t)
+    P = state.shape[-1]
+    # (N, O_1..o', u, P) -> channels o_1..o' then u fastest
+    state = state.reshape(n, -1, t, P)
+    return state.reshape(n, -1, *out_spatial)

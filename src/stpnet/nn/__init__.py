@@ -1,0 +1,20 @@
+"""Factorized layers: each owns a factorized tensor (``stpnet.formats``) as its weight."""
+
+from .base import FORWARD_PATHS, FactorizedLayer
+from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
+from .cost import PathCost
+from .linear import FactorizedLinear
+from .tensorize import Tensorization, channel_modes, factorize
+
+__all__ = [
+    "FactorizedLayer",
+    "FactorizedLinear",
+    "FactorizedConv1d",
+    "FactorizedConv2d",
+    "FactorizedConv3d",
+    "FORWARD_PATHS",
+    "PathCost",
+    "Tensorization",
+    "channel_modes",
+    "factorize",
+]

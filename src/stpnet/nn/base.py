@@ -1,0 +1,225 @@
+"""The shared machinery of factorized layers: the owned tensor, ranks, paths and reporting."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .._validate import check_positive_int
+from ..decomposition import decompose
+from ..decomposition.ranks import ranks_for_budget
+from ..formats import FactorizedTensor, TuckerTensor, format_class
+from .cost import PathCost, choose
+from .init import kaiming_std, rescale_to_std
+from .tensorize import LAYOUTS, Tensorization, channel_modes, default_layout
+
+__all__ = ["FactorizedLayer", "FORWARD_PATHS"]
+
+FORWARD_PATHS = ("auto", "rebuild", "contract")
+
+
+def _resolve_t(family: str, semi: bool, t: int | None) -> int:
+    if t is None:
+        return 2 if semi else 1
+    t = check_positive_int(t, "t")
+    if t > 1 and not semi:
+        raise ValueError(f"format {family!r} is the classic format (t = 1); for t={t} use the "
+                         f"semi-tensor name ({ {'tt': 'stt', 'tr': 'str', 'tucker': 'sttu'}[family]!r})")
+    return t
+
+
+def layer_tensorization(format: str, t: int | None, layout: str | None, c_in: int, c_out: int,
+                        kernel_size: tuple[int, ...], in_modes, out_modes, n_modes: int):
+    """Resolve a layer's format class, t and tensorization from its constructor arguments."""
+    cls, semi = format_class(format)
+    family = cls.family
+    t = _resolve_t(family, semi, t)
+    layout = default_layout(family) if layout is None else layout
+    if layout not in LAYOUTS[family]:
+        raise ValueError(f"layout {layout!r} is not available for {format!r}; valid: "
+                         f"{', '.join(LAYOUTS[family])}")
+    if layout == "tucker2":
+        for name, c in (("in", c_in), ("out", c_out)):
+            if c % t:
+                raise ValueError(f"t={t} must divide the {name} channel count {c} for STTu; "
+                                 f"valid t: {[d for d in range(1, c + 1) if c % d == 0]}")
+        return cls, t, Tensorization(layout, (c_in,), (c_out,), tuple(kernel_size))
+    ins = tuple(in_modes) if in_modes is not None else channel_modes(c_in, n_modes)
+    outs = tuple(out_modes) if out_modes is not None else channel_modes(c_out, n_modes, t, True)
+    if math.prod(ins) != c_in or math.prod(outs) != c_out:
+        raise ValueError(f"in_modes {ins} and out_modes {outs} must multiply to the channel counts "
+                         f"{c_in} and {c_out}")
+    if outs[-1] % t:
+        raise ValueError(f"t={t} must divide the last output mode ({outs[-1]} of {outs}); "
+                         "reorder out_modes so a multiple of t comes last")
+    if layout == "paired":
+        d = max(len(ins), len(outs), 1 if kernel_size else 2)
+        ins = (1,) * (d - len(ins)) + ins
+        outs = (1,) * (d - len(outs)) + outs
+    return cls, t, Tensorization(layout, ins, outs, tuple(kernel_size))
+
+
+class FactorizedLayer(nn.Module):
+    """Base of FactorizedLinear and FactorizedConv: owns a factorized weight and a bias.
+
+    Subclasses implement ``_dense_forward(x, weight)``, ``_contract_forward(x)`` and
+    ``_path_costs(input_shape)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: tuple[int, ...],
+        *,
+        format: str,
+        rank: int | Sequence[int] | None,
+        t: int | None,
+        compression: float | None,
+        layout: str | None,
+        in_modes: Sequence[int] | None,
+        out_modes: Sequence[int] | None,
+        n_modes: int,
+        bias: bool,
+        forward_path: str,
+        clip_ranks: bool = False,
+        device=None,
+        dtype=None,
+        weight: FactorizedTensor | None = None,
+    ):
+        super().__init__()
+        if forward_path not in FORWARD_PATHS:
+            raise ValueError(f"forward_path must be one of {FORWARD_PATHS}, got {forward_path!r}")
+        in_features = check_positive_int(in_features, "in_features")
+        out_features = check_positive_int(out_features, "out_features")
+        cls, t, tz = layer_tensorization(format, t, layout, in_features, out_features, kernel_size,
+                                         in_modes, out_modes, n_modes)
+        self.tensorization = tz
+        self.format_name = cls.semi_name if t > 1 else cls.family
+        self.forward_path = forward_path
+        if weight is None:
+            shape = tz.tensor_shape
+            tt = self._tensor_t(cls, t)
+            ranks = self._ranks(cls, shape, tt, rank, compression, clip_ranks)
+            fan_in = in_features * tz.kernel_numel
+            weight = cls.random(shape, ranks, tt, std=kaiming_std(fan_in), dtype=dtype, device=device,
+                                clip=clip_ranks)
+            rescale_to_std(weight, kaiming_std(fan_in))
+        elif tuple(weight.shape) != tz.tensor_shape:
+            raise ValueError(f"weight has shape {weight.shape}, the tensorization needs {tz.tensor_shape}")
+        self.weight_tensor = weight
+        if bias:
+            bound = 1.0 / math.sqrt(in_features * tz.kernel_numel)
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------ construction helpers
+    def _tensor_t(self, cls, t: int):
+        if cls is TuckerTensor:
+            return (t, t) + ((1,) if self.tensorization.has_kernel else ())
+        return t
+
+    def _rank_spec(self, R: int):
+        """Rank specification for a uniform rank R (Tucker keeps the spatial mode full)."""
+        if self.tensorization.layout == "tucker2" and self.tensorization.has_kernel:
+            return (R, R, self.tensorization.kernel_numel)
+        return R
+
+    def _ranks(self, cls, shape, t, rank, compression, clip: bool) -> tuple[int, ...]:
+        if (rank is None) == (compression is None):
+            raise ValueError("give exactly one of rank=... or compression=...")
+        if compression is not None:
+            if not compression > 0:
+                raise ValueError(f"compression must be > 0, got {compression}")
+            budget = max(1, int(math.prod(shape) / compression))
+            return ranks_for_budget(cls, shape, t, budget, rank_of=self._rank_spec, clip=clip)
+        if isinstance(rank, int) or hasattr(rank, "__index__"):
+            rank = self._rank_spec(check_positive_int(rank, "rank"))
+        return cls.validate_rank(shape, rank, t, clip=clip)
+
+    # ------------------------------------------------------------------- reporting
+    @property
+    def rank(self) -> tuple[int, ...]:
+        return self.weight_tensor.rank
+
+    @property
+    def t(self):
+        return self.weight_tensor.t
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the layer (factors and bias)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the dense layer it replaces (weight and bias)."""
+        return math.prod(self.tensorization.weight_shape) + (0 if self.bias is None else self.bias.numel())
+
+    @property
+    def compression_ratio(self) -> float:
+        """Dense parameters divided by this layer's parameters."""
+        return self.dense_params / self.num_params
+
+    def weight(self) -> torch.Tensor:
+        """The dense weight (C_out, C_in, *kernel), rebuilt from the factors (differentiable)."""
+        return self.tensorization.tensor_to_weight(self.weight_tensor.to_tensor())
+
+    def path_costs(self, input_shape: Sequence[int]) -> dict[str, PathCost]:
+        """Estimated multiply-adds and activation memory of each forward path for an input shape."""
+        return self._path_costs(tuple(int(s) for s in input_shape))
+
+    def flops(self, input_shape: Sequence[int], path: str | None = None) -> int:
+        """Forward multiply-adds for ``input_shape`` on ``path`` (default: the one that would run)."""
+        costs = self.path_costs(input_shape)
+        return costs[path or self.choose_path(input_shape)].macs
+
+    def dense_flops(self, input_shape: Sequence[int]) -> int:
+        """Forward multiply-adds of the dense layer on ``input_shape``."""
+        return self._dense_macs(tuple(int(s) for s in input_shape))
+
+    def choose_path(self, input_shape: Sequence[int], device_type: str | None = None) -> str:
+        """'rebuild' or 'contract': the forced path, or the cost model's choice."""
+        if self.forward_path != "auto":
+            return self.forward_path
+        device_type = device_type or self.weight_tensor.device.type
+        return choose(self.path_costs(input_shape), device_type)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.choose_path(x.shape, x.device.type) == "rebuild":
+            return self._dense_forward(x, self.weight())
+        return self._contract_forward(x)
+
+    # ------------------------------------------------------------- from a dense layer
+    @staticmethod
+    def _decompose_weight(W: torch.Tensor, format: str, t: int | None, layout: str | None, in_modes, out_modes,
+                          n_modes: int, rank, tol, compression,
+                          n_iter: int) -> tuple[FactorizedTensor, Tensorization]:
+        """Tensorize a trained weight and decompose it with one rank rule."""
+        if sum(v is not None for v in (rank, tol, compression)) != 1:
+            raise ValueError("give exactly one of rank=..., tol=... or compression=...")
+        c_out, c_in, *kernel = W.shape
+        fcls, t, tz = layer_tensorization(format, t, layout, c_in, c_out, tuple(kernel), in_modes, out_modes,
+                                          n_modes)
+        X = tz.weight_to_tensor(W.detach())
+        shape = tz.tensor_shape
+        full = tz.kernel_numel if (fcls is TuckerTensor and tz.has_kernel) else None
+        tt = ((t, t) + ((1,) if full else ())) if fcls is TuckerTensor else t
+
+        def spec(R):
+            return (R, R, full) if full else R
+
+        if compression is not None:
+            if not compression > 0:
+                raise ValueError(f"compression must be > 0, got {compression}")
+            rank = ranks_for_budget(fcls, shape, tt, max(1, int(math.prod(shape) / compression)), rank_of=spec)
+        elif rank is not None and (isinstance(rank, int) or hasattr(rank, "__index__")):
+            rank = spec(check_positive_int(rank, "rank"))
+        elif tol is not None and full:
+            rank = (shape[0], shape[1], full)
+        name = fcls.semi_name if t > 1 else fcls.family
+        return decompose(X, name, rank=rank, t=tt, tol=tol, n_iter=n_iter), tz

@@ -1,0 +1,269 @@
+"""FactorizedConv1d/2d/3d: convolutions whose kernel is a Tucker/STTu, TT/STT or TR/STR tensor."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import FactorizedTensor
+from ..functional.contract import paired_conv, sequential_conv, sequential_factors, tucker2_conv
+from .base import FactorizedLayer
+from .cost import PathCost, conv_output_size, prod
+
+__all__ = ["FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d"]
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _tuple(value, dim: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * dim
+    value = tuple(int(v) for v in value)
+    if len(value) != dim:
+        raise ValueError(f"{name} must be an int or a tuple of {dim} ints, got {value}")
+    return value
+
+
+class _FactorizedConvNd(FactorizedLayer):
+    dim: int = 2
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        format: str = "tt",
+        rank: int | Sequence[int] | None = None,
+        t: int | None = None,
+        compression: float | None = None,
+        layout: str | None = None,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        n_modes: int = 3,
+        forward_path: str = "auto",
+        clip_ranks: bool = False,
+        device=None,
+        dtype=None,
+        weight: FactorizedTensor | None = None,
+    ):
+        if groups != 1:
+            raise ValueError(f"groups={groups} is not supported: factorized convolutions need groups=1 "
+                             "(keep grouped and depthwise convolutions dense)")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        kernel_size = _tuple(kernel_size, self.dim, "kernel_size")
+        stride = _tuple(stride, self.dim, "stride")
+        dilation = _tuple(dilation, self.dim, "dilation")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
+            if padding == "same" and any(s != 1 for s in stride):
+                raise ValueError("padding='same' needs stride 1 (as in torch.nn.Conv2d)")
+        else:
+            padding = _tuple(padding, self.dim, "padding")
+        super().__init__(in_channels, out_channels, kernel_size, format=format, rank=rank, t=t,
+                         compression=compression, layout=layout, in_modes=in_modes, out_modes=out_modes,
+                         n_modes=n_modes, bias=bias, forward_path=forward_path, clip_ranks=clip_ranks, device=device, dtype=dtype,
+                         weight=weight)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.padding, self.padding_mode, self.groups = padding, padding_mode, 1
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, format={self.format_name!r}, layout={self.tensorization.layout!r}, "
+                f"rank={self.rank}, t={self.t}, bias={self.bias is not None}")
+
+    # ------------------------------------------------------------------ padding
+    def _explicit_padding(self) -> list[tuple[int, int]]:
+        if self.padding == "valid":
+            return [(0, 0)] * self.dim
+        if self.padding == "same":
+            pads = []
+            for k, d in zip(self.kernel_size, self.dilation):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+            return pads
+        return [(p, p) for p in self.padding]
+
+    def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | str]:
+        """Check the input; apply non-zero padding modes; return (x, padding for the conv op)."""
+        if x.ndim != self.dim + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input (N, {self.in_channels}, {', '.join(['*'] * self.dim)}), "
+                             f"got {tuple(x.shape)}")
+        pads = self._explicit_padding()
+        if self.padding_mode != "zeros":
+            flat = [p for pair in reversed(pads) for p in pair]
+            return F.pad(x, flat, mode=self.padding_mode), (0,) * self.dim
+        if all(a == b for a, b in pads):
+            return x, tuple(a for a, _ in pads)
+        flat = [p for pair in reversed(pads) for p in pair]  # asymmetric 'same': pad explicitly
+        return F.pad(x, flat), (0,) * self.dim
+
+    # ------------------------------------------------------------------ forward paths
+    def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x, padding = self._prepare(x)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
+        return conv(x, weight, self.bias, self.stride, padding, self.dilation)
+
+    def _contract_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, padding = self._prepare(x)
+        tz, w = self.tensorization, self.weight_tensor
+        args = (self.kernel_size, self.stride, padding, self.dilation)
+        if tz.layout == "tucker2":
+            y = tucker2_conv(x, w.core, w.factors[0], w.factors[1], w.factors[2], *args)
+        elif tz.layout == "paired":
+            y = paired_conv(x, w.factors, tz.in_modes, tz.out_modes, w.t, *args)
+        else:
+            f = sequential_factors(w.factors, w.t, len(tz.in_modes), has_kernel=True)
+            y = sequential_conv(x, f, *args)
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, *([1] * self.dim))
+        return y
+
+    # ------------------------------------------------------------------ costs
+    def _sizes(self, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        n, spatial = input_shape[0], input_shape[2:]
+        pads = self._explicit_padding()
+        out = [conv_output_size(s + a + b - 0, k, st, 0, d) for s, (a, b), k, st, d in
+               zip(spatial, pads, self.kernel_size, self.stride, self.dilation)]
+        return n, prod(spatial), prod(out)
+
+    def _dense_macs(self, input_shape: tuple[int, ...]) -> int:
+        n, _, p_out = self._sizes(input_shape)
+        return n * self.out_channels * self.in_channels * prod(self.kernel_size) * p_out
+
+    def _path_costs(self, input_shape: tuple[int, ...]) -> dict[str, PathCost]:
+        n, p_in, p_out = self._sizes(input_shape)
+        tz, w = self.tensorization, self.weight_tensor
+        c_in, c_out, K = self.in_channels, self.out_channels, prod(self.kernel_size)
+        weight_numel = c_in * c_out * K
+        if tz.layout == "tucker2":
+            t = w.t[0]
+            r_o, r_i = w.rank[0], w.rank[1]
+            macs = n * (c_in * r_i // t * p_in + r_o * r_i * K * p_out + c_out * r_o // t * p_out)
+            acts = n * (r_i * p_in + r_o * p_out + c_out * p_out)
+            rmax = max(w.rank)
+        else:
+            t = w.t
+            r = [R // t for R in w.rank]
+            rmax = max(r)
+            if tz.layout == "paired":
+                state = c_in * r[0] * t * p_out
+                macs, acts = n * c_in * r[0] * t * K * p_out, n * state
+                for k in range(len(tz.in_modes)):
+                    r_prev, r_next = r[k], (r[k + 1] if k + 1 < len(r) else 1)
+                    o_k = tz.out_modes[k] // (t if k == len(tz.in_modes) - 1 else 1)
+                    new_state = state // (tz.in_modes[k] * r_prev) * o_k * r_next
+                    macs += n * state * o_k * r_next
+                    acts += n * new_state
+                    state = new_state
+            else:
+                d = len(tz.in_modes)
+                a = r[0] if tz.layout == "ring" else 1
+                rb = r[d] if tz.layout == "ring" else r[d - 1]  # bond into the spatial core
+                ra = r[d + 1] if tz.layout == "ring" else r[d]  # bond out of it
+                macs = n * (c_in * rb * a * t * p_in + ra * rb * K * a * t * p_out + c_out * ra * a * p_out)
+                macs += (c_in * t + c_out) * rmax * a * rmax + rb * ra * K
+                acts = n * (rb * a * t * p_in + ra * a * t * p_out + c_out * p_out)
+        rebuild = PathCost(macs=n * weight_numel * p_out + weight_numel * rmax * 2,
+                           activations=n * c_out * p_out + weight_numel, peak=max(n * c_out * p_out, weight_numel))
+        return {"rebuild": rebuild, "contract": PathCost(macs=macs, activations=acts, peak=acts)}
+
+    # ------------------------------------------------------------------ from dense
+    @classmethod
+    def from_dense(
+        cls,
+        layer: nn.Module,
+        format: str = "tt",
+        *,
+        rank: int | Sequence[int] | None = None,
+        tol: float | None = None,
+        compression: float | None = None,
+        t: int | None = None,
+        layout: str | None = None,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        n_modes: int = 3,
+        n_iter: int = 0,
+        forward_path: str = "auto",
+    ):
+        """A factorized convolution initialised from a trained dense one through the decompositions.
+
+        Give one of ``rank``, ``tol`` (relative error of the kernel) or ``compression``. Bias (or
+        its absence), stride, padding (including 'same'), dilation and padding_mode carry over;
+        ``groups > 1`` raises ValueError.
+        """
+        dense_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[cls.dim - 1]
+        if not isinstance(layer, dense_cls):
+            raise ValueError(f"{cls.__name__}.from_dense expects an nn.{dense_cls.__name__}, got "
+                             f"{type(layer).__name__}")
+        if layer.groups != 1:
+            raise ValueError(f"groups={layer.groups} is not supported: factorized convolutions need groups=1")
+        weight, tz = cls._decompose_weight(layer.weight, format, t, layout, in_modes, out_modes, n_modes,
+                                           rank, tol, compression, n_iter)
+        out = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, 1, layer.bias is not None, layer.padding_mode, format=format, t=t,
+                  layout=tz.layout, in_modes=tz.in_modes, out_modes=tz.out_modes, forward_path=forward_path,
+                  weight=weight)
+        if layer.bias is not None:
+            out.bias.data.copy_(layer.bias.detach())
+        return out
+
+
+class FactorizedConv1d(_FactorizedConvNd):
+    """``nn.Conv1d`` with a factorized kernel; arguments as :class:`FactorizedConv2d`."""
+
+    dim = 1
+
+
+class FactorizedConv2d(_FactorizedConvNd):
+    """``nn.Conv2d`` with a factorized kernel.
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode
+        As in :class:`torch.nn.Conv2d` (``groups`` must be 1).
+    format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
+    rank : int or sequence of int, optional
+        Ranks of the kernel tensor; give ``rank`` or ``compression``.
+    t : int, optional
+        STP factor (default 1 for classic formats, 2 for semi-tensor ones).
+    compression : float, optional
+        Target compression factor of the kernel.
+    layout : str, optional
+        TT/STT: 'sequential' (default; [I_1..I_d, k*k, O_1..O_e], the k x k convolution runs in
+        the rank space) or 'paired' ([k*k, I_1 O_1, ..., I_d O_d]); TR/STR: 'ring';
+        Tucker/STTu: 'tucker2'.
+    in_modes, out_modes : sequence of int, optional
+        Factorizations of the channel counts (default: balanced into ``n_modes`` factors).
+    forward_path : {'auto', 'rebuild', 'contract'}
+        'auto' picks, per input shape, the cheaper path by the cost model.
+    clip_ranks : bool, default False
+        Lower ranks to what the tensorization can use (see :class:`FactorizedLinear`).
+
+    Examples
+    --------
+    >>> import torch, stpnet
+    >>> conv = stpnet.nn.FactorizedConv2d(64, 64, 3, padding=1, format="stt", rank=14, t=2)
+    >>> conv(torch.randn(2, 64, 8, 8)).shape
+    torch.Size([2, 64, 8, 8])
+    """
+
+    dim = 2
+
+
+class FactorizedConv3d(_FactorizedConvNd):
+    """``nn.Conv3d`` with a factorized kernel; arguments as :class:`FactorizedConv2d`."""
+
+    dim = 3

@@ -1,0 +1,52 @@
+"""Cost model of the two forward paths: multiply-adds and activation memory, and the choice.
+
+``rebuild`` reconstructs the dense weight once per call and runs the dense op; ``contract``
+applies the factors to the input in sequence. Each is scored as multiply-adds plus a weight on
+the activation elements it writes (memory traffic), and the cheaper one runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["PathCost", "MEMORY_WEIGHT", "choose"]
+
+#: Multiply-adds that one written activation element is worth, per device type. Small-rank
+#: contractions are memory-bound, so their intermediate tensors matter as much as their FLOPs.
+MEMORY_WEIGHT = {"cpu": 16.0, "cuda": 64.0}
+
+
+@dataclass(frozen=True)
+class PathCost:
+    """Estimated cost of one forward call.
+
+    Attributes
+    ----------
+    macs : int
+        Multiply-adds for the whole batch, including the once-per-call work on the factors.
+    activations : int
+        Elements of the intermediate and output activations written.
+    peak : int
+        Largest single activation tensor, in elements.
+    """
+
+    macs: int
+    activations: int
+    peak: int
+
+    def score(self, device_type: str) -> float:
+        return self.macs + MEMORY_WEIGHT.get(device_type, 16.0) * self.activations
+
+
+def choose(costs: dict[str, PathCost], device_type: str) -> str:
+    """The path with the lowest score (ties go to 'rebuild', the simpler one)."""
+    return min(sorted(costs), key=lambda p: (costs[p].score(device_type), p != "rebuild"))
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def prod(values) -> int:
+    return math.prod(int(v) for v in values)

@@ -1,0 +1,173 @@
+"""FactorizedLinear: a Linear layer whose weight is a Tucker/STTu, TT/STT or TR/STR tensor."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import FactorizedTensor
+from ..functional.contract import paired_linear, sequential_factors, sequential_linear, tucker2_linear
+from .base import FactorizedLayer
+from .cost import PathCost
+
+__all__ = ["FactorizedLinear"]
+
+
+class FactorizedLinear(FactorizedLayer):
+    """``y = x W^T + b`` with ``W`` held as a factorized tensor.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool, default True
+    format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
+    rank : int or sequence of int, optional
+        Ranks of the factorized weight (upper bounds). Give ``rank`` or ``compression``.
+    t : int, optional
+        STP factor (default 1 for classic formats, 2 for semi-tensor ones).
+    compression : float, optional
+        Target compression factor of the weight; the largest uniform rank that meets it is used.
+    layout : str, optional
+        TT/STT: 'sequential' (default; modes [I_1..I_d, O_1..O_e]) or 'paired' (TT-matrix,
+        [I_1 O_1, ..., I_d O_d]); TR/STR: 'ring'; Tucker/STTu: 'tucker2'.
+    in_modes, out_modes : sequence of int, optional
+        Factorizations of the feature counts (default: balanced into ``n_modes`` factors).
+    n_modes : int, default 3
+    forward_path : {'auto', 'rebuild', 'contract'}
+        'auto' lets the cost model choose per input shape.
+    clip_ranks : bool, default False
+        Lower ranks to what the tensorization can use. The default keeps the nominal ranks, as the
+        literature counts them (MATH.md section 8); clipping gives fewer parameters for the same
+        function class with TT and Tucker.
+
+    Examples
+    --------
+    >>> import torch, stpnet
+    >>> layer = stpnet.nn.FactorizedLinear(256, 128, format="stt", rank=8, t=2)
+    >>> layer(torch.randn(4, 256)).shape
+    torch.Size([4, 128])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        format: str = "tt",
+        rank: int | Sequence[int] | None = None,
+        t: int | None = None,
+        compression: float | None = None,
+        layout: str | None = None,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        n_modes: int = 3,
+        forward_path: str = "auto",
+        clip_ranks: bool = False,
+        device=None,
+        dtype=None,
+        weight: FactorizedTensor | None = None,
+    ):
+        super().__init__(in_features, out_features, (), format=format, rank=rank, t=t,
+                         compression=compression, layout=layout, in_modes=in_modes,
+                         out_modes=out_modes, n_modes=n_modes, bias=bias, forward_path=forward_path,
+                         clip_ranks=clip_ranks, device=device, dtype=dtype, weight=weight)
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
+
+    def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return F.linear(x, weight, self.bias)
+
+    def _contract_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        tz, w = self.tensorization, self.weight_tensor
+        if tz.layout == "tucker2":
+            y = tucker2_linear(x2, w.core, w.factors[0], w.factors[1])
+        elif tz.layout == "paired":
+            y = paired_linear(x2, w.factors, tz.in_modes, tz.out_modes, w.t)
+        else:
+            f = sequential_factors(w.factors, w.t, len(tz.in_modes), has_kernel=False)
+            y = sequential_linear(x2, f)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def _dense_macs(self, input_shape: tuple[int, ...]) -> int:
+        n = 1
+        for s in input_shape[:-1]:
+            n *= s
+        return n * self.in_features * self.out_features
+
+    def _path_costs(self, input_shape: tuple[int, ...]) -> dict[str, PathCost]:
+        n = 1
+        for s in input_shape[:-1]:
+            n *= s
+        tz, w = self.tensorization, self.weight_tensor
+        c_in, c_out = self.in_features, self.out_features
+        t = w.t if isinstance(w.t, int) else w.t[0]
+        ranks = [r // t for r in w.rank] if tz.layout != "tucker2" else list(w.rank)
+        rmax = max(ranks)
+        rebuild = PathCost(macs=n * c_in * c_out + c_in * c_out * rmax, activations=n * c_out + c_in * c_out,
+                           peak=max(n * c_out, c_in * c_out))
+        if tz.layout == "tucker2":
+            r_o, r_i = w.rank
+            macs = n * (c_in * r_i // t + r_o * r_i + c_out * r_o // t)
+            acts = n * (r_i + r_o + c_out)
+        elif tz.layout == "paired":
+            macs, acts, width = 0, 0, c_in
+            for k in range(len(tz.in_modes)):
+                r_prev = ranks[k - 1] if k else 1
+                r_next = ranks[k] if k < len(ranks) else 1
+                width = width // tz.in_modes[k] * tz.out_modes[k] * (r_next * t) // max(r_prev * (t if k else 1), 1)
+                macs += n * width * tz.in_modes[k] * r_prev
+                acts += n * width
+        else:
+            d = len(tz.in_modes)
+            a = ranks[0] if tz.layout == "ring" else 1
+            r = ranks[d] if tz.layout == "ring" else ranks[d - 1]
+            macs = n * (c_in * r * a * t + c_out * r * a) + (c_in * t + c_out) * r * a * rmax
+            acts = n * (r * a * t + c_out)
+        return {"rebuild": rebuild, "contract": PathCost(macs=macs, activations=acts, peak=acts)}
+
+    @classmethod
+    def from_dense(
+        cls,
+        layer: nn.Linear,
+        format: str = "tt",
+        *,
+        rank: int | Sequence[int] | None = None,
+        tol: float | None = None,
+        compression: float | None = None,
+        t: int | None = None,
+        layout: str | None = None,
+        in_modes: Sequence[int] | None = None,
+        out_modes: Sequence[int] | None = None,
+        n_modes: int = 3,
+        n_iter: int = 0,
+        forward_path: str = "auto",
+    ) -> "FactorizedLinear":
+        """A FactorizedLinear initialised from a trained ``nn.Linear`` through the decompositions.
+
+        Give one of ``rank``, ``tol`` (relative error of the weight) or ``compression``.
+        ``n_iter`` refinement sweeps (HOOI / ALS) follow the SVD fit. The bias is copied.
+        """
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"from_dense expects an nn.Linear, got {type(layer).__name__}")
+        weight, tz = cls._decompose_weight(layer.weight, format, t, layout, in_modes, out_modes, n_modes,
+                                           rank, tol, compression, n_iter)
+        out = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, format=format, t=t,
+                  layout=tz.layout, in_modes=tz.in_modes, out_modes=tz.out_modes, forward_path=forward_path,
+                  weight=weight)
+        if layer.bias is not None:
+            out.bias.data.copy_(layer.bias.detach())
+        return out
