@@ -215,7 +215,7 @@ class _FactorizedConvNd(FactorizedLayer):
         out = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation, 1, layer.bias is not None, layer.padding_mode, format=format, t=t,
                   layout=tz.layout, in_modes=tz.in_modes, out_modes=tz.out_modes, forward_path=forward_path,
-                  weight=weight)
+                  weight=weight, dtype=layer.weight.dtype, device=layer.weight.device)
         if layer.bias is not None:
             out.bias.data.copy_(layer.bias.detach())
         return out

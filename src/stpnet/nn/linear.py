@@ -167,7 +167,7 @@ class FactorizedLinear(FactorizedLayer):
                                            rank, tol, compression, n_iter)
         out = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, format=format, t=t,
                   layout=tz.layout, in_modes=tz.in_modes, out_modes=tz.out_modes, forward_path=forward_path,
-                  weight=weight)
+                  weight=weight, dtype=layer.weight.dtype, device=layer.weight.device)
         if layer.bias is not None:
             out.bias.data.copy_(layer.bias.detach())
         return out

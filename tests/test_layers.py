@@ -1,0 +1,275 @@
+"""Factorized layers: both forward paths against a dense reference, initialisation, from_dense,
+tensorization, reporting, and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import stpnet
+from stpnet.nn import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear
+
+COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
+          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2)]
+IDS = [f"{f}-{lay}" for f, lay, _ in COMBOS]
+TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def grads(layer, x, path):
+    layer.forward_path = path
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    torch.manual_seed(0)
+    g = torch.randn(y.shape, dtype=y.dtype)
+    layer.zero_grad()
+    (y * g).sum().backward()
+    return y.detach(), x.grad, [p.grad.clone() for p in layer.weight_tensor.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+def test_conv_paths_match_dense_reference(fmt, layout, t, dtype):
+    torch.manual_seed(1)
+    layer = FactorizedConv2d(16, 32, 3, stride=(2, 1), padding=1, format=fmt, layout=layout, rank=4, t=t,
+                             dtype=dtype)
+    x = torch.randn(3, 16, 9, 8, dtype=dtype)
+    # the dense reference: torch's conv with the reconstructed weight as a leaf tensor
+    W = layer.weight().detach().requires_grad_()
+    xr = x.clone().requires_grad_()
+    ref = F.conv2d(xr, W, layer.bias, (2, 1), 1)
+    y_rebuild, gx_rebuild, gp_rebuild = grads(layer, x, "rebuild")
+    y_contract, gx_contract, gp_contract = grads(layer, x, "contract")
+    torch.manual_seed(0)
+    g = torch.randn(ref.shape, dtype=dtype)
+    (ref * g).sum().backward()
+    for y in (y_rebuild, y_contract):
+        assert rel(y, ref.detach()) < TOL[dtype]
+    for gx in (gx_rebuild, gx_contract):
+        assert rel(gx, xr.grad) < TOL[dtype]
+    for a, b in zip(gp_contract, gp_rebuild):
+        assert rel(a, b) < 10 * TOL[dtype]
+    # weight gradient: the factor gradients of the rebuild path are the chain rule through dW
+    dW = torch.autograd.grad(layer.weight(), list(layer.weight_tensor.parameters()), W.grad)
+    for a, b in zip(dW, gp_rebuild):
+        assert rel(a, b) < 10 * TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+def test_linear_paths_match_dense_reference(fmt, layout, t):
+    torch.manual_seed(2)
+    layer = FactorizedLinear(24, 32, format=fmt, layout=layout, rank=4, t=t, dtype=torch.float64)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    ref = F.linear(x, layer.weight().detach(), layer.bias)
+    y_r, gx_r, gp_r = grads(layer, x, "rebuild")
+    y_c, gx_c, gp_c = grads(layer, x, "contract")
+    assert rel(y_r, ref) < 1e-12 and rel(y_c, ref) < 1e-12
+    assert rel(gx_c, gx_r) < 1e-12
+    assert all(rel(a, b) < 1e-10 for a, b in zip(gp_c, gp_r))
+
+
+@given(c_in=st.sampled_from([4, 6, 8, 12]), c_out=st.sampled_from([4, 8, 12]), k=st.integers(1, 3),
+       stride=st.integers(1, 2), padding=st.integers(0, 1), dilation=st.integers(1, 2),
+       combo=st.sampled_from(COMBOS), rank=st.sampled_from([2, 4]))
+def test_contract_equals_rebuild_for_varied_convs(c_in, c_out, k, stride, padding, dilation, combo, rank):
+    fmt, layout, t = combo
+    layer = FactorizedConv2d(c_in, c_out, k, stride, padding, dilation, format=fmt, layout=layout, rank=rank,
+                             t=t, dtype=torch.float64)
+    x = torch.randn(2, c_in, 7, 6, dtype=torch.float64)
+    layer.forward_path = "rebuild"
+    a = layer(x)
+    layer.forward_path = "contract"
+    assert rel(layer(x), a) < 1e-12
+
+
+@pytest.mark.parametrize("cls,spatial", [(FactorizedConv1d, (11,)), (FactorizedConv3d, (5, 6, 4))])
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+def test_conv1d_and_conv3d(cls, spatial, fmt, layout, t):
+    layer = cls(8, 16, 3, padding=1, stride=2, format=fmt, layout=layout, rank=4, t=t, dtype=torch.float64)
+    x = torch.randn(2, 8, *spatial, dtype=torch.float64)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1]
+    ref = conv(x, layer.weight().detach(), layer.bias, 2, 1)
+    for path in ("rebuild", "contract"):
+        layer.forward_path = path
+        assert rel(layer(x), ref) < 1e-12
+
+
+# ---------------------------------------------------------------- initialisation
+
+
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+@pytest.mark.parametrize("c,rank", [(64, 14), (32, 6)])
+def test_initialisation_preserves_variance_like_kaiming(fmt, layout, t, c, rank):
+    torch.manual_seed(3)
+    x = torch.randn(16, c, 16, 16)
+    dense = nn.Conv2d(c, c, 3, padding=1, bias=False)
+    nn.init.kaiming_normal_(dense.weight, mode="fan_in", nonlinearity="relu")
+    layer = FactorizedConv2d(c, c, 3, padding=1, bias=False, format=fmt, layout=layout, rank=rank, t=t)
+    with torch.no_grad():
+        ratio_dense = float(dense(x).std() / x.std())
+        ratio = float(layer(x).std() / x.std())
+        w_std = float(layer.weight().std())
+    assert abs(ratio / ratio_dense - 1) < 0.15
+    assert w_std == pytest.approx(math.sqrt(2 / (c * 9)), rel=0.02)
+
+
+# ---------------------------------------------------------------- from dense
+
+
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+def test_from_dense_at_full_rank_reproduces_the_layer(fmt, layout, t):
+    torch.manual_seed(4)
+    dense = nn.Conv2d(8, 16, 3, stride=(2, 1), padding="valid", dilation=(1, 2), bias=True,
+                      padding_mode="zeros").double()
+    layer = FactorizedConv2d.from_dense(dense, fmt, rank=1000, t=t, layout=layout)
+    x = torch.randn(2, 8, 11, 12, dtype=torch.float64)
+    for path in ("rebuild", "contract"):
+        layer.forward_path = path
+        assert rel(layer(x), dense(x)) < 1e-5
+    lin = nn.Linear(12, 16).double()
+    flin = FactorizedLinear.from_dense(lin, fmt, rank=1000, t=t, layout=layout if layout != "tucker2" else None)
+    xl = torch.randn(3, 12, dtype=torch.float64)
+    assert rel(flin(xl), lin(xl)) < 1e-5
+
+
+def test_from_dense_carries_over_configuration():
+    dense = nn.Conv2d(8, 16, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2),
+                      bias=False, padding_mode="circular")
+    layer = FactorizedConv2d.from_dense(dense, "stt", rank=8, t=2)
+    assert layer.bias is None
+    assert layer.stride == (2, 1) and layer.padding == (1, 2) and layer.dilation == (1, 2)
+    assert layer.kernel_size == (3, 5) and layer.padding_mode == "circular"
+    x = torch.randn(2, 8, 10, 9)
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight())  # the dense layer with the factorized kernel
+        for path in ("rebuild", "contract"):
+            layer.forward_path = path
+            assert rel(layer(x), dense(x)) < 1e-5
+    same = nn.Conv2d(8, 8, 4, padding="same", padding_mode="reflect")
+    layer = FactorizedConv2d.from_dense(same, "tt", rank=1000)
+    assert layer.padding == "same"
+    with torch.no_grad():
+        for path in ("rebuild", "contract"):
+            layer.forward_path = path
+            assert layer(x).shape == same(x).shape and rel(layer(x), same(x)) < 1e-5
+
+
+@pytest.mark.parametrize("rule", [{"tol": 0.3}, {"compression": 8.0}])
+def test_from_dense_with_tolerance_or_compression(rule):
+    dense = nn.Conv2d(32, 64, 3, padding=1)
+    layer = FactorizedConv2d.from_dense(dense, "stt", t=2, **rule)
+    W = dense.weight.detach()
+    err = rel(layer.weight().detach(), W)
+    if "tol" in rule:
+        assert err <= 0.3
+    else:
+        weight_params = sum(p.numel() for p in layer.weight_tensor.parameters())
+        assert W.numel() / weight_params >= 8.0
+
+
+def test_from_dense_rejects_groups_and_wrong_types():
+    with pytest.raises(ValueError, match="groups=2"):
+        FactorizedConv2d.from_dense(nn.Conv2d(8, 8, 3, groups=2), "tt", rank=4)
+    with pytest.raises(ValueError, match="groups=4"):
+        FactorizedConv2d(8, 8, 3, groups=4, format="tt", rank=4)
+    with pytest.raises(ValueError, match="expects an nn.Conv2d"):
+        FactorizedConv2d.from_dense(nn.Linear(4, 4), "tt", rank=4)
+    with pytest.raises(ValueError, match="exactly one"):
+        FactorizedConv2d.from_dense(nn.Conv2d(8, 8, 3), "tt", rank=4, tol=0.1)
+
+
+# ---------------------------------------------------------------- tensorization
+
+
+def test_channel_factorization():
+    from stpnet.nn import channel_modes, factorize
+    assert factorize(16) == (4, 2, 2) and factorize(64) == (4, 4, 4) and factorize(3) == (3,)
+    assert factorize(13) == (13,) and math.prod(factorize(640)) == 640
+    assert channel_modes(12, 3, 4, last_divisible=True) == (3, 4)
+    with pytest.raises(ValueError, match="t=2 must divide the output channel count 15"):
+        FactorizedConv2d(16, 15, 3, format="stt", rank=4, t=2)
+    # a prime channel count stays one mode and still works
+    layer = FactorizedConv2d(3, 7, 3, format="tt", rank=4, dtype=torch.float64)
+    layer.forward_path = "contract"
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    assert rel(layer(x), F.conv2d(x, layer.weight().detach(), layer.bias)) < 1e-12
+
+
+@pytest.mark.parametrize("layout", ["sequential", "paired"])
+def test_weight_tensorization_round_trip(layout):
+    from stpnet.nn.base import layer_tensorization
+    _, _, tz = layer_tensorization("tt", 1, layout, 16, 32, (3, 3), None, None, 3)
+    W = torch.randn(32, 16, 3, 3)
+    X = tz.weight_to_tensor(W)
+    assert X.shape == tz.tensor_shape and torch.equal(tz.tensor_to_weight(X), W)
+    if layout == "paired":  # X[k, (i_1 o_1), ...] = W[o, i, k]
+        assert tz.tensor_shape == (9, 4 * 4, 2 * 4, 2 * 2)
+        i, o, k = (3, 1, 0), (2, 3, 1), 7
+        flat_i = (i[0] * 2 + i[1]) * 2 + i[2]
+        flat_o = (o[0] * 4 + o[1]) * 2 + o[2]
+        assert X[k, i[0] * 4 + o[0], i[1] * 4 + o[1], i[2] * 2 + o[2]] == W[flat_o, flat_i].reshape(-1)[k]
+
+
+# ---------------------------------------------------------------- reporting
+
+
+RESNET32_CONVS = [(16, 16)] * 10 + [(16, 32)] + [(32, 32)] * 9 + [(32, 64)] + [(64, 64)] * 9
+
+
+@pytest.mark.parametrize("fmt,layout,t,rank,expected", [
+    ("tt", "paired", 1, 14, 2.68), ("stt", "paired", 2, 14, 9.53),
+    ("tt", "sequential", 1, 14, 3.40), ("stt", "sequential", 2, 14, 12.2),
+    ("tt", "paired", 1, 10, 5.07), ("stt", "paired", 2, 10, 16.9),
+    ("tt", "sequential", 1, 10, 6.45), ("stt", "sequential", 2, 10, 21.7),
+])
+def test_resnet32_compression_factors_match_math_table(fmt, layout, t, rank, expected):
+    """MATH.md section 8: all 3x3 convs of ResNet-32 factorized, the rest dense (464,154 params)."""
+    dense_conv = sum(a * b * 9 for a, b in RESNET32_CONVS)
+    factorized = sum(FactorizedConv2d(a, b, 3, padding=1, bias=False, format=fmt, layout=layout, rank=rank,
+                                      t=t).num_params for a, b in RESNET32_CONVS)
+    assert 464154 / (464154 - dense_conv + factorized) == pytest.approx(expected, abs=0.05)  # as printed
+
+
+def test_reporting_and_cost_model():
+    layer = FactorizedConv2d(256, 256, 3, padding=1, bias=False, format="stt", layout="sequential", rank=14, t=2)
+    shape = (32, 256, 32, 32)
+    assert layer.dense_flops(shape) == 32 * 256 * 256 * 9 * 32 * 32
+    assert layer.dense_params == 256 * 256 * 9
+    assert layer.compression_ratio == pytest.approx(layer.dense_params / layer.num_params)
+    costs = layer.path_costs(shape)
+    assert costs["contract"].macs * 20 < costs["rebuild"].macs
+    assert layer.choose_path(shape) == "contract"
+    assert layer.flops(shape) == costs["contract"].macs
+    layer.forward_path = "rebuild"
+    assert layer.choose_path(shape) == "rebuild" and layer.flops(shape) == costs["rebuild"].macs
+    # a single tiny input: rebuilding the weight costs more than the conv itself
+    tiny = FactorizedConv2d(16, 16, 3, format="tt", layout="paired", rank=4)
+    costs = tiny.path_costs((1, 16, 4, 4))
+    assert tiny.choose_path((1, 16, 4, 4)) == min(costs, key=lambda p: costs[p].score("cpu"))
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="layout 'paired' is not available for 'tr'; valid: ring"):
+        FactorizedConv2d(8, 8, 3, format="tr", layout="paired", rank=4)
+    with pytest.raises(ValueError, match="forward_path must be one of"):
+        FactorizedLinear(8, 8, format="tt", rank=4, forward_path="fast")
+    with pytest.raises(ValueError, match="exactly one of rank"):
+        FactorizedLinear(8, 8, format="tt")
+    with pytest.raises(ValueError, match="classic format"):
+        FactorizedLinear(8, 8, format="tt", rank=4, t=2)
+    with pytest.raises(ValueError, match=r"expected input \(N, 8"):
+        FactorizedConv2d(8, 8, 3, format="tt", rank=4)(torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):
+        FactorizedConv2d(8, 8, 3, stride=2, padding="same", format="tt", rank=4)
+    with pytest.raises(ValueError, match="unknown format"):
+        FactorizedConv2d(8, 8, 3, format="cp", rank=4)
