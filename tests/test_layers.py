@@ -273,3 +273,12 @@ def test_bad_arguments_raise_clear_errors():
         FactorizedConv2d(8, 8, 3, stride=2, padding="same", format="tt", rank=4)
     with pytest.raises(ValueError, match="unknown format"):
         FactorizedConv2d(8, 8, 3, format="cp", rank=4)
+
+
+def test_from_dense_dispatches_on_layer_type():
+    from stpnet.nn import from_dense
+    assert isinstance(from_dense(nn.Linear(16, 8), "stt", rank=4, t=2), FactorizedLinear)
+    assert isinstance(from_dense(nn.Conv1d(8, 8, 3), "tr", rank=2), FactorizedConv1d)
+    assert isinstance(from_dense(nn.Conv2d(8, 8, 3), "sttu", rank=4), FactorizedConv2d)
+    with pytest.raises(ValueError, match="cannot factorize a BatchNorm2d; supported layers: nn.Linear"):
+        from_dense(nn.BatchNorm2d(8), "tt", rank=4)

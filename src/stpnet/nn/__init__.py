@@ -2,6 +2,7 @@
 
 from .base import FORWARD_PATHS, FactorizedLayer
 from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
+from .convert import from_dense
 from .cost import PathCost
 from .linear import FactorizedLinear
 from .tensorize import Tensorization, channel_modes, factorize
@@ -12,6 +13,7 @@ __all__ = [
     "FactorizedConv1d",
     "FactorizedConv2d",
     "FactorizedConv3d",
+    "from_dense",
     "FORWARD_PATHS",
     "PathCost",
     "Tensorization",
