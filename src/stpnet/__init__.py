@@ -4,6 +4,7 @@ The semi-tensor formats STTu, STT and STR link their factors with the semi-tenso
 with t = 1 they are Tucker, TT and TR.
 """
 
+from .compress import CompressionReport, compress, model_report
 from .decomposition import InsufficientMemoryError, decompose, relative_error
 from .formats import FORMATS, FactorizedTensor, TRTensor, TTTensor, TuckerTensor
 from .stp import mode_product, rstp, stp, swap_matrix
@@ -17,6 +18,9 @@ __all__ = [
     "mode_product",
     "swap_matrix",
     "decompose",
+    "compress",
+    "model_report",
+    "CompressionReport",
     "relative_error",
     "InsufficientMemoryError",
     "FactorizedTensor",
