@@ -7,7 +7,7 @@ import copy
 import fnmatch
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -58,6 +58,11 @@ class CompressionReport:
     @property
     def compression(self) -> float:
         return self.dense_params / self.params
+
+    @property
+    def ranks(self) -> dict[str, tuple[int, ...]]:
+        """Ranks of the factorized layers by name (pass to ``compress(rank=...)`` to rebuild)."""
+        return {r.name: r.rank for r in self.layers if r.rank is not None}
 
     @property
     def dense_macs(self) -> int | None:
@@ -208,11 +213,17 @@ def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
 
 def _plan_ranks(layers: dict[str, nn.Module], format: str, t, layout, n_modes, factor: float, clip: bool):
     """Ranks for every layer at a per-layer weight compression ``factor``; and their param counts."""
-    plan, total = {}, 0
+    plan, total, seen = {}, 0, {}
     for name, m in layers.items():
         kernel = tuple(getattr(m, "kernel_size", ()))
         c_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
         c_out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        bias = m.bias.numel() if m.bias is not None else 0
+        key = (type(m), c_in, c_out, kernel)
+        if key in seen:  # layers of the same shape get the same ranks
+            plan[name], count = seen[key]
+            total += count + bias
+            continue
         cls, tt, tz = layer_tensorization(format, t, layout, c_in, c_out, kernel, None, None, n_modes)
         shape = tz.tensor_shape
         full = tz.kernel_numel if (cls is TuckerTensor and tz.has_kernel) else None
@@ -228,7 +239,8 @@ def _plan_ranks(layers: dict[str, nn.Module], format: str, t, layout, n_modes, f
             step = math.lcm(*ts) if isinstance(ts, tuple) else ts
             ranks = cls.validate_rank(shape, spec(step), ts, clip=clip)
         plan[name] = ranks
-        total += cls.param_count(shape, ranks, ts) + (m.bias.numel() if m.bias is not None else 0)
+        seen[key] = (ranks, cls.param_count(shape, ranks, ts))
+        total += seen[key][1] + bias
     return plan, total
 
 
@@ -242,7 +254,7 @@ def compress(
     model: nn.Module,
     format: str = "stt",
     *,
-    rank: int | None = None,
+    rank: int | Mapping[str, int | Sequence[int]] | None = None,
     compression: float | None = None,
     t: int | None = None,
     layout: str | None = None,
@@ -264,8 +276,10 @@ def compress(
     model : nn.Module
         Any model; its Conv1d/2d/3d (groups = 1) and Linear layers are candidates.
     format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
-    rank : int, optional
-        One rank for every replaced layer.
+    rank : int or mapping, optional
+        One rank for every replaced layer, or a mapping from layer name to its ranks (then exactly
+        those layers are replaced; :attr:`CompressionReport.ranks` gives such a mapping, so a
+        compressed architecture can be rebuilt).
     compression : float, optional
         Target compression factor of the **whole model** (all its parameters, BatchNorm and the
         layers kept dense included). Every replaced layer gets the same weight compression,
@@ -306,7 +320,18 @@ def compress(
     dense_params = sum(p.numel() for p in model.parameters())
     if not inplace:
         model = copy.deepcopy(model)
-    names = eligible_layers(model, include, exclude, keep_first_conv, keep_classifier)
+    if isinstance(rank, Mapping):
+        names = list(rank)
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"rank names layer {name!r}, which the model does not have") from None
+            if not _is_factorizable(module):
+                raise ValueError(f"layer {name!r} is a {type(module).__name__}; only Conv1d/2d/3d with groups=1 "
+                                 "and Linear can be factorized")
+    else:
+        names = eligible_layers(model, include, exclude, keep_first_conv, keep_classifier)
     if not names:
         raise ValueError("no eligible layer: the model has no Conv/Linear with groups=1 outside the kept "
                          "first convolution and classifier (see include=/keep_first_conv=)")
@@ -314,6 +339,8 @@ def compress(
     clip = init == "decompose"
     if compression is not None:
         plan = _rank_plan_for_target(model, layers, dense_params, format, t, layout, n_modes, compression, clip)
+    elif isinstance(rank, Mapping):
+        plan = {n: tuple(r) if isinstance(r, (list, tuple)) else r for n, r in rank.items()}
     else:
         plan = {n: rank for n in names}
     for name, dense in layers.items():

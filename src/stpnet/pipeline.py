@@ -1,0 +1,90 @@
+"""End-to-end steps shared by the CLI, the demo and the benchmarks: train a zoo model (dense or
+compressed), compress a trained checkpoint, load one back, and time inference."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .compress import CompressionReport, compress
+from .data import ImageDataset
+from .model_spec import ModelSpec
+from .train import CheckpointError, TrainConfig, Trainer, load_checkpoint
+
+__all__ = ["train_spec", "load_trained", "compress_trained", "inference_latency"]
+
+
+def train_spec(spec: ModelSpec, data: ImageDataset, config: TrainConfig, run_dir=None, *, model: nn.Module | None = None,
+               device=None, on_step: Callable | None = None, on_epoch: Callable | None = None,
+               extra_metadata: dict | None = None) -> tuple[nn.Module, list[dict]]:
+    """Build ``spec`` (or take ``model``, whose architecture ``spec`` describes) and train it.
+
+    The checkpoint's metadata records the spec, so :func:`load_trained` can rebuild the model.
+    """
+    torch.manual_seed(config.seed)
+    model = spec.build() if model is None else model
+    metadata = {"spec": spec.to_dict(), **(extra_metadata or {})}
+    trainer = Trainer(model, data, config, run_dir, device=device, metadata=metadata, on_step=on_step,
+                      on_epoch=on_epoch)
+    return model, trainer.fit()
+
+
+def load_trained(path: str | Path, device="cpu") -> tuple[nn.Module, ModelSpec, dict]:
+    """Rebuild and load the model of a checkpoint written by :func:`train_spec`.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is not an stpnet checkpoint, holds no model spec, or does not fit it.
+    """
+    state = load_checkpoint(path, map_location=device)
+    meta = state.get("metadata", {})
+    if "spec" not in meta:
+        raise CheckpointError(f"{path} has no model spec in its metadata; it was not written by stpnet train")
+    spec = ModelSpec.from_dict(meta["spec"])
+    model = spec.build()
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match its model spec: {str(exc).splitlines()[0]}") from None
+    return model.to(device), spec, state
+
+
+def compress_trained(model: nn.Module, spec: ModelSpec, format: str, *, rank=None, compression=None, t=None,
+                     layout=None, n_iter: int = 0, input_shape: Sequence[int] | None = None
+                     ) -> tuple[nn.Module, ModelSpec, CompressionReport]:
+    """Compress a trained dense zoo model through the decompositions; return it, its spec and report."""
+    if spec.format != "dense":
+        raise ValueError(f"the model is already compressed ({spec.format}); compress a dense checkpoint")
+    small, report = compress(model, format, rank=rank, compression=compression, t=t, layout=layout, init="decompose",
+                             n_iter=n_iter, input_shape=input_shape)
+    new_spec = ModelSpec(spec.name, spec.in_channels, spec.num_classes, format, t, layout, report.ranks)
+    return small, new_spec, report
+
+
+@torch.no_grad()
+def inference_latency(model: nn.Module, input_shape: Sequence[int], *, repeats: int = 10, warmup: int = 2,
+                      device=None) -> float:
+    """Median seconds of one eval-mode forward pass on random input of ``input_shape``."""
+    param = next(model.parameters())
+    device = device or param.device
+    was_training = model.training
+    model.eval()
+    x = torch.randn(*input_shape, device=device, dtype=param.dtype)
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    model.train(was_training)
+    return statistics.median(times)

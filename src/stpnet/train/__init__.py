@@ -1,0 +1,22 @@
+"""Training and evaluation: the loop, checkpoints, metrics log and distributed set-up."""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistributedContext, setup_distributed
+from .loop import Trainer, default_device, evaluate, lr_at
+from .metrics import MetricsLog, read_metrics
+
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "evaluate",
+    "lr_at",
+    "default_device",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "MetricsLog",
+    "read_metrics",
+    "DistributedContext",
+    "setup_distributed",
+]

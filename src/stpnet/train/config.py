@@ -1,0 +1,76 @@
+"""Training hyper-parameters."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["TrainConfig"]
+
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of a training run (SGD with momentum, as in the CIFAR literature).
+
+    Attributes
+    ----------
+    epochs, batch_size, lr, momentum, nesterov, weight_decay
+        SGD settings; weight decay applies to every parameter.
+    schedule : {'cosine', 'multistep', 'constant'}
+        Learning-rate schedule, stepped every iteration (cosine) or at epoch ``milestones``
+        (fractions of ``epochs``) with factor ``gamma``.
+    warmup_epochs : float
+        Linear warm-up from 0 at the start.
+    label_smoothing : float
+    augment : bool
+        Pad-4 random crop and horizontal flip (for 32x32 colour images).
+    seed : int
+        Seeds the model-independent randomness: data order, augmentation and dropout, per epoch,
+        so that a resumed run matches an uninterrupted one.
+    amp, channels_last : bool
+        Mixed precision (bfloat16/float16 autocast) and NHWC layout; used on CUDA only.
+    train_subset : int, optional
+        Train on the first ``train_subset`` samples of a fixed random permutation.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: bool = True
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    eval_batch_size: int = 500
+    train_subset: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["milestones"] = tuple(d.get("milestones", (0.5, 0.75)))
+        return cls(**d)

@@ -1,0 +1,211 @@
+"""The training loop: SGD, schedules, augmentation, evaluation, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import ImageDataset, iterate_batches, normalize, random_crop, random_hflip
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistributedContext, all_reduce_sum, setup_distributed
+from .metrics import MetricsLog
+
+__all__ = ["Trainer", "evaluate", "lr_at", "default_device"]
+
+# settings that must match for a resumed run to continue the same run (epochs may grow)
+_RESUME_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones", "gamma",
+                "warmup_epochs", "label_smoothing", "augment", "seed", "train_subset")
+
+
+def default_device() -> torch.device:
+    """CUDA if available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def lr_at(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
+    """Learning rate at a global step: linear warm-up, then the schedule (a pure function of step)."""
+    total = config.epochs * steps_per_epoch
+    warm = config.warmup_epochs * steps_per_epoch
+    if warm and step < warm:
+        return config.lr * (step + 1) / warm
+    if config.schedule == "cosine":
+        progress = (step - warm) / max(total - warm, 1)
+        return 0.5 * config.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if config.schedule == "multistep":
+        epoch = step / steps_per_epoch
+        passed = sum(epoch >= m * config.epochs for m in config.milestones)
+        return config.lr * config.gamma**passed
+    return config.lr
+
+
+def _seed(config: TrainConfig, epoch: int, stream: int) -> int:
+    return (config.seed * 1_000_003 + epoch * 7919 + stream) % (2**63 - 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, *, batch_size: int = 500,
+             device: torch.device | None = None, ctx: DistributedContext = DistributedContext(),
+             amp: bool = False, channels_last: bool = False) -> dict[str, float]:
+    """Loss and top-1 accuracy of ``model`` on uint8 images ``x`` with labels ``y``."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for xb, yb in iterate_batches(x, y, batch_size, shuffle=False, seed=0, epoch=0, rank=ctx.rank,
+                                  world_size=ctx.world_size):
+        xb = normalize(xb, mean, std).to(device)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yb = yb.to(device)
+        with torch.autocast(device.type, enabled=amp):
+            logits = model(xb)
+        totals += torch.tensor([F.cross_entropy(logits.float(), yb, reduction="sum").item(),
+                                (logits.argmax(1) == yb).sum().item(), len(yb)], dtype=torch.float64)
+    model.train(was_training)
+    totals = all_reduce_sum(totals, ctx)
+    return {"loss": float(totals[0] / totals[2]), "accuracy": float(totals[1] / totals[2])}
+
+
+class Trainer:
+    """Train a model on an :class:`~stpnet.data.ImageDataset`, resumably.
+
+    Parameters
+    ----------
+    model : nn.Module
+    data : ImageDataset
+    config : TrainConfig
+    run_dir : path, optional
+        Where ``checkpoint.pt`` (every epoch, atomically) and ``metrics.jsonl`` go. If it already
+        holds a checkpoint of the same settings, :meth:`fit` resumes from it; the resumed run ends
+        with the same weights as an uninterrupted one.
+    device : torch.device, optional
+        Default: CUDA if available, else CPU (the CPU fallback).
+    metadata : dict, optional
+        Stored in every checkpoint (for example how to rebuild the model).
+    on_step : callable, optional
+        ``on_step(epoch, step, steps_per_epoch, loss)`` after each optimizer step (progress bars).
+    on_epoch : callable, optional
+        ``on_epoch(record)`` after each epoch with its metrics record.
+    """
+
+    def __init__(self, model: nn.Module, data: ImageDataset, config: TrainConfig, run_dir=None, *,
+                 device: torch.device | str | None = None, metadata: dict[str, Any] | None = None,
+                 on_step: Callable[[int, int, int, float], None] | None = None,
+                 on_epoch: Callable[[dict], None] | None = None):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device)
+        self.data = data
+        self.config = config
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.metadata = dict(metadata or {})
+        self.on_step, self.on_epoch = on_step, on_epoch
+        cuda = self.device.type == "cuda"
+        self.amp = config.amp and cuda
+        self.channels_last = config.channels_last and cuda
+        self.train_x, self.train_y = data.train_x, data.train_y
+        if config.train_subset is not None and config.train_subset < len(self.train_y):
+            perm = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(config.seed))
+            keep = perm[: config.train_subset].sort().values
+            self.train_x, self.train_y = self.train_x[keep], self.train_y[keep]
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
+
+    def _restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int, list[dict]]:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            return 0, 0, []
+        state = load_checkpoint(path, map_location=self.device)
+        saved = state.get("config", {})
+        current = self.config.to_dict()
+        diff = [k for k in _RESUME_KEYS if k in saved and saved[k] != current[k]]
+        if diff:
+            detail = ", ".join(f"{k}: {saved[k]} -> {current[k]}" for k in diff)
+            raise CheckpointError(f"{path} holds a run with other settings ({detail}); resume with the same "
+                                  "settings or use a new run directory")
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path} does not match this model: {str(exc).splitlines()[0]}") from None
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["epoch"]), int(state["step"]), list(state.get("history", []))
+
+    def fit(self) -> list[dict]:
+        """Train for ``config.epochs`` epochs (resuming if a checkpoint exists); return the history."""
+        cfg = self.config
+        ctx = setup_distributed(self.device)
+        model = self.model
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        start_epoch, step, history = self._restore(model, optimizer)
+        train_model = model
+        if ctx.enabled:
+            ids = [ctx.local_rank] if self.device.type == "cuda" else None
+            train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        log = MetricsLog(self.run_dir / "metrics.jsonl") if (self.run_dir and ctx.is_main) else None
+        if log is not None:
+            log.truncate_after(start_epoch)
+        n = len(self.train_y)
+        per_rank = math.ceil(n / ctx.world_size)
+        steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
+        mean, std = self.data.mean, self.data.std
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        for epoch in range(start_epoch, cfg.epochs):
+            started = time.perf_counter()
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(_seed(cfg, epoch, 1))  # dropout and other global-RNG users
+                gen = torch.Generator().manual_seed(_seed(cfg, epoch, 2))
+                train_model.train()
+                sums = torch.zeros(3, dtype=torch.float64)
+                for i, (xb, yb) in enumerate(iterate_batches(self.train_x, self.train_y, cfg.batch_size,
+                                                             shuffle=True, seed=cfg.seed, epoch=epoch,
+                                                             rank=ctx.rank, world_size=ctx.world_size)):
+                    if cfg.augment:
+                        xb = random_hflip(random_crop(xb, 4, gen), gen)
+                    xb = normalize(xb, mean, std).to(self.device, non_blocking=True)
+                    if self.channels_last:
+                        xb = xb.contiguous(memory_format=torch.channels_last)
+                    yb = yb.to(self.device, non_blocking=True)
+                    lr = lr_at(step, steps_per_epoch, cfg)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    with torch.autocast(self.device.type, enabled=self.amp):
+                        logits = train_model(xb)
+                        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    sums += torch.tensor([loss.item() * len(yb), (logits.argmax(1) == yb).sum().item(), len(yb)],
+                                         dtype=torch.float64)
+                    if self.on_step is not None and ctx.is_main:
+                        self.on_step(epoch, i + 1, steps_per_epoch, loss.item())
+            train_time = time.perf_counter() - started
+            sums = all_reduce_sum(sums, ctx)
+            test = evaluate(model, self.data.test_x, self.data.test_y, mean, std, batch_size=cfg.eval_batch_size,
+                            device=self.device, ctx=ctx, amp=self.amp, channels_last=self.channels_last)
+            record = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[2]),
+                      "train_accuracy": float(sums[1] / sums[2]), "test_loss": test["loss"],
+                      "test_accuracy": test["accuracy"], "lr": lr_at(step - 1, steps_per_epoch, cfg),
+                      "epoch_time": train_time, "eval_time": time.perf_counter() - started - train_time}
+            history.append(record)
+            if ctx.is_main:
+                if self.checkpoint_path is not None:
+                    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "epoch": epoch + 1, "step": step, "history": history,
+                                     "config": cfg.to_dict(), "metadata": self.metadata}, self.checkpoint_path)
+                if log is not None:
+                    log.write(record)
+                if self.on_epoch is not None:
+                    self.on_epoch(record)
+        return history
