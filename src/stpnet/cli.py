@@ -1,49 +1,333 @@
-"""The ``stpnet`` command line: a thin layer over the library."""
+"""The ``stpnet`` command line: a thin layer over the library.
+
+Subcommands: train, compress, eval, decompose, report, demo. Each has ``--help``. Errors in the
+input (bad arguments, missing or corrupt data, mismatched checkpoints) print one clear line to
+stderr and exit with status 2; checkpoints are written atomically, so nothing written is lost.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main"]
+from .progress import ProgressBar
+
+__all__ = ["main", "build_parser"]
+
+FORMAT_CHOICES = ("tucker", "sttu", "tt", "stt", "tr", "str")
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import decomposition_demo, smooth_field_tensor
+# ---------------------------------------------------------------------------- arguments
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="cifar10-subset",
+                   help="'cifar10-subset' (embedded, default), or a path: CIFAR-10 python batches, an "
+                        "ImageFolder directory or .tar(.gz), or an MNIST/Fashion-MNIST IDX directory")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda[:N]'")
 
-    X = smooth_field_tensor(size=args.size, order=args.order, noise=args.noise, seed=args.seed)
-    rows = decomposition_demo(X, rank=args.rank, t=args.t)
-    shape = "x".join(map(str, X.shape))
-    print(f"Decomposing a {shape} smooth field 1/|x| with {args.noise:.0%} noise "
-          f"({X.numel():,} entries), rank {args.rank}, t = {args.t} for the semi-tensor formats\n")
-    header = f"{'format':<7} {'rank':<18} {'t':>2} {'params':>8} {'compression':>12} {'rel. error':>11} {'time (s)':>9}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        rank = ",".join(map(str, r.rank))
-        print(f"{r.format:<7} {rank:<18} {r.t:>2} {r.params:>8,} {r.compression:>11.1f}x "
-              f"{r.rel_error:>11.2e} {r.seconds:>9.3f}")
+
+def _add_factorization(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--format", choices=(FORMAT_CHOICES if required else ("dense", *FORMAT_CHOICES)),
+                   required=required, default=None if required else "dense",
+                   help="tensor format of the compressed layers" + ("" if required else " (default dense)"))
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--rank", type=int, help="one rank for every factorized layer")
+    group.add_argument("--compression", type=float, help="target compression factor of the whole model")
+    p.add_argument("--t", type=int, help="STP factor (default 1 classic, 2 semi-tensor)")
+    p.add_argument("--layout", choices=("sequential", "paired", "ring", "tucker2"), help="tensorization layout")
+
+
+def _add_training(p: argparse.ArgumentParser, default_epochs: int) -> None:
+    p.add_argument("--run-dir", required=True, help="folder for checkpoint.pt, metrics.jsonl and report.json; "
+                                                    "an existing checkpoint there is resumed")
+    p.add_argument("--epochs", type=int, default=default_epochs)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=("cosine", "multistep", "constant"), default="cosine")
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--no-augment", action="store_true", help="no random crop and flip")
+    p.add_argument("--train-subset", type=int, help="train on this many samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _config(args) -> "TrainConfig":
+    from .train import TrainConfig
+
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                       nesterov=not args.no_nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
+                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+                       augment=not args.no_augment, seed=args.seed, amp=not args.no_amp,
+                       train_subset=args.train_subset)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def _load_data(spec: str):
+    from .data import load_dataset
+
+    return load_dataset(spec)
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def _train_loop(args, spec, data, model=None, extra=None):
+    from .pipeline import train_spec
+
+    config = _config(args)
+    bar = None if args.quiet else ProgressBar(config.epochs)
+    model, history = train_spec(spec, data, config, args.run_dir, model=model, device=_device(args.device),
+                                on_step=bar.step if bar else None, on_epoch=bar.epoch if bar else None,
+                                extra_metadata=extra)
+    return model, history
+
+
+def _save_report(run_dir: str, report, history) -> None:
+    out = {"report": report.to_dict(), "final": history[-1] if history else None}
+    Path(run_dir, "report.json").write_text(json.dumps(out, indent=1))
+
+
+# ---------------------------------------------------------------------------- subcommands
+def _cmd_train(args) -> int:
+    from .compress import compress, model_report
+    from .model_spec import ModelSpec
+
+    data = _load_data(args.data)
+    c, h, w = data.train_x.shape[1:]
+    spec = ModelSpec(args.model, c, data.num_classes)
+    model = None
+    if args.format != "dense":
+        if args.rank is None and args.compression is None:
+            raise ValueError("--format needs --rank or --compression")
+        dense = spec.build()
+        model, report = compress(dense, args.format, rank=args.rank, compression=args.compression, t=args.t,
+                                 layout=args.layout, init="random")
+        spec = ModelSpec(args.model, c, data.num_classes, args.format, args.t, args.layout, report.ranks)
+    model, history = _train_loop(args, spec, data, model)
+    report = model_report(model.cpu(), (1, c, h, w), dense_params=sum(
+        p.numel() for p in ModelSpec(args.model, c, data.num_classes).build().parameters()))
+    _save_report(args.run_dir, report, history)
+    final = history[-1]
+    print(f"{spec.name} {spec.format}: {report.params:,} parameters ({report.compression:.2f}x), "
+          f"test accuracy {final['test_accuracy']:.2%} after {final['epoch']} epochs")
+    return 0
+
+
+def _cmd_compress(args) -> int:
+    from .pipeline import compress_trained, load_trained
+
+    model, spec, _ = load_trained(args.checkpoint)
+    data = _load_data(args.data)
+    c, h, w = data.train_x.shape[1:]
+    if (c, data.num_classes) != (spec.in_channels, spec.num_classes):
+        raise ValueError(f"the checkpoint's model takes {spec.in_channels} channels and {spec.num_classes} "
+                         f"classes, but the data has {c} channels and {data.num_classes} classes")
+    if args.rank is None and args.compression is None:
+        raise ValueError("compress needs --rank or --compression")
+    small, new_spec, report = compress_trained(model, spec, args.format, rank=args.rank,
+                                               compression=args.compression, t=args.t, layout=args.layout,
+                                               n_iter=args.n_iter, input_shape=(1, c, h, w))
+    print(report.to_markdown())
+    history = []
+    if args.epochs > 0:
+        small, history = _train_loop(args, new_spec, data, small, extra={"source": str(args.checkpoint)})
+    else:
+        from .train import save_checkpoint
+
+        save_checkpoint({"model": small.state_dict(), "epoch": 0, "metadata": {"spec": new_spec.to_dict()}},
+                        Path(args.run_dir) / "checkpoint.pt")
+    _save_report(args.run_dir, report, history)
+    acc = f", test accuracy {history[-1]['test_accuracy']:.2%}" if history else ""
+    print(f"compressed to {report.params:,} parameters ({report.compression:.2f}x){acc}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .pipeline import load_trained
+    from .train import evaluate
+
+    device = _device(args.device)
+    model, spec, _ = load_trained(args.checkpoint, device=device)
+    data = _load_data(args.data)
+    if (data.train_x.shape[1], data.num_classes) != (spec.in_channels, spec.num_classes):
+        raise ValueError(f"the checkpoint's model takes {spec.in_channels} channels and {spec.num_classes} "
+                         f"classes, but {args.data} has {data.train_x.shape[1]} and {data.num_classes}")
+    result = evaluate(model, data.test_x, data.test_y, data.mean, data.std, batch_size=args.batch_size, device=device)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "model": spec.name, "format": spec.format,
+                      "test_accuracy": result["accuracy"], "test_loss": result["loss"],
+                      "test_samples": len(data.test_y)}))
+    return 0
+
+
+def _cmd_decompose(args) -> int:
+    import numpy as np
+    import torch
+
+    from .decomposition import decompose, relative_error
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; give a .npy or .pt file holding one tensor")
+    if path.suffix == ".npy":
+        try:
+            X = torch.from_numpy(np.load(path, allow_pickle=False))
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a readable .npy array: {exc}") from None
+    elif path.suffix in (".pt", ".pth"):
+        try:
+            X = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable torch file: {exc}") from None
+        if not isinstance(X, torch.Tensor):
+            raise ValueError(f"{path} holds a {type(X).__name__}, not a tensor")
+    else:
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; valid: .npy, .pt")
+    if not X.is_floating_point():
+        X = X.double()
+    start = time.perf_counter()
+    result = decompose(X, args.format, rank=args.rank, t=args.t, tol=args.tol, max_params=args.max_params,
+                       n_iter=args.n_iter)
+    seconds = time.perf_counter() - start
+    error = relative_error(X, result)
+    _print_table(["format", "shape", "rank", "t", "params", "compression", "rel. error", "time (s)"],
+                 [[result.format, "x".join(map(str, result.shape)), ",".join(map(str, result.rank)), result.t,
+                   f"{result.num_params:,}", f"{result.compression_ratio:.2f}x", f"{error:.3e}", f"{seconds:.3f}"]])
+    if args.output:
+        torch.save({"format": result.format, "t": result.t, "shape": result.shape, "rank": result.rank,
+                    "factors": [f.detach() for f in ([result.core] if hasattr(result, "core") else [])
+                                + result.factors]}, args.output)
+        print(f"factors written to {args.output}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .compress import model_report
+    from .models import MODELS, build_model
+    from .pipeline import inference_latency, load_trained
+
+    if args.target in MODELS:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+        model = build_model(args.target, in_channels=shape[1], num_classes=args.num_classes)
+        name = args.target
+    else:
+        model, spec, _ = load_trained(args.target)
+        shape = (1, spec.in_channels, 32 if spec.name != "lenet5" else 28, 32 if spec.name != "lenet5" else 28)
+        if args.input_shape:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        name = f"{spec.name} ({spec.format})"
+    dense = None
+    if args.target not in MODELS:
+        dense = sum(p.numel() for p in build_model(spec.name, in_channels=spec.in_channels,
+                                                   num_classes=spec.num_classes).parameters())
+    report = model_report(model, shape, dense_params=dense)
+    print(f"{name}, input {tuple(shape)}\n")
+    print(report.to_markdown())
+    if args.latency:
+        for batch in args.latency:
+            sec = inference_latency(model, (batch, *shape[1:]))
+            print(f"inference latency, batch {batch}: {sec * 1e3:.2f} ms")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    rows, plot = run_demo(epochs=args.epochs, rank=args.rank, out_dir=args.out_dir, seed=args.seed,
+                          progress=None if args.quiet else sys.stderr)
+    print()
+    _print_table(["format", "parameters", "compression", "test accuracy", "training time (s)"],
+                 [[r["format"], f"{r['params']:,}", f"{r['compression']:.2f}x", f"{r['accuracy']:.2%}",
+                   f"{r['train_seconds']:.1f}"] for r in rows])
+    if plot:
+        print(f"\nplot of accuracy against compression: {plot}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="stpnet",
-        description="Compress tensors and networks with semi-tensor product decompositions.",
-    )
+    parser = argparse.ArgumentParser(prog="stpnet", description="Compress neural networks with semi-tensor "
+                                     "product tensor decompositions (STTu, STT, STR; Tucker, TT, TR).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser("demo", help="decompose a test tensor in all six formats and print a table",
-                          description="Decompose a smooth test tensor in all six formats "
-                                      "(tucker, sttu, tt, stt, tr, str) and print parameters, "
-                                      "compression, relative error and time.")
-    demo.add_argument("--size", type=int, default=16, help="mode size (default 16)")
-    demo.add_argument("--order", type=int, default=4, help="tensor order (default 4)")
-    demo.add_argument("--rank", type=int, default=6, help="rank for every format (default 6)")
-    demo.add_argument("--t", type=int, default=2, help="STP factor of the semi-tensor formats (default 2)")
-    demo.add_argument("--noise", type=float, default=0.01, help="relative noise level (default 0.01)")
-    demo.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    demo.set_defaults(run=_demo)
+
+    p = sub.add_parser("train", help="train a zoo model, dense or compressed from scratch",
+                       description="Train a zoo model, dense or with factorized layers initialised fresh.")
+    from .models import MODELS
+
+    p.add_argument("--model", default="resnet20", choices=sorted(MODELS))
+    _add_data(p)
+    _add_factorization(p, required=False)
+    _add_training(p, default_epochs=10)
+    p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("compress", help="compress a trained checkpoint, then fine-tune it",
+                       description="Factorize a trained dense checkpoint through the decompositions, "
+                                   "then fine-tune (--epochs 0 to skip).")
+    p.add_argument("checkpoint", help="checkpoint.pt written by 'stpnet train'")
+    _add_data(p)
+    _add_factorization(p, required=True)
+    p.add_argument("--n-iter", type=int, default=0, help="refinement sweeps (HOOI / ALS) of the fit")
+    _add_training(p, default_epochs=5)
+    p.set_defaults(run=_cmd_compress)
+
+    p = sub.add_parser("eval", help="test accuracy of a checkpoint", description="Evaluate a checkpoint.")
+    p.add_argument("checkpoint")
+    _add_data(p)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.set_defaults(run=_cmd_eval)
+
+    p = sub.add_parser("decompose", help="decompose a tensor file (.npy or .pt)",
+                       description="Decompose a tensor stored in a .npy or .pt file and print the result.")
+    p.add_argument("file")
+    p.add_argument("--format", choices=FORMAT_CHOICES, required=True)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--tol", type=float, help="relative error target")
+    p.add_argument("--max-params", type=int, help="parameter budget")
+    p.add_argument("--t", type=int)
+    p.add_argument("--n-iter", type=int, default=0, help="HOOI / ALS refinement sweeps")
+    p.add_argument("--output", help="write the factors to this .pt file")
+    p.set_defaults(run=_cmd_decompose)
+
+    p = sub.add_parser("report", help="parameters, FLOPs and latency of a model or checkpoint",
+                       description="Per-layer parameters, compression and multiply-adds of a zoo model "
+                                   "name or a checkpoint, and optionally inference latency.")
+    p.add_argument("target", help="a zoo model name or a checkpoint.pt")
+    p.add_argument("--input-shape", default="1,3,32,32", help="N,C,H,W of one input (default 1,3,32,32)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--latency", type=int, nargs="*", help="batch sizes to time inference at (e.g. 1 128)")
+    p.set_defaults(run=_cmd_report)
+
+    p = sub.add_parser("demo", help="train a small ResNet dense, TT and STT on the embedded CIFAR-10 subset",
+                       description="Train a small ResNet dense, TT and STT (same rank, t=2) on the embedded "
+                                   "CIFAR-10 subset, print a table and save a plot.")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per model (default: sized for ~4 minutes)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--out-dir", default="stpnet-demo", help="where the plot and logs go")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_demo)
     return parser
 
 
@@ -53,9 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, MemoryError) as exc:
+    except (ValueError, MemoryError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"stpnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"stpnet {args.command}: interrupted; the last epoch's checkpoint is kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def sequential_conv(
     spatial = x.shape[2:]
     r, a, t = f.rank_in, f.ring, f.t
     g = a * t
-    z = f.A.mT @ x.reshape(n, c_in, -1)  # (n, r*a*t, P_in), channels (b, a, u)
+    z = f.A.transpose(-1, -2) @ x.reshape(n, c_in, -1)  # (n, r*a*t, P_in), channels (b, a, u)
     r_out = f.S.shape[0]
     S = f.S.reshape(r_out, r, *kernel_size)
     if g == 1:
@@ -143,7 +143,7 @@ def tucker2_conv(
     """
     n, c_in = x.shape[:2]
     spatial = x.shape[2:]
-    z = U_in.mT @ x.reshape(n, U_in.shape[0], -1)  # (n, R_i/t, t*P)
+    z = U_in.transpose(-1, -2) @ x.reshape(n, U_in.shape[0], -1)  # (n, R_i/t, t*P)
     r_in = core.shape[1]
     W = torch.tensordot(core, U_k, dims=([2], [1])).reshape(core.shape[0], r_in, *kernel_size)
     z = _conv_nd(z.reshape(n, r_in, *spatial), W, stride, padding, dilation)
@@ -155,8 +155,8 @@ def tucker2_conv(
 def tucker2_linear(x: torch.Tensor, core: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor) -> torch.Tensor:
     """Linear map with a Tucker-2 / STTu matrix (core (R_o, R_i)); ``x`` is (N, C_in)."""
     n = x.shape[0]
-    z = (U_in.mT @ x.reshape(n, U_in.shape[0], -1)).reshape(n, -1)  # (n, R_i)
-    z = z @ core.mT  # (n, R_o)
+    z = (U_in.transpose(-1, -2) @ x.reshape(n, U_in.shape[0], -1)).reshape(n, -1)  # (n, R_i)
+    z = z @ core.transpose(-1, -2)  # (n, R_o)
     return (U_out @ z.reshape(n, U_out.shape[1], -1)).reshape(n, -1)
 
 
@@ -209,7 +209,7 @@ def paired_conv(x: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: Sequen
     spatial = x.shape[2:]
     G0 = cores[0]  # (1, K, R_1)
     r1 = G0.shape[-1]
-    filters = G0[0].mT.reshape(r1, 1, *kernel_size)
+    filters = G0[0].transpose(-1, -2).reshape(r1, 1, *kernel_size)
     y = _conv_nd(x.reshape(n * c_in, 1, *spatial), filters, stride, padding, dilation)
     out_spatial = y.shape[2:]
     state = y.reshape(n, c_in, r1 // t, t, -1)  # (N, I..., b, u, P)

@@ -52,5 +52,5 @@ def tr_to_tensor(cores: Sequence[torch.Tensor], t: int = 1) -> torch.Tensor:
     classic = [first_core_to_classic(cores[0], t), *cores[1:]]
     shape = [G.shape[1] for G in classic]
     M = _chain(classic)  # (r0, prod n, r0)
-    Xp = torch.diagonal(M, dim1=0, dim2=2).sum(-1).reshape(shape)
+    Xp = torch.einsum("aia->i", M).reshape(shape)
     return copy_index_to_last_mode(Xp, t)

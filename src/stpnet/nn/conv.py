@@ -128,7 +128,7 @@ class _FactorizedConvNd(FactorizedLayer):
             f = sequential_factors(w.factors, w.t, len(tz.in_modes), has_kernel=True)
             y = sequential_conv(x, f, *args)
         if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, *([1] * self.dim))
+            y = y + self.bias.to(y.dtype).reshape(1, -1, *([1] * self.dim))
         return y
 
     # ------------------------------------------------------------------ costs

@@ -99,7 +99,7 @@ class FactorizedLinear(FactorizedLayer):
             f = sequential_factors(w.factors, w.t, len(tz.in_modes), has_kernel=False)
             y = sequential_linear(x2, f)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def _dense_macs(self, input_shape: tuple[int, ...]) -> int:

@@ -171,7 +171,7 @@ class Trainer:
                                                              shuffle=True, seed=cfg.seed, epoch=epoch,
                                                              rank=ctx.rank, world_size=ctx.world_size)):
                     if cfg.augment:
-                        xb = random_hflip(random_crop(xb, 4, gen), gen)
+                        xb = random_hflip(random_crop(xb, 4, generator=gen), generator=gen)
                     xb = normalize(xb, mean, std).to(self.device, non_blocking=True)
                     if self.channels_last:
                         xb = xb.contiguous(memory_format=torch.channels_last)
