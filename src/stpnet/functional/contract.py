@@ -76,6 +76,15 @@ def sequential_factors(cores: Sequence[torch.Tensor], t: int, n_in: int, has_ker
     return SequentialFactors(A, S, B, r, a, t)
 
 
+def _mix(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``W`` (m, c) applied to every sample of ``x`` (n, c, P): (n, m, P).
+
+    A batched product with ``W`` broadcast by ``expand`` (no copy); measured 3-20x faster in
+    forward+backward than ``W @ x``, which torch folds into one large product through copies.
+    """
+    return torch.bmm(W.unsqueeze(0).expand(x.shape[0], -1, -1), x)
+
+
 def _conv_nd(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
     dim = weight.ndim - 2
     conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
@@ -99,7 +108,7 @@ def sequential_conv(
     spatial = x.shape[2:]
     r, a, t = f.rank_in, f.ring, f.t
     g = a * t
-    z = f.A.transpose(-1, -2) @ x.reshape(n, c_in, -1)  # (n, r*a*t, P_in), channels (b, a, u)
+    z = _mix(f.A.transpose(-1, -2), x.reshape(n, c_in, -1))  # (n, r*a*t, P_in), channels (b, a, u)
     r_out = f.S.shape[0]
     S = f.S.reshape(r_out, r, *kernel_size)
     if g == 1:
@@ -115,7 +124,7 @@ def sequential_conv(
         z = _conv_nd(z.reshape(n, r, g, *spatial), S.unsqueeze(2), (1, *stride), pad, (1, *dilation))
     out_spatial = z.shape[-len(spatial):]
     z = z.reshape(n, r_out * a, -1)  # rows (b', a), columns (u, P)
-    out = f.B @ z  # (n, C_out/t, t*P)
+    out = _mix(f.B, z)  # (n, C_out/t, t*P)
     return out.reshape(n, -1, *out_spatial)
 
 
@@ -143,12 +152,12 @@ def tucker2_conv(
     """
     n, c_in = x.shape[:2]
     spatial = x.shape[2:]
-    z = U_in.transpose(-1, -2) @ x.reshape(n, U_in.shape[0], -1)  # (n, R_i/t, t*P)
+    z = _mix(U_in.transpose(-1, -2), x.reshape(n, U_in.shape[0], -1))  # (n, R_i/t, t*P)
     r_in = core.shape[1]
     W = torch.tensordot(core, U_k, dims=([2], [1])).reshape(core.shape[0], r_in, *kernel_size)
     z = _conv_nd(z.reshape(n, r_in, *spatial), W, stride, padding, dilation)
     out_spatial = z.shape[2:]
-    out = U_out @ z.reshape(n, U_out.shape[1], -1)  # (n, C_out/t, t*P)
+    out = _mix(U_out, z.reshape(n, U_out.shape[1], -1))  # (n, C_out/t, t*P)
     return out.reshape(n, -1, *out_spatial)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from ..formats import FactorizedTensor
 from ..functional.contract import paired_conv, sequential_conv, sequential_factors, tucker2_conv
 from .base import FactorizedLayer
-from .cost import PathCost, conv_output_size, prod
+from .cost import PathCost, conv_output_size, narrow_penalty, prod
 
 __all__ = ["FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d"]
 
@@ -148,10 +148,12 @@ class _FactorizedConvNd(FactorizedLayer):
         tz, w = self.tensorization, self.weight_tensor
         c_in, c_out, K = self.in_channels, self.out_channels, prod(self.kernel_size)
         weight_numel = c_in * c_out * K
+        pen = narrow_penalty
         if tz.layout == "tucker2":
             t = w.t[0]
             r_o, r_i = w.rank[0], w.rank[1]
-            macs = n * (c_in * r_i // t * p_in + r_o * r_i * K * p_out + c_out * r_o // t * p_out)
+            stages = [(c_in * r_i // t * p_in, min(c_in, r_i)), (r_o * r_i * K * p_out, min(r_o, r_i)),
+                      (c_out * r_o // t * p_out, min(c_out, r_o))]
             acts = n * (r_i * p_in + r_o * p_out + c_out * p_out)
             rmax = max(w.rank)
         else:
@@ -160,12 +162,12 @@ class _FactorizedConvNd(FactorizedLayer):
             rmax = max(r)
             if tz.layout == "paired":
                 state = c_in * r[0] * t * p_out
-                macs, acts = n * c_in * r[0] * t * K * p_out, n * state
+                stages, acts = [(c_in * r[0] * t * K * p_out, 1)], n * state
                 for k in range(len(tz.in_modes)):
                     r_prev, r_next = r[k], (r[k + 1] if k + 1 < len(r) else 1)
                     o_k = tz.out_modes[k] // (t if k == len(tz.in_modes) - 1 else 1)
                     new_state = state // (tz.in_modes[k] * r_prev) * o_k * r_next
-                    macs += n * state * o_k * r_next
+                    stages.append((state * o_k * r_next, min(tz.in_modes[k] * r_prev, o_k * r_next)))
                     acts += n * new_state
                     state = new_state
             else:
@@ -173,12 +175,17 @@ class _FactorizedConvNd(FactorizedLayer):
                 a = r[0] if tz.layout == "ring" else 1
                 rb = r[d] if tz.layout == "ring" else r[d - 1]  # bond into the spatial core
                 ra = r[d + 1] if tz.layout == "ring" else r[d]  # bond out of it
-                macs = n * (c_in * rb * a * t * p_in + ra * rb * K * a * t * p_out + c_out * ra * a * p_out)
-                macs += (c_in * t + c_out) * rmax * a * rmax + rb * ra * K
+                stages = [(c_in * rb * a * t * p_in, min(c_in, rb * a * t)), (ra * rb * K * a * t * p_out, min(ra, rb)),
+                          (c_out * ra * a * p_out, min(c_out, ra * a))]
                 acts = n * (rb * a * t * p_in + ra * a * t * p_out + c_out * p_out)
-        rebuild = PathCost(macs=n * weight_numel * p_out + weight_numel * rmax * 2,
-                           activations=n * c_out * p_out + weight_numel, peak=max(n * c_out * p_out, weight_numel))
-        return {"rebuild": rebuild, "contract": PathCost(macs=macs, activations=acts, peak=acts)}
+        per_call = (c_in * t + c_out) * rmax * rmax if tz.layout != "tucker2" else c_in * c_out
+        macs = n * sum(m for m, _ in stages) + per_call
+        work = n * sum(m * pen(c) for m, c in stages) + per_call
+        dense = n * weight_numel * p_out
+        rebuild = PathCost(macs=dense + weight_numel * rmax * 2, activations=n * c_out * p_out + weight_numel,
+                           peak=max(n * c_out * p_out, weight_numel),
+                           work=dense * pen(min(c_in, c_out)) + weight_numel * rmax * 2)
+        return {"rebuild": rebuild, "contract": PathCost(macs=macs, activations=acts, peak=acts, work=work)}
 
     # ------------------------------------------------------------------ from dense
     @classmethod
