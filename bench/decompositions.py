@@ -338,7 +338,7 @@ def decomposition_benchmarks(args, out: list[str]):
                         ("stt", 16, 2, 0, "STT-SVD"),
                         ("stt", 16, 4, 0, "STT-SVD"),
                         ("str", (4, 8, 8, 8, 4), 2, 0, "STR-SVD"),
-                        ("tr", (2, 8, 8, 8, 2), 1, 20, "TR-SVD+20 ALS"),
+                        ("tr", (2, 8, 8, 8, 2), 1, 20, "TR-SVD+ALS n_iter=20 (default n_restarts=3)"),
                     ],
                 },
             ),

@@ -78,7 +78,7 @@ def decompose(
         Refinement sweeps after the SVD fit: HOOI for Tucker/STTu, ALS for TR/STR. TT-SVD is
         quasi-optimal and has none.
     n_restarts : int, default 3
-        ALS restarts from random cores when a run stalls above ``tol``.
+        ALS restarts from random cores when a run stalls above ``tol`` (only with ``tol``).
     svd : {'exact', 'randomized'}
         'randomized' sketches large unfoldings (needs rank or max_params).
     seed : int, default 0
@@ -165,7 +165,8 @@ def decompose(
     else:
         result = str_svd(X, caps, t, tol=tol, svd=svd, generator=generator)
         if n_iter:
-            result = tr_als(X, result, n_iter=n_iter, tol=tol or 0.0, n_restarts=n_restarts,
+            # restarts need a target: without tol a stall cannot be told from convergence
+            result = tr_als(X, result, n_iter=n_iter, tol=tol or 0.0, n_restarts=n_restarts if tol else 0,
                             generator=generator, callback=callback)
     return result
 

@@ -81,7 +81,11 @@ def truncated_svd(
         Ub, S, Vh = torch.linalg.svd(Q.mT @ M, full_matrices=False)
         U = Q @ Ub
     elif method in SVD_METHODS:
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        if n > m:  # LAPACK is several times faster on the tall orientation; same factors
+            V, S, Uh = torch.linalg.svd(M.mT, full_matrices=False)
+            U, Vh = Uh.mT, V.mT
+        else:
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     else:
         raise ValueError(f"unknown svd method {method!r}; valid: {', '.join(SVD_METHODS)}")
     r = cap
