@@ -46,7 +46,7 @@ def build(spec: dict) -> torch.nn.Module:
     if spec["kind"] == "tltorch":
         import tltorch
 
-        return tltorch.FactorizedConv(c, c, 3, padding=1, factorization="tt", rank=spec["rank"],
+        return tltorch.FactorizedConv(c, c, 3, order=2, padding=1, factorization="tt", rank=spec["rank"],
                                       implementation=spec["path"])
     return stpnet.nn.FactorizedConv2d(c, c, 3, padding=1, bias=False, format=spec["format"],
                                       layout=spec["layout"], rank=spec["rank"], t=spec["t"],
@@ -90,9 +90,10 @@ def run(spec: dict) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=measure, args=(spec, queue))
     proc.start()
-    result = queue.get()
     proc.join()
-    return result
+    if proc.exitcode != 0:
+        return {"error": f"exit code {proc.exitcode}"}
+    return queue.get(timeout=10)
 
 
 def main() -> None:
@@ -131,6 +132,9 @@ def main() -> None:
         table = ["| layer | params | fwd MACs | auto path | fwd+bwd auto (ms) | vs dense | rebuild (ms) | "
                  "contract (ms) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
         for label, chosen, res in rows:
+            if "error" in res:
+                table.append(f"| {label} | failed ({res['error']}) | | | | | | | |")
+                continue
             if "auto" in res:
                 auto, reb, con = res["auto"], res["rebuild"], res["contract"]
                 table.append(f"| {label} | {auto['params']:,} | {auto['macs'] / 1e9:.3f} G | {chosen} | "

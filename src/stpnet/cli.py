@@ -257,7 +257,7 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     rows, plot = run_demo(epochs=args.epochs, rank=args.rank, out_dir=args.out_dir, seed=args.seed,
-                          progress=None if args.quiet else sys.stderr)
+                          progress=None if args.quiet else sys.stderr, train_subset=args.train_subset)
     print()
     _print_table(["format", "parameters", "compression", "test accuracy", "training time (s)"],
                  [[r["format"], f"{r['params']:,}", f"{r['compression']:.2f}x", f"{r['accuracy']:.2%}",
@@ -326,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--out-dir", default="stpnet-demo", help="where the plot and logs go")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-subset", type=int, help="train on this many images of the subset (quick checks)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_demo)
     return parser

@@ -1,0 +1,134 @@
+"""End-to-end runs of every CLI subcommand on tiny data, and its error handling."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from stpnet.cli import main
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    """A tiny CIFAR-10 in the official python-version layout (64 train, 40 test images)."""
+    root = tmp_path_factory.mktemp("data") / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 16) for i in range(1, 5)] + [("data_batch_5", 0), ("test_batch", 40)]:
+        n = n or 8
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in "airplane automobile bird cat deer dog frog horse ship truck".split()]}, f)
+    return root
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def dense_run(cifar_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dense")
+    assert run("train", "--model", "resnet20", "--data", cifar_dir, "--epochs", 1, "--batch-size", 32,
+               "--run-dir", run_dir, "--quiet") == 0
+    return run_dir
+
+
+def test_train_dense_and_compressed(dense_run, cifar_dir, tmp_path, capsys):
+    assert (dense_run / "checkpoint.pt").exists() and (dense_run / "metrics.jsonl").exists()
+    report = json.loads((dense_run / "report.json").read_text())
+    assert report["report"]["params"] == 269722
+    assert run("train", "--model", "resnet20", "--data", cifar_dir, "--format", "stt", "--rank", 4, "--epochs", 1,
+               "--batch-size", 32, "--run-dir", tmp_path, "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "resnet20 stt:" in out and "test accuracy" in out
+
+
+def test_eval(dense_run, cifar_dir, capsys):
+    assert run("eval", dense_run / "checkpoint.pt", "--data", cifar_dir) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["test_samples"] == 40 and 0 <= result["test_accuracy"] <= 1
+
+
+def test_compress_hits_the_target(dense_run, cifar_dir, tmp_path, capsys):
+    assert run("compress", dense_run / "checkpoint.pt", "--data", cifar_dir, "--format", "stt", "--compression",
+               4, "--epochs", 1, "--batch-size", 32, "--run-dir", tmp_path, "--quiet") == 0
+    report = json.loads((tmp_path / "report.json").read_text())["report"]
+    assert abs(report["compression"] / 4 - 1) < 0.05
+    assert run("eval", tmp_path / "checkpoint.pt", "--data", cifar_dir) == 0  # rebuilt from the spec
+    assert run("report", tmp_path / "checkpoint.pt", "--latency", 1) == 0
+    out = capsys.readouterr().out
+    assert "| **model** |" in out and "inference latency, batch 1" in out
+
+
+def test_decompose(tmp_path, capsys):
+    X = np.random.default_rng(0).standard_normal((6, 8, 10))
+    np.save(tmp_path / "x.npy", X)
+    assert run("decompose", tmp_path / "x.npy", "--format", "stt", "--rank", 4, "--output", tmp_path / "f.pt") == 0
+    assert "stt" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "f.pt")
+    assert saved["format"] == "stt" and saved["shape"] == (6, 8, 10)
+    torch.save(torch.randn(4, 5, 6), tmp_path / "y.pt")
+    assert run("decompose", tmp_path / "y.pt", "--format", "tucker", "--tol", 0.5) == 0
+
+
+def test_report_of_a_zoo_model(capsys):
+    assert run("report", "lenet5", "--input-shape", "1,1,28,28") == 0
+    assert "61,706" in capsys.readouterr().out
+
+
+def test_demo_small(tmp_path, capsys):
+    assert run("demo", "--epochs", 1, "--train-subset", 64, "--out-dir", tmp_path, "--quiet") == 0
+    out = capsys.readouterr().out
+    for fmt in ("dense", "tt", "stt"):
+        assert f"\n{fmt} " in out
+    assert (tmp_path / "accuracy_vs_compression.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "{tmp}/missing.pt"], "does not exist"),
+    (["eval", "{tmp}/corrupt.pt"], "not readable"),
+    (["train", "--data", "{tmp}/no-such-dir", "--run-dir", "{tmp}/r", "--epochs", "1"], "no-such-dir"),
+    (["decompose", "{tmp}/x.txt", "--format", "tt", "--rank", "2"], "does not exist"),
+    (["compress", "{dense}", "--format", "tt", "--run-dir", "{tmp}/c", "--data", "{data}"], "needs --rank or --compression"),
+])
+def test_errors_give_a_clear_message_and_exit_code(args, message, tmp_path, dense_run, cifar_dir, capsys):
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00garbage")
+    before = (dense_run / "checkpoint.pt").read_bytes()
+    args = [a.format(tmp=tmp_path, dense=dense_run / "checkpoint.pt", data=cifar_dir) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"stpnet {args[0]}: error:") and message in err
+    assert (dense_run / "checkpoint.pt").read_bytes() == before  # nothing written is lost
+
+
+def test_mismatched_checkpoint_and_data(dense_run, tmp_path, capsys):
+    root = tmp_path / "mnist"
+    root.mkdir()
+    import gzip
+    import struct
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + bytes(n * 784))
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + bytes(range(10)) * (n // 10))
+    assert main(["eval", str(dense_run / "checkpoint.pt"), "--data", str(root)]) == 2
+    assert "3 channels" in capsys.readouterr().err
+
+
+def test_help_for_every_subcommand(capsys):
+    for cmd in ("train", "compress", "eval", "decompose", "report", "demo"):
+        with pytest.raises(SystemExit) as info:
+            main([cmd, "--help"])
+        assert info.value.code == 0
+        assert "usage: stpnet " + cmd in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--epochs", "many"])
+    assert info.value.code == 2

@@ -1,0 +1,155 @@
+"""Training loop: schedules, checkpoints, metrics log, and exact resume after a real kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from stpnet.data import ImageDataset
+from stpnet.train import CheckpointError, TrainConfig, Trainer, load_checkpoint, lr_at, read_metrics
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+TINY = textwrap.dedent("""
+    import torch
+    from torch import nn
+    from stpnet.data import ImageDataset
+
+    def tiny_data():
+        g = torch.Generator().manual_seed(5)
+        x = torch.randint(0, 256, (48, 3, 8, 8), generator=g, dtype=torch.uint8)
+        y = torch.arange(48) % 4
+        return ImageDataset(x[:32], y[:32], x[32:], y[32:], ("a", "b", "c", "d"), "tiny")
+
+    def tiny_model():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2),
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4))
+""")
+namespace: dict = {}
+exec(TINY, namespace)
+tiny_data, tiny_model = namespace["tiny_data"], namespace["tiny_model"]
+CONFIG = TrainConfig(epochs=3, batch_size=8, lr=0.05, seed=11, warmup_epochs=0.5)
+
+
+def test_resume_after_a_real_kill_matches_an_uninterrupted_run(tmp_path):
+    uninterrupted = tiny_model()
+    Trainer(uninterrupted, tiny_data(), CONFIG, tmp_path / "a", device="cpu").fit()
+
+    script = tmp_path / "killed.py"
+    script.write_text(TINY + textwrap.dedent(f"""
+        import os, signal
+        from stpnet.train import Trainer, TrainConfig
+        def on_step(epoch, step, steps, loss):
+            if epoch == 1 and step == 2:  # mid-way through the second epoch
+                os.kill(os.getpid(), signal.SIGKILL)
+        config = TrainConfig(epochs=3, batch_size=8, lr=0.05, seed=11, warmup_epochs=0.5)
+        Trainer(tiny_model(), tiny_data(), config, {str(tmp_path / "b")!r}, device="cpu", on_step=on_step).fit()
+    """))
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+
+    resumed = tiny_model()
+    history = Trainer(resumed, tiny_data(), CONFIG, tmp_path / "b", device="cpu").fit()
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    log = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def test_checkpoint_and_metrics_contents(tmp_path):
+    history = Trainer(tiny_model(), tiny_data(), CONFIG, tmp_path, device="cpu", metadata={"k": 1}).fit()
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 3 and state["metadata"] == {"k": 1} and state["step"] == 12
+    assert state["config"]["seed"] == 11
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert history[-1]["test_accuracy"] == json.loads(lines[-1])["test_accuracy"]
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
+    # running again with more epochs continues the same run
+    more = Trainer(tiny_model(), tiny_data(), TrainConfig(**{**CONFIG.to_dict(), "epochs": 4,
+                                                             "milestones": (0.5, 0.75)}), tmp_path, device="cpu").fit()
+    assert [r["epoch"] for r in more] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_other_settings_and_other_models(tmp_path):
+    Trainer(tiny_model(), tiny_data(), TrainConfig(epochs=1, batch_size=8), tmp_path, device="cpu").fit()
+    with pytest.raises(CheckpointError, match=r"other settings \(batch_size: 8 -> 16\)"):
+        Trainer(tiny_model(), tiny_data(), TrainConfig(epochs=2, batch_size=16), tmp_path, device="cpu").fit()
+    other = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        Trainer(other, tiny_data(), TrainConfig(epochs=2, batch_size=8), tmp_path, device="cpu").fit()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not readable"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(epochs=10, lr=0.1, schedule="cosine", warmup_epochs=1)
+    assert lr_at(0, 10, cfg) == pytest.approx(0.01)
+    assert lr_at(9, 10, cfg) == pytest.approx(0.1)
+    assert lr_at(10, 10, cfg) == pytest.approx(0.1)
+    assert lr_at(55, 10, cfg) == pytest.approx(0.05)
+    assert lr_at(100, 10, cfg) == pytest.approx(0.0, abs=1e-12)
+    step = TrainConfig(epochs=10, lr=0.1, schedule="multistep", milestones=(0.5, 0.75), gamma=0.1)
+    assert [lr_at(e * 10, 10, step) for e in (0, 4, 5, 7, 8)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        TrainConfig(schedule="linear")
+
+
+def test_training_learns_a_separable_problem():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = torch.randint(0, 100, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
+    x[y == 1] += 120  # bright class vs dark class
+    data = ImageDataset(x[:48], y[:48], x[48:], y[48:], ("dark", "bright"), "toy")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+    history = Trainer(model, data, TrainConfig(epochs=5, batch_size=16, lr=0.05, augment=False), None,
+                      device="cpu").fit()
+    assert history[-1]["test_accuracy"] == 1.0
+
+
+def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model = tiny_model()
+    history = Trainer(model, tiny_data(), TrainConfig(epochs=2, batch_size=8, seed=3), Path(out_dir) / "run",
+                      device="cpu").fit()
+    torch.save({"state": model.state_dict(), "history": history}, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_torchrun_style_two_process_training_on_cpu(tmp_path):
+    """Two Gloo processes (as torchrun would start them) train one DDP model on sharded batches."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for a, b in zip(r0["state"].values(), r1["state"].values()):
+        assert torch.equal(a, b)  # gradients were averaged across the ranks
+    assert r0["history"][-1]["test_accuracy"] == r1["history"][-1]["test_accuracy"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2  # written once, by rank 0
