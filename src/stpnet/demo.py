@@ -26,7 +26,7 @@ def run_demo(epochs: int | None = None, rank: int = 8, out_dir: str | Path = "st
     Parameters
     ----------
     epochs : int, optional
-        Epochs per model; by default sized so the three runs take about 4 minutes on 2 CPU cores.
+        Epochs per model (default 5: the three runs take about 4 minutes on 2 CPU cores).
     rank : int
         The rank of both TT and STT (sequential layout; factorized layers start fresh).
     out_dir : path
@@ -50,7 +50,7 @@ def run_demo(epochs: int | None = None, rank: int = 8, out_dir: str | Path = "st
     c, h, w = data.train_x.shape[1:]
     base = ModelSpec(DEMO_MODEL, c, data.num_classes)
     dense_params = sum(p.numel() for p in base.build().parameters())
-    epochs = 15 if epochs is None else epochs
+    epochs = 5 if epochs is None else epochs
     out_dir = Path(out_dir)
     rows = []
     for fmt, t in (("dense", None), ("tt", 1), ("stt", 2)):
