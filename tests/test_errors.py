@@ -281,8 +281,8 @@ def test_swap_matrix_sizes():
 @pytest.mark.parametrize(
     "cores,t,msg",
     [
-        ([(1, 4, 3), (2, 5, 2), (2, 6, 1)], 1, r"first core has R_1=3 columns, so core 1 needs R_1/t=3 rows \(t=1\), got 2"),
-        ([(1, 4, 4), (4, 5, 2), (2, 6, 1)], 2, r"first core has R_1=4 columns, so core 1 needs R_1/t=2 rows \(t=2\), got 4"),
+        ([(1, 4, 3), (2, 5, 2), (2, 6, 1)], 1, r"first core has R_1=3, so core 1 needs R_1/t=3 rows \(t=1\), got 2"),
+        ([(1, 4, 4), (4, 5, 2), (2, 6, 1)], 2, r"first core has R_1=4, so core 1 needs R_1/t=2 rows \(t=2\), got 4"),
         ([(1, 4, 3), (3, 5, 2), (3, 6, 1)], 1, r"core 1 ends in rank 2 but core 2 starts with 3"),
         ([(1, 4, 3), (3, 5, 2), (2, 6, 2)], 1, r"first core must have shape \(1, I_1, R_1\) and the last \(R/t, I_N/t, 1\)"),
         ([(2, 4, 3), (3, 5, 2), (2, 6, 1)], 1, r"first core must have shape \(1, I_1, R_1\)"),

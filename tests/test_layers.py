@@ -12,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import stpnet
 from stpnet.nn import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear
 
 COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),

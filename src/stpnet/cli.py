@@ -59,7 +59,7 @@ def _add_training(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _config(args) -> "TrainConfig":
+def _config(args):
     from .train import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,

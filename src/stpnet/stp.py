@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ._arrays import ArrayLike, as_tensor, returns_like
+from ._arrays import ArrayLike, returns_like
 
 __all__ = ["stp", "rstp", "mode_product", "swap_matrix"]
 

@@ -6,14 +6,11 @@ import math
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from .._validate import as_int_sequence, check_positive_int
 from ..functional.reconstruct import tr_to_tensor
-from ..functional.retensorize import first_core_from_classic, first_core_to_classic
 from ._checks import as_core_list, check_rank_multiple, check_shape, check_t_divides
-from .base import FactorizedTensor
-from .tt import TTTensor
+from .chain import CoreTensor
 
 __all__ = ["TRTensor"]
 
@@ -67,7 +64,7 @@ def clip_ring(dims: Sequence[int], caps: Sequence[int]) -> tuple[int, ...]:
     return tuple(r)
 
 
-class TRTensor(FactorizedTensor):
+class TRTensor(CoreTensor):
     """A tensor in TR format (``t = 1``) or STR format (``t > 1``).
 
     ``X[i_1, ..., j*t+u] = sum G_1[a, i_1, b_1*t+u] G_2[b_1, i_2, b_2] ... G_N[b_{N-1}, j, a]``
@@ -89,41 +86,14 @@ class TRTensor(FactorizedTensor):
         cores = as_core_list(cores, "TRTensor")
         if len(cores) < 2:
             raise ValueError(f"TRTensor needs at least 2 cores (a tensor of order >= 2), got {len(cores)}")
-        for k, G in enumerate(cores):
-            if G.ndim != 3:
-                raise ValueError(f"TRTensor: core {k} must be 3-way (r_in, I, r_out), got shape {tuple(G.shape)}")
-        if cores[0].shape[2] != t * cores[1].shape[0]:
-            raise ValueError(
-                f"TRTensor: first core has R_1={cores[0].shape[2]}, so core 1 needs R_1/t="
-                f"{cores[0].shape[2] / t:g} rows (t={t}), got {cores[1].shape[0]}"
-            )
-        for k in range(1, len(cores) - 1):
-            if cores[k].shape[2] != cores[k + 1].shape[0]:
-                raise ValueError(
-                    f"TRTensor: core {k} ends in rank {cores[k].shape[2]} but core {k + 1} starts "
-                    f"with {cores[k + 1].shape[0]}"
-                )
+        self._set_cores(cores, t)
+
+    def _check_boundaries(self, cores: Sequence[torch.Tensor]) -> None:
         if cores[-1].shape[2] != cores[0].shape[0]:
             raise ValueError(
                 f"TRTensor: the last core must close the ring with R_0/t={cores[0].shape[0]}, "
                 f"got {cores[-1].shape[2]}"
             )
-        self.cores = nn.ParameterList([nn.Parameter(G) for G in cores])
-        self._t = t
-
-    @property
-    def factors(self) -> list[torch.Tensor]:
-        return list(self.cores)
-
-    @property
-    def t(self) -> int:
-        return self._t
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        dims = [int(G.shape[1]) for G in self.cores]
-        dims[-1] *= self._t
-        return tuple(dims)
 
     @property
     def rank(self) -> tuple[int, ...]:
@@ -133,24 +103,6 @@ class TRTensor(FactorizedTensor):
     def to_tensor(self) -> torch.Tensor:
         return tr_to_tensor(list(self.cores), self._t)
 
-    def to_classic(self) -> "TRTensor":
-        """The exact TR (t = 1) with ranks R/t of the re-tensorized tensor (see TTTensor.to_classic)."""
-        cores = [G.detach().clone() for G in self.cores]
-        cores[0] = first_core_to_classic(cores[0], self._t)
-        return TRTensor(cores, t=1)
-
-    @classmethod
-    def from_classic(cls, tr: "TRTensor", t: int) -> "TRTensor":
-        """The STR with factor ``t`` whose classic form is ``tr``: inverse of :meth:`to_classic`."""
-        t = check_positive_int(t, "t")
-        if tr.t != 1:
-            raise ValueError(f"from_classic expects a classic TR (t = 1), got t={tr.t}")
-        check_t_divides(t, tr.shape[0], "the first mode of the classic TR")
-        cores = [G.detach().clone() for G in tr.cores]
-        cores[0] = first_core_from_classic(cores[0], t)
-        return cls(cores, t=t)
-
-    classic_shape = staticmethod(TTTensor.classic_shape)
 
     @classmethod
     def validate_rank(

@@ -6,14 +6,13 @@ import math
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from .._validate import as_int_sequence, check_positive_int
 from ..functional.reconstruct import tt_to_tensor
-from ..functional.retensorize import first_core_from_classic, first_core_to_classic
+from ..functional.retensorize import first_core_from_classic
 from ._random import orthonormal
 from ._checks import as_core_list, check_rank_multiple, check_shape, check_t_divides
-from .base import FactorizedTensor
+from .chain import CoreTensor
 
 __all__ = ["TTTensor"]
 
@@ -52,7 +51,7 @@ def _clip_chain(dims: Sequence[int], caps: Sequence[int]) -> tuple[int, ...]:
     return tuple(r)
 
 
-class TTTensor(FactorizedTensor):
+class TTTensor(CoreTensor):
     """A tensor in TT format (``t = 1``) or STT format (``t > 1``).
 
     ``X[i_1, ..., i_{N-1}, j*t+u] = sum_b G_1[i_1, b_1*t+u] G_2[b_1, i_2, b_2] ... G_N[b_{N-1}, j]``
@@ -87,42 +86,14 @@ class TTTensor(FactorizedTensor):
             cores[0] = cores[0].unsqueeze(0)
         if cores[-1].ndim == 2:
             cores[-1] = cores[-1].unsqueeze(-1)
-        for k, G in enumerate(cores):
-            if G.ndim != 3:
-                raise ValueError(f"TTTensor: core {k} must be 3-way (r_in, I, r_out), got shape {tuple(G.shape)}")
+        self._set_cores(cores, t)
+
+    def _check_boundaries(self, cores: Sequence[torch.Tensor]) -> None:
         if cores[0].shape[0] != 1 or cores[-1].shape[2] != 1:
             raise ValueError(
                 "TTTensor: the first core must have shape (1, I_1, R_1) and the last (R/t, I_N/t, 1); "
                 f"got {tuple(cores[0].shape)} and {tuple(cores[-1].shape)}"
             )
-        if cores[0].shape[2] != t * cores[1].shape[0]:
-            raise ValueError(
-                f"TTTensor: first core has R_1={cores[0].shape[2]} columns, so core 1 needs "
-                f"R_1/t={cores[0].shape[2] / t:g} rows (t={t}), got {cores[1].shape[0]}"
-            )
-        for k in range(1, len(cores) - 1):
-            if cores[k].shape[2] != cores[k + 1].shape[0]:
-                raise ValueError(
-                    f"TTTensor: core {k} ends in rank {cores[k].shape[2]} but core {k + 1} starts "
-                    f"with {cores[k + 1].shape[0]}"
-                )
-        self.cores = nn.ParameterList([nn.Parameter(G) for G in cores])
-        self._t = t
-
-    # ----------------------------------------------------------------- structure
-    @property
-    def factors(self) -> list[torch.Tensor]:
-        return list(self.cores)
-
-    @property
-    def t(self) -> int:
-        return self._t
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        dims = [int(G.shape[1]) for G in self.cores]
-        dims[-1] *= self._t
-        return tuple(dims)
 
     @property
     def rank(self) -> tuple[int, ...]:
@@ -132,39 +103,7 @@ class TTTensor(FactorizedTensor):
     def to_tensor(self) -> torch.Tensor:
         return tt_to_tensor(list(self.cores), self._t)
 
-    # ------------------------------------------------------------- conversions
-    def to_classic(self) -> "TTTensor":
-        """The exact TT (t = 1) with ranks R/t of the re-tensorized tensor.
-
-        Its shape is (I_1*t, I_2, ..., I_{N-1}, I_N/t) and its entries are
-        ``X'[(i_1, u), ..., j] = X[i_1, ..., j*t + u]`` (MATH.md section 5).
-        """
-        cores = [G.detach().clone() for G in self.cores]
-        cores[0] = first_core_to_classic(cores[0], self._t)
-        return TTTensor(cores, t=1)
-
-    @classmethod
-    def from_classic(cls, tt: "TTTensor", t: int) -> "TTTensor":
-        """The STT with factor ``t`` whose classic form is ``tt``: inverse of :meth:`to_classic`.
-
-        ``tt`` must be a TT (t = 1) whose first mode size is a multiple of ``t``; the result has
-        shape (I_1/t, I_2, ..., I_N*t) and ranks ``t`` times those of ``tt``.
-        """
-        t = check_positive_int(t, "t")
-        if tt.t != 1:
-            raise ValueError(f"from_classic expects a classic TT (t = 1), got t={tt.t}")
-        check_t_divides(t, tt.shape[0], "the first mode of the classic TT")
-        cores = [G.detach().clone() for G in tt.cores]
-        cores[0] = first_core_from_classic(cores[0], t)
-        return cls(cores, t=t)
-
     # ----------------------------------------------------------- rank algebra
-    @staticmethod
-    def classic_shape(shape: Sequence[int], t: int) -> tuple[int, ...]:
-        """Shape of the re-tensorized tensor: (I_1*t, I_2, ..., I_N/t)."""
-        shape = tuple(shape)
-        return (shape[0] * t, *shape[1:-1], shape[-1] // t)
-
     @classmethod
     def validate_rank(
         cls, shape: Sequence[int], rank: int | Sequence[int], t: int = 1, clip: bool = True

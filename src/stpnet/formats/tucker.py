@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .._validate import check_positive_int, expand_per_item
+from .._validate import expand_per_item
 from ..functional.reconstruct import tucker_to_tensor
 from ._random import orthonormal
 from ._checks import as_core_list, check_shape, check_t_divides

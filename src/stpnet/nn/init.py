@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..formats import FactorizedTensor, TuckerTensor
+from ..formats import FactorizedTensor
 
 __all__ = ["kaiming_std", "rescale_to_std"]
 
@@ -18,15 +18,21 @@ def kaiming_std(fan_in: int, gain: float = math.sqrt(2.0)) -> float:
 
 @torch.no_grad()
 def rescale_to_std(tensor: FactorizedTensor, std: float) -> FactorizedTensor:
-    """Scale one factor so that the reconstructed tensor's root-mean-square is exactly ``std``.
+    """Scale the factors so the reconstructed tensor's root-mean-square is exactly ``std``, with
+    every factor given the same Frobenius norm.
 
     Random factors give the right scale only in expectation (a product of random factors has a
-    wide spread); this makes it exact for every format, rank and t.
+    wide spread); this makes it exact for every format, rank and t. Each factor enters the tensor
+    linearly, so scaling factor k by c_k scales the tensor by prod c_k; equal norms keep the
+    gradients of the factors on one scale (a large core over orthonormal Tucker factors, say,
+    gives the factors gradients large enough to diverge with the usual SGD learning rates).
     """
+    params = list(tensor.parameters())
     rms = float(tensor.to_tensor().pow(2).mean().sqrt())
-    if rms > 0:
-        # the map from any one factor to the tensor is linear; Tucker scales its core so the
-        # factor matrices stay orthonormal
-        target = tensor.core if isinstance(tensor, TuckerTensor) else tensor.factors[0]
-        target.mul_(std / rms)
+    norms = [float(p.norm()) for p in params]
+    if rms == 0 or min(norms) == 0:
+        return tensor
+    log_target = (sum(math.log(n) for n in norms) + math.log(std / rms)) / len(params)
+    for p, n in zip(params, norms):
+        p.mul_(math.exp(log_target) / n)
     return tensor

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+
 
 import torch
 
@@ -141,7 +141,7 @@ class Tensorization:
 
     def tensor_to_weight(self, X: torch.Tensor) -> torch.Tensor:
         """Factorized-tensor layout -> dense weight (C_out, C_in, *kernel)."""
-        d, e = len(self.in_modes), len(self.out_modes)
+        d = len(self.in_modes)
         K = self.kernel_numel
         if self.layout in ("sequential", "ring"):
             X = X.reshape(self.in_features, K, self.out_features)
