@@ -12,9 +12,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .decomposition.ranks import ranks_for_budget
-from .formats import TuckerTensor
-from .nn.base import FactorizedLayer, layer_tensorization
+from .nn.base import FactorizedLayer, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
 from .nn.convert import FACTORIZED_COUNTERPARTS
 
 __all__ = ["LayerReport", "CompressionReport", "compress", "eligible_layers", "model_report"]
@@ -226,18 +224,11 @@ def _plan_ranks(layers: dict[str, nn.Module], format: str, t, layout, n_modes, f
             continue
         cls, tt, tz = layer_tensorization(format, t, layout, c_in, c_out, kernel, None, None, n_modes)
         shape = tz.tensor_shape
-        full = tz.kernel_numel if (cls is TuckerTensor and tz.has_kernel) else None
-        ts = ((tt, tt) + ((1,) if full else ())) if cls is TuckerTensor else tt
-
-        def spec(R, full=full):
-            return (R, R, full) if full else R
-
-        budget = max(1, int(math.prod(shape) / factor))
+        ts = tensor_t(tz, tt)
         try:
-            ranks = ranks_for_budget(cls, shape, ts, budget, rank_of=spec, clip=clip)
+            ranks = ranks_for_compression(cls, tz, ts, factor, clip)
         except ValueError:  # below the smallest ranks: use them
-            step = math.lcm(*ts) if isinstance(ts, tuple) else ts
-            ranks = cls.validate_rank(shape, spec(step), ts, clip=clip)
+            ranks = cls.validate_rank(shape, uniform_rank(tz, tt), ts, clip=clip)
         plan[name] = ranks
         seen[key] = (ranks, cls.param_count(shape, ranks, ts))
         total += seen[key][1] + bias

@@ -11,7 +11,7 @@ from torch import nn
 from .._validate import check_positive_int
 from ..decomposition import decompose
 from ..decomposition.ranks import ranks_for_budget
-from ..formats import FactorizedTensor, TuckerTensor, format_class
+from ..formats import FactorizedTensor, format_class
 from .cost import PathCost, choose
 from .init import kaiming_std, rescale_to_std
 from .tensorize import LAYOUTS, Tensorization, channel_modes, default_layout
@@ -62,6 +62,28 @@ def layer_tensorization(format: str, t: int | None, layout: str | None, c_in: in
     return cls, t, Tensorization(layout, ins, outs, tuple(kernel_size))
 
 
+def tensor_t(tz: Tensorization, t: int) -> int | tuple[int, ...]:
+    """The factorized tensor's t: one int, or per mode for Tucker-2 (the spatial mode has t = 1)."""
+    if tz.layout == "tucker2":
+        return (t, t) + ((1,) if tz.has_kernel else ())
+    return t
+
+
+def uniform_rank(tz: Tensorization, R: int) -> int | tuple[int, ...]:
+    """The rank specification for one rank R (Tucker-2 keeps the spatial mode at full rank)."""
+    if tz.layout == "tucker2" and tz.has_kernel:
+        return (R, R, tz.kernel_numel)
+    return R
+
+
+def ranks_for_compression(cls, tz: Tensorization, t, compression: float, clip: bool = True) -> tuple[int, ...]:
+    """The largest uniform ranks whose weight is at least ``compression`` times smaller than dense."""
+    if not compression > 0:
+        raise ValueError(f"compression must be > 0, got {compression}")
+    budget = max(1, int(math.prod(tz.tensor_shape) / compression))
+    return ranks_for_budget(cls, tz.tensor_shape, t, budget, rank_of=lambda R: uniform_rank(tz, R), clip=clip)
+
+
 class FactorizedLayer(nn.Module):
     """Base of FactorizedLinear and FactorizedConv: owns a factorized weight and a bias.
 
@@ -102,7 +124,7 @@ class FactorizedLayer(nn.Module):
         self.forward_path = forward_path
         if weight is None:
             shape = tz.tensor_shape
-            tt = self._tensor_t(cls, t)
+            tt = tensor_t(tz, t)
             ranks = self._ranks(cls, shape, tt, rank, compression, clip_ranks)
             fan_in = in_features * tz.kernel_numel
             weight = cls.random(shape, ranks, tt, std=kaiming_std(fan_in), dtype=dtype, device=device,
@@ -118,27 +140,13 @@ class FactorizedLayer(nn.Module):
             self.register_parameter("bias", None)
 
     # ------------------------------------------------------------ construction helpers
-    def _tensor_t(self, cls, t: int):
-        if cls is TuckerTensor:
-            return (t, t) + ((1,) if self.tensorization.has_kernel else ())
-        return t
-
-    def _rank_spec(self, R: int):
-        """Rank specification for a uniform rank R (Tucker keeps the spatial mode full)."""
-        if self.tensorization.layout == "tucker2" and self.tensorization.has_kernel:
-            return (R, R, self.tensorization.kernel_numel)
-        return R
-
     def _ranks(self, cls, shape, t, rank, compression, clip: bool) -> tuple[int, ...]:
         if (rank is None) == (compression is None):
             raise ValueError("give exactly one of rank=... or compression=...")
         if compression is not None:
-            if not compression > 0:
-                raise ValueError(f"compression must be > 0, got {compression}")
-            budget = max(1, int(math.prod(shape) / compression))
-            return ranks_for_budget(cls, shape, t, budget, rank_of=self._rank_spec, clip=clip)
+            return ranks_for_compression(cls, self.tensorization, t, compression, clip)
         if isinstance(rank, int) or hasattr(rank, "__index__"):
-            rank = self._rank_spec(check_positive_int(rank, "rank"))
+            rank = uniform_rank(self.tensorization, check_positive_int(rank, "rank"))
         return cls.validate_rank(shape, rank, t, clip=clip)
 
     # ------------------------------------------------------------------- reporting
@@ -207,19 +215,12 @@ class FactorizedLayer(nn.Module):
                                           n_modes)
         X = tz.weight_to_tensor(W.detach())
         shape = tz.tensor_shape
-        full = tz.kernel_numel if (fcls is TuckerTensor and tz.has_kernel) else None
-        tt = ((t, t) + ((1,) if full else ())) if fcls is TuckerTensor else t
-
-        def spec(R):
-            return (R, R, full) if full else R
-
+        tt = tensor_t(tz, t)
         if compression is not None:
-            if not compression > 0:
-                raise ValueError(f"compression must be > 0, got {compression}")
-            rank = ranks_for_budget(fcls, shape, tt, max(1, int(math.prod(shape) / compression)), rank_of=spec)
+            rank = ranks_for_compression(fcls, tz, tt, compression)
         elif rank is not None and (isinstance(rank, int) or hasattr(rank, "__index__")):
-            rank = spec(check_positive_int(rank, "rank"))
-        elif tol is not None and full:
-            rank = (shape[0], shape[1], full)
+            rank = uniform_rank(tz, check_positive_int(rank, "rank"))
+        elif tol is not None and tz.layout == "tucker2" and tz.has_kernel:
+            rank = (shape[0], shape[1], tz.kernel_numel)  # tol truncates the channel modes only
         name = fcls.semi_name if t > 1 else fcls.family
         return decompose(X, name, rank=rank, t=tt, tol=tol, n_iter=n_iter), tz
