@@ -2,7 +2,10 @@
 
 For each network it trains the dense model and Tucker/STTu, TT/STT and TR/STR at matched ranks
 (the semi-tensor formats at t = 2, factorized layers initialised fresh), and reports test
-accuracy, whole-model compression factor and epoch time on this CPU. Results append to a JSON
+accuracy, whole-model compression factor and epoch time on this CPU. Every configuration uses
+the same protocol: SGD (Nesterov 0.9, weight decay 5e-4), lr 0.05 with a cosine schedule, batch
+128, no augmentation, gradients clipped to global norm 5 (without clipping LeNet-5 with every
+hidden layer in Tucker form diverges at this learning rate; see BENCHMARKS.md). Results append to a JSON
 lines file, and finished configurations are skipped, so the script can be stopped and rerun.
 
 Run:  .venv/bin/python bench/fashion_mnist.py --data ../shared/data/fashion-mnist \
@@ -22,7 +25,7 @@ from stpnet.compress import compress, model_report
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
 from stpnet.pipeline import train_spec
-from stpnet.train import TrainConfig
+from stpnet.train import TrainConfig, TrainingDivergedError
 
 CONFIGS = [  # (format, t) at one rank per network
     ("dense", None), ("tucker", 1), ("sttu", 2), ("tt", 1), ("stt", 2), ("tr", 1), ("str", 2),
@@ -34,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/fashion-mnist")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--grad-clip", type=float, default=5.0)
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--networks", nargs="*", default=list(NETWORKS))
     parser.add_argument("--results", default="results/fashion_mnist.jsonl")
@@ -60,22 +64,27 @@ def main() -> None:
                 model, report = compress(model, fmt, rank=rank, t=t, init="random", inplace=True)
                 spec = ModelSpec(net, c, data.num_classes, fmt, t, None, report.ranks)
             config = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.05, weight_decay=5e-4, schedule="cosine",
-                                 augment=False, seed=0, train_subset=args.train_subset)
+                                 augment=False, seed=0, train_subset=args.train_subset, grad_clip=args.grad_clip)
             start = time.perf_counter()
-            model, history = train_spec(spec, data, config, Path(args.runs) / f"{net}-{fmt}", model=model,
-                                        device="cpu")
+            try:
+                model, history = train_spec(spec, data, config, Path(args.runs) / f"{net}-{fmt}", model=model,
+                                            device="cpu")
+                outcome = {"test_accuracy": history[-1]["test_accuracy"],
+                           "epoch_time": sum(r["epoch_time"] for r in history) / len(history)}
+            except TrainingDivergedError as exc:
+                outcome = {"test_accuracy": None, "epoch_time": None, "diverged": str(exc)}
             report = model_report(model, (1, c, h, w), dense_params=dense_params)
             record = {"network": net, "format": fmt, "rank": None if fmt == "dense" else rank, "t": t,
-                      "params": report.params, "compression": report.compression,
-                      "test_accuracy": history[-1]["test_accuracy"], "epochs": args.epochs,
-                      "epoch_time": sum(r["epoch_time"] for r in history) / len(history),
+                      "params": report.params, "compression": report.compression, **outcome,
+                      "epochs": args.epochs, "config": config.to_dict(),
                       "train_samples": args.train_subset or len(data.train_y), "macs": report.macs,
                       "wall": time.perf_counter() - start, "cpu": cpu, "threads": torch.get_num_threads(),
                       "torch": torch.__version__}
             with open(results, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"{net:9s} {fmt:6s} params {report.params:>9,} ({report.compression:6.2f}x) "
-                  f"acc {record['test_accuracy']:.4f} epoch {record['epoch_time']:.1f} s", flush=True)
+            result = ("diverged" if record["test_accuracy"] is None else
+                      f"acc {record['test_accuracy']:.4f} epoch {record['epoch_time']:.1f} s")
+            print(f"{net:9s} {fmt:6s} params {report.params:>9,} ({report.compression:6.2f}x) {result}", flush=True)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ def test_demo_small(tmp_path, capsys):
     (["train", "--data", "{tmp}/no-such-dir", "--run-dir", "{tmp}/r", "--epochs", "1"], "no-such-dir"),
     (["decompose", "{tmp}/x.txt", "--format", "tt", "--rank", "2"], "does not exist"),
     (["compress", "{dense}", "--format", "tt", "--run-dir", "{tmp}/c", "--data", "{data}"], "needs --rank or --compression"),
+    (["train", "--data", "{data}", "--run-dir", "{tmp}/d", "--epochs", "1", "--batch-size", "8", "--lr", "1e30",
+      "--schedule", "constant", "--quiet"],
+     "loss became"),
+    (["train", "--data", "{data}", "--run-dir", "{tmp}/g", "--grad-clip", "0", "--quiet"], "grad_clip must be > 0"),
 ])
 def test_errors_give_a_clear_message_and_exit_code(args, message, tmp_path, dense_run, cifar_dir, capsys):
     (tmp_path / "corrupt.pt").write_bytes(b"\x00garbage")

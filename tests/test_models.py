@@ -154,6 +154,14 @@ def test_models_mapping_is_immutable():
         MODELS["x"] = lenet5  # type: ignore[index]
 
 
+def test_any_wide_resnet_by_name():
+    # WRN-16-2: 16 -> (32, 64, 128) channels, n = 2 blocks per stage
+    assert n_params(build_model("wrn-16-2")) == n_params(wide_resnet(16, 2)) == 691_674
+    assert n_params(build_model("wrn-16-4")) == n_params(wrn_16(4))
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        build_model("wrn-15-2")
+
+
 def test_unknown_name_raises_listing_valid_names():
     with pytest.raises(ValueError, match="resnet20.*lenet5"):
         build_model("resnet18")

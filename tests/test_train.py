@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from stpnet.data import ImageDataset
-from stpnet.train import CheckpointError, TrainConfig, Trainer, load_checkpoint, lr_at, read_metrics
+from stpnet.train import (CheckpointError, TrainConfig, Trainer, TrainingDivergedError, load_checkpoint, lr_at,
+                          read_metrics)
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -125,6 +126,54 @@ def test_training_learns_a_separable_problem():
     history = Trainer(model, data, TrainConfig(epochs=5, batch_size=16, lr=0.05, augment=False), None,
                       device="cpu").fit()
     assert history[-1]["test_accuracy"] == 1.0
+
+
+def _separable_data():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = torch.randint(0, 100, (64, 3, 8, 8), generator=g, dtype=torch.uint8)
+    x[y == 1] += 120
+    return ImageDataset(x[:48], y[:48], x[48:], y[48:], ("dark", "bright"), "toy")
+
+
+@pytest.mark.parametrize("clip", [1e-3, 0.05, None])
+def test_grad_clip_bounds_the_step_to_the_clipped_gradient(clip):
+    data = _separable_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    # the reference gradient of the one full batch, computed independently of the trainer
+    x = (data.train_x.float() / 255 - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(1, -1, 1, 1)
+    nn.functional.cross_entropy(model(x), data.train_y).backward()
+    grad_norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    model.zero_grad()
+    lr = 0.5
+    config = TrainConfig(epochs=1, batch_size=48, lr=lr, momentum=0.0, weight_decay=0.0, schedule="constant",
+                         augment=False, grad_clip=clip)
+    Trainer(model, data, config, None, device="cpu").fit()
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
+    expected = lr * (grad_norm if clip is None else min(clip, grad_norm))
+    assert clip is None or grad_norm > clip  # the clip is active in the clipped cases
+    assert moved == pytest.approx(expected, rel=1e-4)
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    data = _separable_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+    Trainer(model, data, TrainConfig(epochs=1, batch_size=16, lr=0.01, augment=False), tmp_path, device="cpu").fit()
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(TrainingDivergedError, match=r"loss became (nan|inf) at epoch 1, step \d+.*grad_clip"):
+        Trainer(model, data, TrainConfig(epochs=1, batch_size=16, lr=1e30, augment=False), None, device="cpu").fit()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+
+
+def test_config_rejects_bad_values_and_unknown_settings():
+    with pytest.raises(ValueError, match="grad_clip must be > 0"):
+        TrainConfig(grad_clip=-1.0)
+    with pytest.raises(ValueError, match="unknown TrainConfig settings \\['lr_max'\\]"):
+        TrainConfig.from_dict({**TrainConfig().to_dict(), "lr_max": 1.0})
+    assert TrainConfig.from_dict(TrainConfig(grad_clip=2.0).to_dict()) == TrainConfig(grad_clip=2.0)
 
 
 def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:

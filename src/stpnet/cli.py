@@ -52,6 +52,7 @@ def _add_training(p: argparse.ArgumentParser, default_epochs: int) -> None:
     p.add_argument("--schedule", choices=("cosine", "multistep", "constant"), default="cosine")
     p.add_argument("--warmup-epochs", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this value")
     p.add_argument("--no-augment", action="store_true", help="no random crop and flip")
     p.add_argument("--train-subset", type=int, help="train on this many samples")
     p.add_argument("--seed", type=int, default=0)
@@ -64,7 +65,7 @@ def _config(args):
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        nesterov=not args.no_nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
-                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
                        augment=not args.no_augment, seed=args.seed, amp=not args.no_amp,
                        train_subset=args.train_subset)
 
@@ -336,9 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stpnet`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .train import TrainingDivergedError
+
     try:
         return args.run(args)
-    except (ValueError, MemoryError, FileNotFoundError, NotADirectoryError) as exc:
+    except (ValueError, MemoryError, FileNotFoundError, NotADirectoryError, TrainingDivergedError) as exc:
         print(f"stpnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -49,7 +50,8 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, **kwargs
     ----------
     name : str
         One of the keys of :data:`MODELS`: 'resnet20', 'resnet32', 'resnet56', 'wrn-28-10',
-        'wrn-16-4', 'wrn-16-8', 'lenet5'.
+        'wrn-16-4', 'wrn-16-8', 'lenet5'; or any Wide ResNet as 'wrn-<depth>-<k>' (for example
+        'wrn-16-2', 'wrn-40-4'; depth = 6n + 4).
     in_channels : int, default 3
         Channels of the input image.
     num_classes : int, default 10
@@ -69,6 +71,9 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, **kwargs
         refuses an argument.
     """
     builder = MODELS.get(name) if isinstance(name, str) else None
+    wrn = re.fullmatch(r"wrn-(\d+)-(\d+)", name) if isinstance(name, str) else None
+    if builder is None and wrn is not None:
+        builder = partial(wide_resnet, int(wrn[1]), int(wrn[2]))
     if builder is None:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}, or 'wrn-<depth>-<k>'")
     return builder(in_channels=in_channels, num_classes=num_classes, **kwargs)

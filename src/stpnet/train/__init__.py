@@ -3,12 +3,14 @@
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistributedContext, setup_distributed
-from .loop import Trainer, default_device, evaluate, lr_at
+from .loop import Trainer, TrainingDivergedError, amp_dtype, default_device, evaluate, lr_at
 from .metrics import MetricsLog, read_metrics
 
 __all__ = [
     "TrainConfig",
     "Trainer",
+    "TrainingDivergedError",
+    "amp_dtype",
     "evaluate",
     "lr_at",
     "default_device",

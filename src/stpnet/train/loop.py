@@ -17,11 +17,30 @@ from .config import TrainConfig
 from .distributed import DistributedContext, all_reduce_sum, setup_distributed
 from .metrics import MetricsLog
 
-__all__ = ["Trainer", "evaluate", "lr_at", "default_device"]
+__all__ = ["Trainer", "TrainingDivergedError", "amp_dtype", "evaluate", "lr_at", "default_device"]
 
 # settings that must match for a resumed run to continue the same run (epochs may grow)
 _RESUME_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones", "gamma",
-                "warmup_epochs", "label_smoothing", "augment", "seed", "train_subset")
+                "warmup_epochs", "label_smoothing", "grad_clip", "augment", "seed", "train_subset")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the last finished epoch's checkpoint is kept."""
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``device``: bfloat16 where supported (no loss scaling needed), else float16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _grad_scaler(enabled: bool):
+    """A CUDA gradient scaler (float16 autocast); a disabled one passes every call through."""
+    scaler_cls = getattr(torch.amp, "GradScaler", None)
+    if scaler_cls is not None:
+        return scaler_cls("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
 
 
 def default_device() -> torch.device:
@@ -64,7 +83,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, *, b
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         yb = yb.to(device)
-        with torch.autocast(device.type, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
             logits = model(xb)
         totals += torch.tensor([F.cross_entropy(logits.float(), yb, reduction="sum").item(),
                                 (logits.argmax(1) == yb).sum().item(), len(yb)], dtype=torch.float64)
@@ -108,6 +127,7 @@ class Trainer:
         self.on_step, self.on_epoch = on_step, on_epoch
         cuda = self.device.type == "cuda"
         self.amp = config.amp and cuda
+        self.amp_dtype = amp_dtype(self.device)  # float16 gets a GradScaler in fit()
         self.channels_last = config.channels_last and cuda
         self.train_x, self.train_y = data.train_x, data.train_y
         if config.train_subset is not None and config.train_subset < len(self.train_y):
@@ -119,7 +139,7 @@ class Trainer:
     def checkpoint_path(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
 
-    def _restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int, list[dict]]:
+    def _restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler) -> tuple[int, int, list[dict]]:
         path = self.checkpoint_path
         if path is None or not path.exists():
             return 0, 0, []
@@ -136,6 +156,8 @@ class Trainer:
         except RuntimeError as exc:
             raise CheckpointError(f"{path} does not match this model: {str(exc).splitlines()[0]}") from None
         optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         return int(state["epoch"]), int(state["step"]), list(state.get("history", []))
 
     def fit(self) -> list[dict]:
@@ -147,7 +169,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-        start_epoch, step, history = self._restore(model, optimizer)
+        scaler = _grad_scaler(self.amp and self.amp_dtype == torch.float16)
+        start_epoch, step, history = self._restore(model, optimizer, scaler)
         train_model = model
         if ctx.enabled:
             ids = [ctx.local_rank] if self.device.type == "cuda" else None
@@ -179,17 +202,27 @@ class Trainer:
                     lr = lr_at(step, steps_per_epoch, cfg)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    with torch.autocast(self.device.type, enabled=self.amp):
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                         logits = train_model(xb)
                         loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise TrainingDivergedError(
+                            f"the training loss became {loss_value} at epoch {epoch + 1}, step {i + 1} "
+                            f"(lr {lr:.4g}); the checkpoint of the last finished epoch is kept. Lower the "
+                            "learning rate or clip gradients (TrainConfig.grad_clip, --grad-clip)")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    scaler.scale(loss).backward()
+                    if cfg.grad_clip is not None:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
                     step += 1
-                    sums += torch.tensor([loss.item() * len(yb), (logits.argmax(1) == yb).sum().item(), len(yb)],
+                    sums += torch.tensor([loss_value * len(yb), (logits.argmax(1) == yb).sum().item(), len(yb)],
                                          dtype=torch.float64)
                     if self.on_step is not None and ctx.is_main:
-                        self.on_step(epoch, i + 1, steps_per_epoch, loss.item())
+                        self.on_step(epoch, i + 1, steps_per_epoch, loss_value)
             train_time = time.perf_counter() - started
             sums = all_reduce_sum(sums, ctx)
             test = evaluate(model, self.data.test_x, self.data.test_y, mean, std, batch_size=cfg.eval_batch_size,
@@ -202,6 +235,7 @@ class Trainer:
             if ctx.is_main:
                 if self.checkpoint_path is not None:
                     save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                                      "epoch": epoch + 1, "step": step, "history": history,
                                      "config": cfg.to_dict(), "metadata": self.metadata}, self.checkpoint_path)
                 if log is not None:
