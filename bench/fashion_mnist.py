@@ -33,16 +33,38 @@ CONFIGS = [  # (format, t) at one rank per network
 NETWORKS = {"lenet5": 4, "resnet20": 8}  # network -> rank of every factorized layer
 
 
+def results_table(path: Path) -> str:
+    """The markdown table of the results file: one row per network and format."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = ["| network | format | rank | t | params | compression | test accuracy | epoch time (s) | x dense |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        dense = next(d for d in records if d["network"] == r["network"] and d["format"] == "dense")
+        if r["test_accuracy"] is None:
+            acc = speed = ratio = "diverged"
+        else:
+            acc, speed = f"{100 * r['test_accuracy']:.2f}%", f"{r['epoch_time']:.1f}"
+            ratio = f"{r['epoch_time'] / dense['epoch_time']:.2f}"
+        lines.append(f"| {r['network']} | {r['format']} | {r['rank'] or '-'} | {r['t'] or '-'} | {r['params']:,} | "
+                     f"{r['compression']:.2f}x | {acc} | {speed} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/fashion-mnist")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--grad-clip", type=float, default=5.0)
+    parser.add_argument("--grad-clip", type=float, default=5.0, help="global gradient-norm clip; 0 = none")
+    parser.add_argument("--formats", nargs="*", default=[f for f, _ in CONFIGS], help="formats to run")
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--networks", nargs="*", default=list(NETWORKS))
     parser.add_argument("--results", default="results/fashion_mnist.jsonl")
     parser.add_argument("--runs", default="runs/fashion_mnist")
+    parser.add_argument("--report", action="store_true", help="print the markdown table of the results")
     args = parser.parse_args()
+    if args.report:
+        print(results_table(Path(args.results)))
+        return
     data = load_dataset(args.data)
     c, h, w = data.train_x.shape[1:]
     results = Path(args.results)
@@ -55,7 +77,7 @@ def main() -> None:
         rank = NETWORKS[net]
         dense_params = sum(p.numel() for p in ModelSpec(net, c, data.num_classes).build().parameters())
         for fmt, t in CONFIGS:
-            if (net, fmt) in done:
+            if (net, fmt) in done or fmt not in args.formats:
                 continue
             torch.manual_seed(0)
             spec = ModelSpec(net, c, data.num_classes)
@@ -64,7 +86,8 @@ def main() -> None:
                 model, report = compress(model, fmt, rank=rank, t=t, init="random", inplace=True)
                 spec = ModelSpec(net, c, data.num_classes, fmt, t, None, report.ranks)
             config = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.05, weight_decay=5e-4, schedule="cosine",
-                                 augment=False, seed=0, train_subset=args.train_subset, grad_clip=args.grad_clip)
+                                 augment=False, seed=0, train_subset=args.train_subset,
+                                 grad_clip=args.grad_clip or None)
             start = time.perf_counter()
             try:
                 model, history = train_spec(spec, data, config, Path(args.runs) / f"{net}-{fmt}", model=model,

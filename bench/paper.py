@@ -75,7 +75,7 @@ class Protocol:
 PROTOCOLS = {
     "full": Protocol("resnet32", "wrn-28-10", epochs=200, wrn_epochs=200, train_subset=None, lr=0.1,
                      warmup_epochs=0.0),
-    "cpu": Protocol("resnet20", "wrn-16-2", epochs=6, wrn_epochs=3, train_subset=10_000, lr=0.05,
+    "cpu": Protocol("resnet20", "wrn-16-2", epochs=5, wrn_epochs=3, train_subset=10_000, lr=0.05,
                     warmup_epochs=1.0),
 }
 
@@ -151,9 +151,10 @@ def plan(protocol: Protocol, seeds: int, tt_layout: str) -> list[Run]:
     tt14_control = Run(net, "stt", closest_rank(net, "stt", 2, param_count(net, "tt", 14, 1, tt14.layout, cache),
                                                 lay("stt"), cache), 2, 0, "control", lay("stt"))
     headline = [tt14, stt14, controls[stt14], tt14_control]
-    ordered = runs + headline + [g for g in grid if g not in headline] + list(controls.values())
+    ordered = runs + headline
     for seed in range(1, seeds):
         ordered += [replace(r, seed=seed) for r in [runs[0], *headline]]
+    ordered += [g for g in grid if g not in headline] + list(controls.values())
     ordered += [Run(protocol.wrn, "dense", None, None, 0, "wrn"), Run(protocol.wrn, "tr", 16, 1, 0, "wrn"),
                 Run(protocol.wrn, "str", 16, 2, 0, "wrn")]
     unique, seen = [], set()
