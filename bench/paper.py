@@ -296,8 +296,8 @@ def table(rows: list[dict]) -> str:
         net_rows = [r for r in rows if r["network"] == network]
         dense = next((r for r in net_rows if r["format"] == "dense"), None)
         order = {"dense": 0, "tucker": 1, "sttu": 2, "tt": 3, "stt": 4, "tr": 5, "str": 6}
-        net_rows.sort(key=lambda r: (order[r["format"]] // 2 * 2 if r["format"] != "dense" else -1,
-                                     -(r["compression"]), r["format"]))
+        # dense first, then one block per family (Tucker/STTu, TT/STT, TR/STR) by compression
+        net_rows.sort(key=lambda r: ((order[r["format"]] + 1) // 2, r["compression"], r["format"]))
         lines += [f"**{network}** ({net_rows[0]['device']})", "",
                   "| format | rank | t | role | params | compression | top-1 % (mean ± sd, n) | drop vs dense "
                   "| train s/epoch (x dense) | latency b1 ms (x dense) | latency b128 ms (x dense) |",

@@ -65,8 +65,8 @@ def _config(args):
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        nesterov=not args.no_nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
-                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
-                       augment=not args.no_augment, seed=args.seed, amp=not args.no_amp,
+                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+                       grad_clip=args.grad_clip, augment=not args.no_augment, seed=args.seed, amp=not args.no_amp,
                        train_subset=args.train_subset)
 
 
