@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 import stpnet
+from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
 
 try:
     import tensorly as tl
@@ -62,15 +63,6 @@ except ImportError:  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------- helpers
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn):

@@ -27,6 +27,8 @@ from stpnet.model_spec import ModelSpec
 from stpnet.pipeline import train_spec
 from stpnet.train import TrainConfig, TrainingDivergedError
 
+from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
+
 CONFIGS = [  # (format, t) at one rank per network
     ("dense", None), ("tucker", 1), ("sttu", 2), ("tt", 1), ("stt", 2), ("tr", 1), ("str", 2),
 ]
@@ -72,7 +74,7 @@ def main() -> None:
     done = set()
     if results.exists():
         done = {(r["network"], r["format"]) for r in map(json.loads, results.read_text().splitlines())}
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+    cpu = cpu_model()
     for net in args.networks:
         rank = NETWORKS[net]
         dense_params = sum(p.numel() for p in ModelSpec(net, c, data.num_classes).build().parameters())

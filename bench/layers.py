@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
+
 SIZES = [  # (name, channels, batch, spatial)
     ("64->64, batch 128, 32x32", 64, 128, 32),
     ("256->256, batch 32, 32x32", 256, 32, 32),
@@ -108,7 +110,7 @@ def main() -> None:
         have_tltorch = True
     except ImportError:
         have_tltorch = False
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+    cpu = cpu_model()
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu}, "
               f"{platform.python_version()}; median of {repeats} fwd+bwd after {warmup} warm-up")
     print(header)

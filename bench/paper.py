@@ -35,7 +35,6 @@ import argparse
 import fnmatch
 import json
 import math
-import platform
 import shutil
 import statistics
 import time
@@ -51,11 +50,10 @@ from stpnet.models import build_model
 from stpnet.pipeline import inference_latency, train_spec
 from stpnet.train import TrainConfig, TrainingDivergedError
 
+from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
+
 SEMI = {"sttu": "tucker", "stt": "tt", "str": "tr"}  # semi-tensor format -> classic counterpart
 RANKS = (14, 10, 6)
-PAPER = {  # the paper's abstract: compression at about 2% below dense
-    ("resnet", "tt", 14): 3, ("resnet", "stt", 14): 9, ("wrn", "tr", 16): 99, ("wrn", "str", 16): 179,
-}
 
 
 @dataclass(frozen=True)
@@ -119,9 +117,8 @@ def build(run: Run) -> tuple[torch.nn.Module, ModelSpec]:
 def param_count(network: str, fmt: str, rank: int, t: int, layout: str | None, cache: dict) -> int:
     key = (network, fmt, rank, t, layout)
     if key not in cache:
-        model = build_model(network)
-        _, report = compress(model, fmt, rank=rank, t=t, layout=layout, init="random", inplace=True)
-        cache[key] = report.params
+        model, _ = build(Run(network, fmt, rank, t, 0, "size", layout))
+        cache[key] = sum(p.numel() for p in model.parameters())
     return cache[key]
 
 
@@ -221,9 +218,7 @@ def train_one(run: Run, protocol: Protocol, data, args, out: Path, deadline: flo
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-               platform.processor())
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def read_records(path: Path) -> list[dict]:
