@@ -190,3 +190,19 @@ def test_construction_from_factors_with_matrix_boundaries():
     X = stpnet.TTTensor([G1, G2, G3], t=2)
     assert X.shape == (4, 5, 8) and X.rank == (6, 4)
     assert [tuple(G.shape) for G in X.factors] == [(1, 4, 6), (3, 5, 2), (2, 4, 1)]
+
+
+@given(shape=st.lists(st.integers(1, 5), min_size=2, max_size=5), t=st.sampled_from([1, 2, 3]),
+       r=st.integers(1, 4), family=st.sampled_from(["tt", "tr", "tucker"]))
+def test_reconstruction_macs_equal_counted_multiply_adds(shape, t, r, family):
+    """The cost the layers' path choice uses is what ``to_tensor`` really spends (torch's counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape[-1] *= t
+    cls = {"tt": stpnet.TTTensor, "tr": stpnet.TRTensor, "tucker": stpnet.TuckerTensor}[family]
+    if family == "tucker":
+        shape = [s * t for s in shape]
+    X = cls.random(shape, cls.validate_rank(shape, t * r, t), t)
+    with FlopCounterMode(display=False) as counter:
+        X.to_tensor()
+    assert X.reconstruction_macs() == counter.get_total_flops() // 2 > 0

@@ -33,6 +33,10 @@ class FactorizedTensor(nn.Module):
     def to_tensor(self) -> torch.Tensor:
         """Reconstruct the dense tensor (differentiable with respect to the factors)."""
 
+    @abstractmethod
+    def reconstruction_macs(self) -> int:
+        """Multiply-adds :meth:`to_tensor` spends (the cost of rebuilding the dense tensor once)."""
+
     @property
     @abstractmethod
     def factors(self) -> list[torch.Tensor]:

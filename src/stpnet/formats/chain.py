@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .._validate import check_positive_int
+from ..functional.reconstruct import chain_reconstruction_macs
 from ..functional.retensorize import first_core_from_classic, first_core_to_classic
 from ._checks import check_t_divides
 from .base import FactorizedTensor
@@ -48,6 +49,9 @@ class CoreTensor(FactorizedTensor):
     @property
     def factors(self) -> list[torch.Tensor]:
         return list(self.cores)
+
+    def reconstruction_macs(self) -> int:
+        return chain_reconstruction_macs([G.shape for G in self.cores], self._t)
 
     @property
     def t(self) -> int:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._validate import expand_per_item
-from ..functional.reconstruct import tucker_to_tensor
+from ..functional.reconstruct import tucker_reconstruction_macs, tucker_to_tensor
 from ._random import orthonormal
 from ._checks import as_core_list, check_shape, check_t_divides
 from .base import FactorizedTensor
@@ -74,6 +74,9 @@ class TuckerTensor(FactorizedTensor):
 
     def to_tensor(self) -> torch.Tensor:
         return tucker_to_tensor(self.core, list(self.factor_list))
+
+    def reconstruction_macs(self) -> int:
+        return tucker_reconstruction_macs(self.core.shape, [U.shape for U in self.factor_list])
 
     def to_classic(self) -> "TuckerTensor":
         """The same tensor as a classic Tucker, with explicit factors ``U_n ⊗ I_{t_n}``.

@@ -12,7 +12,8 @@ import torch
 from ..stp import _mode_product
 from .retensorize import copy_index_to_last_mode, first_core_to_classic
 
-__all__ = ["tucker_to_tensor", "tt_to_tensor", "tr_to_tensor"]
+__all__ = ["tucker_to_tensor", "tt_to_tensor", "tr_to_tensor", "tucker_reconstruction_macs",
+           "chain_reconstruction_macs"]
 
 
 def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -54,3 +55,35 @@ def tr_to_tensor(cores: Sequence[torch.Tensor], t: int = 1) -> torch.Tensor:
     M = _chain(classic)  # (r0, prod n, r0)
     Xp = torch.einsum("aia->i", M).reshape(shape)
     return copy_index_to_last_mode(Xp, t)
+
+
+def tucker_reconstruction_macs(core_shape: Sequence[int], factor_shapes: Sequence[Sequence[int]]) -> int:
+    """Multiply-adds :func:`tucker_to_tensor` spends: mode ``n`` costs ``J_n`` times the current size.
+
+    ``Y[j*t+u, rest] = sum_p U[j, p] X[p*t+u, rest]`` is ``J * t * rest * P = J * numel(X)``
+    multiply-adds, and leaves ``J * t * rest`` entries.
+    """
+    numel = 1
+    for size in core_shape:
+        numel *= int(size)
+    macs = 0
+    for J, P in factor_shapes:
+        macs += int(J) * numel
+        numel = numel // int(P) * int(J)
+    return macs
+
+
+def chain_reconstruction_macs(core_shapes: Sequence[Sequence[int]], t: int = 1) -> int:
+    """Multiply-adds :func:`tt_to_tensor` or :func:`tr_to_tensor` spends on cores of these shapes.
+
+    The chain is contracted left to right on the classic cores (the first core re-tensorized to
+    ``(a, I*t, R/t)``): step ``k`` multiplies ``(a * n_1 ... n_{k-1}, r_{k-1})`` by
+    ``(r_{k-1}, n_k * r_k)``. A ring (``a = r_0 > 1``) pays ``r_0`` times a train's cost.
+    """
+    a, size, R = (int(v) for v in core_shapes[0])
+    rows = a * size * t
+    macs = 0
+    for r_in, n, r_out in core_shapes[1:]:
+        macs += rows * int(r_in) * int(n) * int(r_out)
+        rows *= int(n)
+    return macs

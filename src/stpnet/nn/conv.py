@@ -182,9 +182,9 @@ class _FactorizedConvNd(FactorizedLayer):
         macs = n * sum(m for m, _ in stages) + per_call
         work = n * sum(m * pen(c) for m, c in stages) + per_call
         dense = n * weight_numel * p_out
-        rebuild = PathCost(macs=dense + weight_numel * rmax * 2, activations=n * c_out * p_out + weight_numel,
-                           peak=max(n * c_out * p_out, weight_numel),
-                           work=dense * pen(min(c_in, c_out)) + weight_numel * rmax * 2)
+        build = w.reconstruction_macs()
+        rebuild = PathCost(macs=dense + build, activations=n * c_out * p_out + weight_numel,
+                           peak=max(n * c_out * p_out, weight_numel), work=dense * pen(min(c_in, c_out)) + build)
         return {"rebuild": rebuild, "contract": PathCost(macs=macs, activations=acts, peak=acts, work=work)}
 
     # ------------------------------------------------------------------ from dense

@@ -117,7 +117,7 @@ class FactorizedLinear(FactorizedLayer):
         t = w.t if isinstance(w.t, int) else w.t[0]
         ranks = [r // t for r in w.rank] if tz.layout != "tucker2" else list(w.rank)
         rmax = max(ranks)
-        rebuild = PathCost(macs=n * c_in * c_out + c_in * c_out * rmax, activations=n * c_out + c_in * c_out,
+        rebuild = PathCost(macs=n * c_in * c_out + w.reconstruction_macs(), activations=n * c_out + c_in * c_out,
                            peak=max(n * c_out, c_in * c_out))
         if tz.layout == "tucker2":
             r_o, r_i = w.rank
