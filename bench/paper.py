@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from stpnet.compress import compress
+from stpnet.compress import compress, decompress
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
 from stpnet.models import build_model
@@ -100,6 +100,7 @@ class Run:
 
 
 LATENCY_FIELDS = ("latency_b1", "latency_b128", "dense_latency_b1", "dense_latency_b128")
+DECOMPRESSED_FIELDS = tuple(f"decompressed_{k}" for k in LATENCY_FIELDS)  # only from the --latency pass
 
 
 def layout_for(fmt: str, tt_layout: str) -> str | None:
@@ -212,19 +213,22 @@ def train_one(run: Run, protocol: Protocol, data, args, out: Path, deadline: flo
             "torch": torch.__version__}
 
 
-def measure_latency(model: torch.nn.Module, dense: torch.nn.Module, rounds: int = 2) -> dict[str, float]:
+def measure_latency(model: torch.nn.Module, dense: torch.nn.Module, rounds: int = 2,
+                    prefix: str = "") -> dict[str, float]:
     """Inference latency of ``model`` and of ``dense`` at batch 1 and 128, measured alternately.
 
     The two are timed in turn ``rounds`` times and the faster time of each is kept (noise on a
-    shared machine only ever adds time), so the ratio compares like with like.
+    shared machine only ever adds time), so the ratio compares like with like. Keys:
+    ``{prefix}latency_b{batch}`` and ``{prefix}dense_latency_b{batch}``.
     """
     latency: dict[str, float] = {}
     for batch in (1, 128):
         shape = (batch, 3, 32, 32)
+        mine_key, ref_key = f"{prefix}latency_b{batch}", f"{prefix}dense_latency_b{batch}"
         for _ in range(rounds):
             mine, ref = inference_latency(model, shape), inference_latency(dense, shape)
-            latency[f"latency_b{batch}"] = min(mine, latency.get(f"latency_b{batch}", math.inf))
-            latency[f"dense_latency_b{batch}"] = min(ref, latency.get(f"dense_latency_b{batch}", math.inf))
+            latency[mine_key] = min(mine, latency.get(mine_key, math.inf))
+            latency[ref_key] = min(ref, latency.get(ref_key, math.inf))
     return latency
 
 
@@ -249,12 +253,17 @@ def latency_pass(args) -> None:
             if run.network not in dense_models:
                 dense_models[run.network] = build_model(run.network).to(device)
             latency = measure_latency(model, dense_models[run.network], rounds=args.latency_rounds)
+            if run.format != "dense":  # the same network after stpnet.decompress (deployed at dense speed)
+                latency.update(measure_latency(decompress(model), dense_models[run.network],
+                                               rounds=args.latency_rounds, prefix="decompressed_"))
             f.write(json.dumps({"name": run.name, **latency, "device": _device_name(device),
                                 "torch": torch.__version__}) + "\n")
             print(f"{run.name:32s} b1 {1e3 * latency['latency_b1']:7.2f} ms "
                   f"({latency['latency_b1'] / latency['dense_latency_b1']:.2f}x dense), "
                   f"b128 {1e3 * latency['latency_b128']:7.1f} ms "
-                  f"({latency['latency_b128'] / latency['dense_latency_b128']:.2f}x)", flush=True)
+                  f"({latency['latency_b128'] / latency['dense_latency_b128']:.2f}x)"
+                  + (f"; decompressed b1 {latency['decompressed_latency_b1'] / latency['decompressed_dense_latency_b1']:.2f}x"
+                     if "decompressed_latency_b1" in latency else ""), flush=True)
 
 
 def _device_name(device: torch.device) -> str:
@@ -306,11 +315,11 @@ def summarize(records: list[dict]) -> list[dict]:
         accs = [r["test_accuracy"] for r in rs if r["test_accuracy"] is not None]
         first = rs[0]
         rows.append({**{k: first[k] for k in ("network", "format", "rank", "t", "role", "params", "compression",
-                                              "latency_b1", "latency_b128", "dense_latency_b1",
-                                              "dense_latency_b128", "epochs")},
+                                              *LATENCY_FIELDS, "epochs")},
                      "accuracy": statistics.mean(accs) if accs else None,
                      "spread": statistics.stdev(accs) if len(accs) > 1 else None,
                      "min": min(accs) if accs else None, "max": max(accs) if accs else None,
+                     **{k: first.get(k) for k in DECOMPRESSED_FIELDS},
                      "seeds": len(accs), "diverged": len(rs) - len(accs),
                      "epoch_time": statistics.median(r["epoch_time"] for r in rs if r.get("epoch_time")),
                      "device": first["device"]})
@@ -327,6 +336,14 @@ def _control_of(row: dict, rows: list[dict]) -> str:
     return f"control of {best['format'].upper()} R{best['rank']}" if best else "control"
 
 
+def _decompressed(row: dict) -> str:
+    """Latency of the network after ``stpnet.decompress``, against dense, at batch 1 and 128."""
+    if row.get("decompressed_latency_b1") is None:
+        return "-"
+    return " / ".join(f"{row[f'decompressed_latency_b{b}'] / row[f'decompressed_dense_latency_b{b}']:.2f}"
+                      for b in (1, 128))
+
+
 def table(rows: list[dict]) -> str:
     lines = []
     for network in dict.fromkeys(r["network"] for r in rows):
@@ -337,8 +354,9 @@ def table(rows: list[dict]) -> str:
         net_rows.sort(key=lambda r: ((order[r["format"]] + 1) // 2, r["compression"], r["format"]))
         lines += [f"**{network}** ({net_rows[0]['device']})", "",
                   "| format | rank | t | role | params | compression | top-1 % (mean ± sd, n) | drop vs dense "
-                  "| train s/epoch (x dense) | latency b1 ms (x dense) | latency b128 ms (x dense) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| train s/epoch (x dense) | latency b1 ms (x dense) | latency b128 ms (x dense) "
+                  "| decompressed b1 / b128 (x dense) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in net_rows:
             if r["accuracy"] is None:
                 acc, drop = "diverged", "-"
@@ -353,7 +371,7 @@ def table(rows: list[dict]) -> str:
                 f"{_control_of(r, net_rows) or r['role']} | {r['params']:,} | {r['compression']:.2f}x | {acc} | "
                 f"{drop} | {r['epoch_time']:.1f}{speed} | {1e3 * r['latency_b1']:.2f} "
                 f"({r['latency_b1'] / r['dense_latency_b1']:.2f}) | {1e3 * r['latency_b128']:.1f} "
-                f"({r['latency_b128'] / r['dense_latency_b128']:.2f}) |")
+                f"({r['latency_b128'] / r['dense_latency_b128']:.2f}) | {_decompressed(r)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -369,7 +387,7 @@ def report(args) -> None:
     for r in records:  # latency is per architecture: the seed-0 re-measurement applies to every seed
         fresh = remeasured.get(replace(Run(**{f.name: r[f.name] for f in fields(Run)}), seed=0).name)
         if fresh:
-            r.update({k: fresh[k] for k in LATENCY_FIELDS})
+            r.update({k: fresh[k] for k in LATENCY_FIELDS + DECOMPRESSED_FIELDS if k in fresh})
     rows = summarize(records)
     protocol = PROTOCOLS[args.budget]
     minutes = sum(r.get("train_time", 0) + r.get("eval_time", 0) for r in records) / 60

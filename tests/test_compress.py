@@ -90,3 +90,20 @@ def test_bad_requests():
         stpnet.compress(model, "tt", rank={"nope": 4})
     with pytest.raises(ValueError, match="no eligible layer"):
         stpnet.compress(nn.Sequential(nn.Conv2d(3, 3, 3), nn.Flatten(), nn.Linear(3, 2)), "tt", rank=2)
+
+
+@pytest.mark.parametrize("fmt,t", [("stt", 2), ("tr", None), ("sttu", 2)])
+def test_decompress_keeps_the_function_and_restores_dense_layers(fmt, t):
+    torch.manual_seed(0)
+    dense_count = sum(p.numel() for p in build_model("resnet20").parameters())
+    small, _ = stpnet.compress(build_model("resnet20"), fmt, rank=6, t=t, init="random")
+    small.eval()
+    x = torch.randn(2, 3, 32, 32)
+    plain = stpnet.decompress(small)
+    assert not any(isinstance(m, FactorizedLayer) for m in plain.modules())
+    assert any(isinstance(m, FactorizedLayer) for m in small.modules())  # the input is left as it was
+    assert sum(p.numel() for p in plain.parameters()) == dense_count
+    with torch.no_grad():
+        assert torch.allclose(plain(x), small(x), rtol=1e-4, atol=1e-5)
+    assert stpnet.decompress(small, inplace=True) is small
+    assert not any(isinstance(m, FactorizedLayer) for m in small.modules())

@@ -293,3 +293,40 @@ def test_from_dense_dispatches_on_layer_type():
     assert isinstance(from_dense(nn.Conv2d(8, 8, 3), "sttu", rank=4), FactorizedConv2d)
     with pytest.raises(ValueError, match="cannot factorize a BatchNorm2d; supported layers: nn.Linear"):
         from_dense(nn.BatchNorm2d(8), "tt", rank=4)
+
+
+DENSE_CASES = [  # (factorized layer, input): every layer kind, bias or not, strides, padding modes
+    (lambda **kw: FactorizedLinear(24, 18, **kw), (5, 24)),
+    (lambda **kw: FactorizedLinear(24, 18, bias=False, **kw), (2, 3, 24)),
+    (lambda **kw: FactorizedConv1d(8, 12, 3, stride=2, padding=1, **kw), (2, 8, 11)),
+    (lambda **kw: FactorizedConv2d(8, 12, 3, stride=(2, 1), padding=1, bias=False, **kw), (2, 8, 9, 8)),
+    (lambda **kw: FactorizedConv2d(8, 12, (3, 2), padding="same", dilation=2, **kw), (2, 8, 7, 6)),
+    (lambda **kw: FactorizedConv2d(8, 12, 3, padding=1, padding_mode="reflect", **kw), (2, 8, 6, 6)),
+    (lambda **kw: FactorizedConv3d(8, 12, 3, padding=1, **kw), (1, 8, 4, 5, 3)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DENSE_CASES)))
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+def test_to_dense_computes_what_the_factorized_layer_computes(fmt, layout, t, case):
+    from stpnet.nn import to_dense
+
+    make, shape = DENSE_CASES[case]
+    torch.manual_seed(3)
+    layer = make(format=fmt, layout=layout, rank=4, t=t, dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64)
+    dense = to_dense(layer)
+    assert type(dense).__name__ == type(layer).__name__.replace("Factorized", "")
+    assert sum(p.numel() for p in dense.parameters()) == layer.dense_params
+    assert dense.weight.dtype == torch.float64 and dense.weight.requires_grad and dense.training
+    assert rel(dense(x), layer(x)) < 1e-12
+    dense(x).sum().backward()  # an ordinary trainable layer
+    assert dense.weight.grad is not None
+
+
+def test_to_dense_rejects_what_it_cannot_convert():
+    from stpnet.nn import to_dense
+
+    with pytest.raises(ValueError, match="cannot convert a Linear to a dense layer; supported layers: "
+                                         "FactorizedLinear, FactorizedConv1d"):
+        to_dense(nn.Linear(3, 4))

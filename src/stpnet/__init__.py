@@ -4,7 +4,7 @@ The semi-tensor formats STTu, STT and STR link their factors with the semi-tenso
 with t = 1 they are Tucker, TT and TR.
 """
 
-from .compress import CompressionReport, compress, model_report
+from .compress import CompressionReport, compress, decompress, model_report
 from .decomposition import InsufficientMemoryError, decompose, relative_error
 from .formats import FORMATS, FactorizedTensor, TRTensor, TTTensor, TuckerTensor
 from .stp import mode_product, rstp, stp, swap_matrix
@@ -19,6 +19,7 @@ __all__ = [
     "swap_matrix",
     "decompose",
     "compress",
+    "decompress",
     "model_report",
     "CompressionReport",
     "relative_error",

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .nn.base import FactorizedLayer, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
-from .nn.convert import FACTORIZED_COUNTERPARTS
+from .nn.convert import FACTORIZED_COUNTERPARTS, to_dense
 
-__all__ = ["LayerReport", "CompressionReport", "compress", "eligible_layers", "model_report"]
+__all__ = ["LayerReport", "CompressionReport", "compress", "decompress", "eligible_layers", "model_report"]
 
 INIT_MODES = ("decompose", "random")
 
@@ -343,6 +343,35 @@ def compress(
             new = _fresh_like(cls, dense, format, plan[name], t, layout, n_modes, forward_path)
         _set_module(model, name, new)
     return model, model_report(model, input_shape, dense_params)
+
+
+def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replace every factorized layer of ``model`` by the dense layer it computes (:func:`stpnet.nn.to_dense`).
+
+    The inverse of :func:`compress` up to the approximation: the outputs stay the same (up to
+    floating-point rounding), the parameter count returns to the dense one. For deployment where
+    storage, not runtime memory, is the constraint: ship the compressed checkpoint, decompress
+    once after loading, and run at dense speed.
+
+    Parameters
+    ----------
+    model : nn.Module
+    inplace : bool, default False
+        Modify ``model`` itself instead of a deep copy.
+
+    Returns
+    -------
+    nn.Module
+        The model with only dense layers.
+    """
+    if isinstance(model, FactorizedLayer):
+        return to_dense(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    names = [name for name, module in model.named_modules() if isinstance(module, FactorizedLayer)]
+    for name in names:
+        _set_module(model, name, to_dense(model.get_submodule(name)))
+    return model
 
 
 def _fresh_like(cls, dense: nn.Module, format, rank, t, layout, n_modes, forward_path) -> FactorizedLayer:

@@ -2,7 +2,7 @@
 
 from .base import FORWARD_PATHS, FactorizedLayer
 from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
-from .convert import from_dense
+from .convert import from_dense, to_dense
 from .cost import PathCost
 from .linear import FactorizedLinear
 from .tensorize import Tensorization, channel_modes, factorize
@@ -14,6 +14,7 @@ __all__ = [
     "FactorizedConv2d",
     "FactorizedConv3d",
     "from_dense",
+    "to_dense",
     "FORWARD_PATHS",
     "PathCost",
     "Tensorization",
