@@ -24,6 +24,7 @@ script stops cleanly after the epoch that crosses ``--time-limit`` minutes.
 
 Run:
     .venv/bin/python bench/paper.py --budget cpu [--time-limit 150]
+    .venv/bin/python bench/paper.py --budget cpu --latency    # re-time inference (also decompressed), quiet
     .venv/bin/python bench/paper.py --budget cpu --report     # table + Pareto plots from the results
     .venv/bin/python bench/paper.py --budget full --only 'resnet32-tt-r14-*' 'resnet32-stt-r14-*' \\
         --epochs 10                                            # a short GPU slice

@@ -80,7 +80,7 @@ def chain_reconstruction_macs(core_shapes: Sequence[Sequence[int]], t: int = 1) 
     ``(a, I*t, R/t)``): step ``k`` multiplies ``(a * n_1 ... n_{k-1}, r_{k-1})`` by
     ``(r_{k-1}, n_k * r_k)``. A ring (``a = r_0 > 1``) pays ``r_0`` times a train's cost.
     """
-    a, size, R = (int(v) for v in core_shapes[0])
+    a, size, _ = (int(v) for v in core_shapes[0])
     rows = a * size * t
     macs = 0
     for r_in, n, r_out in core_shapes[1:]:
