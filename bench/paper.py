@@ -337,12 +337,28 @@ def _control_of(row: dict, rows: list[dict]) -> str:
     return f"control of {best['format'].upper()} R{best['rank']}" if best else "control"
 
 
+def _decompressed_ratio(row: dict, batch: int) -> float | None:
+    """Latency of the network after ``stpnet.decompress`` over the dense latency timed beside it."""
+    if row.get(f"decompressed_latency_b{batch}") is None:
+        return None
+    return row[f"decompressed_latency_b{batch}"] / row[f"decompressed_dense_latency_b{batch}"]
+
+
 def _decompressed(row: dict) -> str:
-    """Latency of the network after ``stpnet.decompress``, against dense, at batch 1 and 128."""
-    if row.get("decompressed_latency_b1") is None:
+    if _decompressed_ratio(row, 1) is None:
         return "-"
-    return " / ".join(f"{row[f'decompressed_latency_b{b}'] / row[f'decompressed_dense_latency_b{b}']:.2f}"
-                      for b in (1, 128))
+    return " / ".join(f"{_decompressed_ratio(row, b):.2f}" for b in (1, 128))
+
+
+def _decompressed_summary(rows: list[dict]) -> str:
+    """Median and range of the decompressed/dense latency ratios over every configuration."""
+    parts = []
+    for batch in (1, 128):
+        ratios = [x for x in (_decompressed_ratio(r, batch) for r in rows) if x is not None]
+        if ratios:
+            parts.append(f"batch {batch}: median {statistics.median(ratios):.2f}x "
+                         f"({min(ratios):.2f}-{max(ratios):.2f}x, {len(ratios)} configurations)")
+    return f"Decompressed networks against dense, {'; '.join(parts)}.\n" if parts else ""
 
 
 def table(rows: list[dict]) -> str:
@@ -396,7 +412,8 @@ def report(args) -> None:
               "best of alternating model/dense timings)" if remeasured else
               "Latency measured after each run, in the sweep's process")
     text = (f"Protocol `{args.budget}`: {json.dumps(asdict(protocol))}; {len(records)} runs, "
-            f"{minutes:.0f} min of training + evaluation in total. {source}.\n\n" + table(rows))
+            f"{minutes:.0f} min of training + evaluation in total. {source}.\n\n" + table(rows)
+            + _decompressed_summary(rows))
     (out / "table.md").write_text(text)
     print(text)
     for network in dict.fromkeys(r["network"] for r in rows):

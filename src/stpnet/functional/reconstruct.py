@@ -5,6 +5,7 @@ Index conventions follow MATH.md: row-major, and a dimension of size P*t splits 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -63,9 +64,7 @@ def tucker_reconstruction_macs(core_shape: Sequence[int], factor_shapes: Sequenc
     ``Y[j*t+u, rest] = sum_p U[j, p] X[p*t+u, rest]`` is ``J * t * rest * P = J * numel(X)``
     multiply-adds, and leaves ``J * t * rest`` entries.
     """
-    numel = 1
-    for size in core_shape:
-        numel *= int(size)
+    numel = math.prod(int(size) for size in core_shape)
     macs = 0
     for J, P in factor_shapes:
         macs += int(J) * numel
