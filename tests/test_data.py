@@ -482,6 +482,20 @@ def test_mean_and_std_per_channel():
     assert len(data.mean) == 3 and all(isinstance(m, float) for m in data.mean)
 
 
+def test_fixed_normalization_overrides_the_measured_statistics():
+    data = _toy_dataset()
+    fixed = data.with_normalization([0.5, 0.4, 0.3], (0.2, 0.25, 0.3))
+    assert fixed.mean == (0.5, 0.4, 0.3) and fixed.std == (0.2, 0.25, 0.3)
+    assert fixed.train_x is data.train_x and data.normalization is None
+    assert fixed.subset(4, 4).mean == (0.5, 0.4, 0.3)  # a subset keeps the model's preprocessing
+    with pytest.raises(ValueError, match="3 values each and every std > 0"):
+        data.with_normalization([0.5, 0.4], [0.2, 0.2])
+    with pytest.raises(ValueError, match="every std > 0"):
+        data.with_normalization([0.5, 0.4, 0.3], [0.2, 0.0, 0.2])
+    with pytest.raises(ValueError, match="normalization must be"):
+        data.with_normalization("abc", None)
+
+
 def test_balanced_and_random_subsets():
     data = _toy_dataset()
     sub = data.subset(12, 8, seed=1)

@@ -17,6 +17,7 @@ from torch import nn
 from stpnet.data import ImageDataset
 from stpnet.train import (CheckpointError, TrainConfig, Trainer, TrainingDivergedError, load_checkpoint, lr_at,
                           read_metrics)
+from stpnet.train.loop import resolve_amp
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -73,7 +74,9 @@ def test_resume_after_a_real_kill_matches_an_uninterrupted_run(tmp_path):
 def test_checkpoint_and_metrics_contents(tmp_path):
     history = Trainer(tiny_model(), tiny_data(), CONFIG, tmp_path, device="cpu", metadata={"k": 1}).fit()
     state = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert state["epoch"] == 3 and state["metadata"] == {"k": 1} and state["step"] == 12
+    assert state["epoch"] == 3 and state["step"] == 12
+    data = tiny_data()
+    assert state["metadata"] == {"k": 1, "preprocessing": {"mean": list(data.mean), "std": list(data.std)}}
     assert state["config"]["seed"] == 11
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
@@ -174,6 +177,41 @@ def test_config_rejects_bad_values_and_unknown_settings():
     with pytest.raises(ValueError, match="unknown TrainConfig settings \\['lr_max'\\]"):
         TrainConfig.from_dict({**TrainConfig().to_dict(), "lr_max": 1.0})
     assert TrainConfig.from_dict(TrainConfig(grad_clip=2.0).to_dict()) == TrainConfig(grad_clip=2.0)
+
+
+def test_amp_modes_and_their_bool_spelling():
+    assert TrainConfig().amp == "auto"
+    assert TrainConfig(amp=True).amp == "auto" and TrainConfig(amp=False).amp == "off"
+    assert TrainConfig.from_dict({**TrainConfig().to_dict(), "amp": False}).amp == "off"  # older checkpoints
+    with pytest.raises(ValueError, match="amp must be one of \\('auto', 'bf16', 'fp16', 'off'\\)"):
+        TrainConfig(amp="fp8")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cuda) is None
+    assert resolve_amp("bf16", cpu) == torch.bfloat16 and resolve_amp("fp16", cpu) == torch.float16
+
+
+def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
+    """amp='bf16' autocasts on the CPU (the conv runs in bfloat16) and channels_last applies there too;
+    the run trains, records the preprocessing it used, and resumes to the same weights."""
+    config = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=2, amp="bf16", channels_last=True)
+    seen = []
+    model = tiny_model()
+    model[0].register_forward_hook(lambda mod, inp, out: seen.append((inp[0].is_contiguous(
+        memory_format=torch.channels_last), out.dtype)))
+    trainer = Trainer(model, tiny_data(), config, tmp_path / "run", device="cpu")
+    history = trainer.fit()
+    assert seen and all(cl and dtype == torch.bfloat16 for cl, dtype in seen)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(history) == 2 and all(0 <= r["test_accuracy"] <= 1 for r in history)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    data = tiny_data()
+    assert state["metadata"]["preprocessing"] == {"mean": list(data.mean), "std": list(data.std)}
+    assert state["config"]["amp"] == "bf16"
+    # the same run in float32 differs (autocast really changed the arithmetic)
+    plain = tiny_model()
+    Trainer(plain, tiny_data(), TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=2, amp="off"), device="cpu").fit()
+    assert not torch.equal(plain[0].weight, model[0].weight)
 
 
 def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:

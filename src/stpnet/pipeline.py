@@ -16,7 +16,7 @@ from .data import ImageDataset
 from .model_spec import ModelSpec
 from .train import CheckpointError, TrainConfig, Trainer, load_checkpoint
 
-__all__ = ["train_spec", "load_trained", "compress_trained", "inference_latency"]
+__all__ = ["train_spec", "load_trained", "normalized_like", "compress_trained", "inference_latency"]
 
 
 def train_spec(spec: ModelSpec, data: ImageDataset, config: TrainConfig, run_dir=None, *, model: nn.Module | None = None,
@@ -35,13 +35,36 @@ def train_spec(spec: ModelSpec, data: ImageDataset, config: TrainConfig, run_dir
 
 
 def load_trained(path: str | Path, device="cpu") -> tuple[nn.Module, ModelSpec, dict]:
-    """Rebuild and load the model of a checkpoint written by :func:`train_spec`.
+    """Rebuild and load the model of a checkpoint written by :func:`train_spec`, or a shipped network.
+
+    Parameters
+    ----------
+    path : path or str
+        A ``checkpoint.pt``, or the name of a shipped network (:func:`stpnet.models.pretrained_names`,
+        e.g. ``'resnet20-cifar10'``) when no file of that name exists.
+
+    Returns
+    -------
+    (model, spec, state)
+        ``state`` is the checkpoint dict; for a shipped network it holds ``'card'`` (the
+        :class:`~stpnet.models.ModelCard` as a dict) and ``'metadata'`` with the spec.
 
     Raises
     ------
     CheckpointError
         If the file is not an stpnet checkpoint, holds no model spec, or does not fit it.
     """
+    from .models import pretrained, pretrained_names
+
+    if not Path(path).exists():
+        if str(path) in pretrained_names():
+            model, card = pretrained(str(path), device=device)
+            spec = ModelSpec(card.architecture, card.in_channels, card.num_classes)
+            metadata = {"spec": spec.to_dict(), "source": card.name,
+                        "preprocessing": {"mean": list(card.mean), "std": list(card.std)}}
+            return model, spec, {"card": card.to_dict(), "metadata": metadata}
+        raise CheckpointError(f"checkpoint {path} does not exist, and it is not the name of a shipped network "
+                              f"({', '.join(pretrained_names()) or 'none shipped'})")
     state = load_checkpoint(path, map_location=device)
     meta = state.get("metadata", {})
     if "spec" not in meta:
@@ -53,6 +76,15 @@ def load_trained(path: str | Path, device="cpu") -> tuple[nn.Module, ModelSpec, 
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match its model spec: {str(exc).splitlines()[0]}") from None
     return model.to(device), spec, state
+
+
+def normalized_like(data: ImageDataset, state: dict) -> ImageDataset:
+    """``data`` preprocessed as the model of checkpoint ``state`` was trained (its recorded mean and
+    std); unchanged for checkpoints that record none."""
+    pre = state.get("metadata", {}).get("preprocessing")
+    if not pre:
+        return data
+    return data.with_normalization(pre["mean"], pre["std"])
 
 
 def compress_trained(model: nn.Module, spec: ModelSpec, format: str, *, rank=None, compression=None, t=None,

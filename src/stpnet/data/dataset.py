@@ -40,6 +40,10 @@ class ImageDataset:
         Class names; label ``k`` is ``classes[k]``.
     name : str
         A short name such as ``"cifar10"``.
+    normalization : tuple of (mean, std), optional
+        Fixed per-channel preprocessing in [0, 1] scale, for a model trained elsewhere (its
+        checkpoint or card records it); by default :attr:`mean` and :attr:`std` are measured on
+        this dataset's training images. See :meth:`with_normalization`.
 
     Raises
     ------
@@ -53,6 +57,7 @@ class ImageDataset:
     test_y: torch.Tensor
     classes: tuple[str, ...]
     name: str
+    normalization: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None
 
     def __post_init__(self) -> None:
         _check_split(self.train_x, self.train_y, "train")
@@ -68,6 +73,17 @@ class ImageDataset:
             raise ValueError(f"classes must be a non-empty tuple of str, got {self.classes!r}")
         if not isinstance(self.name, str):
             raise ValueError(f"name must be a str, got {self.name!r}")
+        if self.normalization is not None:
+            c = self.train_x.shape[1]
+            try:
+                mean, std = (tuple(float(v) for v in part) for part in self.normalization)
+            except (TypeError, ValueError):
+                raise ValueError(f"normalization must be (mean, std) with {c} floats each, got "
+                                 f"{self.normalization!r}") from None
+            if len(mean) != c or len(std) != c or not all(v > 0 for v in std):
+                raise ValueError(f"normalization must be (mean, std) with {c} values each and every std > 0, "
+                                 f"got {self.normalization!r}")
+            object.__setattr__(self, "normalization", (mean, std))
         k = len(self.classes)
         for split, y in (("train", self.train_y), ("test", self.test_y)):
             lo, hi = int(y.min()), int(y.max())
@@ -103,13 +119,19 @@ class ImageDataset:
 
     @property
     def mean(self) -> tuple[float, ...]:
-        """Per-channel mean of the training images in [0, 1] scale, as a tuple of float."""
-        return self._moments[0]
+        """Per-channel mean in [0, 1] scale: the fixed ``normalization``, else the training images' mean."""
+        return self.normalization[0] if self.normalization is not None else self._moments[0]
 
     @property
     def std(self) -> tuple[float, ...]:
-        """Per-channel (population) standard deviation of the training images in [0, 1] scale."""
-        return self._moments[1]
+        """Per-channel std in [0, 1] scale: the fixed ``normalization``, else the training images'
+        (population) standard deviation."""
+        return self.normalization[1] if self.normalization is not None else self._moments[1]
+
+    def with_normalization(self, mean, std) -> "ImageDataset":
+        """The same images, preprocessed with a fixed ``mean`` and ``std`` (one float per channel)
+        instead of this dataset's own statistics: evaluate or fine-tune a model the way it was trained."""
+        return dataclasses.replace(self, normalization=(mean, std))
 
     def subset(
         self,

@@ -1,4 +1,5 @@
-"""Model zoo: CIFAR ResNets, Wide ResNets and LeNet-5, built by name with :func:`build_model`."""
+"""Model zoo: CIFAR ResNets, Wide ResNets and LeNet-5, built by name with :func:`build_model`, and
+trained reference networks shipped with the package, loaded by name with :func:`pretrained`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from .lenet import LeNet5, lenet5
+from .pretrained import ModelCard, PretrainedError, model_card, pretrained, pretrained_names
 from .resnet_cifar import ResNetCIFAR, resnet20, resnet32, resnet56, resnet_cifar
 from .wide_resnet import WideResNet, wide_resnet, wrn_16, wrn_28_10
 
@@ -27,6 +29,11 @@ __all__ = [
     "ResNetCIFAR",
     "WideResNet",
     "LeNet5",
+    "pretrained",
+    "pretrained_names",
+    "model_card",
+    "ModelCard",
+    "PretrainedError",
 ]
 
 #: Read-only mapping of model name -> builder ``f(in_channels=..., num_classes=..., **kwargs)``.

@@ -3,7 +3,7 @@
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistributedContext, setup_distributed
-from .loop import Trainer, TrainingDivergedError, amp_dtype, default_device, evaluate, lr_at
+from .loop import Trainer, TrainingDivergedError, amp_dtype, default_device, evaluate, lr_at, resolve_amp
 from .metrics import MetricsLog, read_metrics
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "Trainer",
     "TrainingDivergedError",
     "amp_dtype",
+    "resolve_amp",
     "evaluate",
     "lr_at",
     "default_device",

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 __all__ = ["TrainConfig"]
 
 SCHEDULES = ("cosine", "multistep", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,15 @@ class TrainConfig:
     seed : int
         Seeds the model-independent randomness: data order, augmentation and dropout, per epoch,
         so that a resumed run matches an uninterrupted one.
-    amp, channels_last : bool
-        Mixed precision (bfloat16/float16 autocast) and NHWC layout; used on CUDA only.
+    amp : {'auto', 'bf16', 'fp16', 'off'}
+        Mixed precision. ``'auto'`` autocasts on CUDA only (bfloat16 where the GPU supports it,
+        else float16 with loss scaling); ``'bf16'`` autocasts to bfloat16 on any device, which on
+        CPUs with AMX or AVX512-BF16 roughly halves a ResNet training step (BENCHMARKS.md) and on
+        CPUs without them is slower than float32; ``'fp16'`` float16 autocast (with loss scaling
+        on CUDA); ``'off'`` full float32. ``True``/``False`` are read as ``'auto'``/``'off'``.
+    channels_last : bool
+        NHWC memory layout for 4-D inputs and weights, on every device (faster for CIFAR
+        ResNets on CPU and GPU; BENCHMARKS.md).
     train_subset : int, optional
         Train on the first ``train_subset`` samples of a fixed random permutation.
     """
@@ -53,13 +61,17 @@ class TrainConfig:
     grad_clip: float | None = None
     augment: bool = True
     seed: int = 0
-    amp: bool = True
+    amp: str = "auto"
     channels_last: bool = True
     eval_batch_size: int = 500
     train_subset: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.amp, bool):  # settings written before the modes existed
+            object.__setattr__(self, "amp", "auto" if self.amp else "off")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES} (or a bool), got {self.amp!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("epochs", "batch_size", "eval_batch_size"):

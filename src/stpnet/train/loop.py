@@ -17,7 +17,7 @@ from .config import TrainConfig
 from .distributed import DistributedContext, all_reduce_sum, setup_distributed
 from .metrics import MetricsLog
 
-__all__ = ["Trainer", "TrainingDivergedError", "amp_dtype", "evaluate", "lr_at", "default_device"]
+__all__ = ["Trainer", "TrainingDivergedError", "amp_dtype", "resolve_amp", "evaluate", "lr_at", "default_device"]
 
 # settings that must match for a resumed run to continue the same run (epochs may grow)
 _RESUME_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones", "gamma",
@@ -33,6 +33,17 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that :class:`TrainConfig` ``amp`` mode asks for on ``device``, or None for float32.
+
+    ``'auto'`` is mixed precision on CUDA only (:func:`amp_dtype`); ``'bf16'`` and ``'fp16'`` apply on
+    every device; ``'off'`` never.
+    """
+    if mode == "auto":
+        return amp_dtype(device) if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 
 def _grad_scaler(enabled: bool):
@@ -64,6 +75,11 @@ def lr_at(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
     return config.lr
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """NHWC layout for image batches; other ranks (1-D signals, volumes) are left as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
 def _seed(config: TrainConfig, epoch: int, stream: int) -> int:
     return (config.seed * 1_000_003 + epoch * 7919 + stream) % (2**63 - 1)
 
@@ -71,19 +87,23 @@ def _seed(config: TrainConfig, epoch: int, stream: int) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mean, std, *, batch_size: int = 500,
              device: torch.device | None = None, ctx: DistributedContext = DistributedContext(),
-             amp: bool = False, channels_last: bool = False) -> dict[str, float]:
-    """Loss and top-1 accuracy of ``model`` on uint8 images ``x`` with labels ``y``."""
+             amp: bool | torch.dtype = False, channels_last: bool = False) -> dict[str, float]:
+    """Loss and top-1 accuracy of ``model`` on uint8 images ``x`` with labels ``y``.
+
+    ``amp`` is False (float32), True (:func:`amp_dtype` of the device) or an autocast dtype.
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
+    dtype = amp if isinstance(amp, torch.dtype) else amp_dtype(device)
     totals = torch.zeros(3, dtype=torch.float64)
     for xb, yb in iterate_batches(x, y, batch_size, shuffle=False, seed=0, epoch=0, rank=ctx.rank,
                                   world_size=ctx.world_size):
         xb = normalize(xb, mean, std).to(device)
         if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
+            xb = _channels_last(xb)
         yb = yb.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp is not False):
             logits = model(xb)
         totals += torch.tensor([F.cross_entropy(logits.float(), yb, reduction="sum").item(),
                                 (logits.argmax(1) == yb).sum().item(), len(yb)], dtype=torch.float64)
@@ -124,11 +144,13 @@ class Trainer:
         self.config = config
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.metadata = dict(metadata or {})
+        # the preprocessing travels with the weights, so eval and compress normalize the same way
+        self.metadata.setdefault("preprocessing", {"mean": list(data.mean), "std": list(data.std)})
         self.on_step, self.on_epoch = on_step, on_epoch
-        cuda = self.device.type == "cuda"
-        self.amp = config.amp and cuda
-        self.amp_dtype = amp_dtype(self.device)  # float16 gets a GradScaler in fit()
-        self.channels_last = config.channels_last and cuda
+        autocast = resolve_amp(config.amp, self.device)
+        self.amp = autocast is not None
+        self.amp_dtype = autocast or torch.float32  # float16 on CUDA gets a GradScaler in fit()
+        self.channels_last = config.channels_last
         self.train_x, self.train_y = data.train_x, data.train_y
         if config.train_subset is not None and config.train_subset < len(self.train_y):
             perm = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(config.seed))
@@ -169,7 +191,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-        scaler = _grad_scaler(self.amp and self.amp_dtype == torch.float16)
+        scaler = _grad_scaler(self.amp and self.amp_dtype == torch.float16 and self.device.type == "cuda")
         start_epoch, step, history = self._restore(model, optimizer, scaler)
         train_model = model
         if ctx.enabled:
@@ -197,7 +219,7 @@ class Trainer:
                         xb = random_hflip(random_crop(xb, 4, generator=gen), generator=gen)
                     xb = normalize(xb, mean, std).to(self.device, non_blocking=True)
                     if self.channels_last:
-                        xb = xb.contiguous(memory_format=torch.channels_last)
+                        xb = _channels_last(xb)
                     yb = yb.to(self.device, non_blocking=True)
                     lr = lr_at(step, steps_per_epoch, cfg)
                     for group in optimizer.param_groups:
@@ -226,7 +248,8 @@ class Trainer:
             train_time = time.perf_counter() - started
             sums = all_reduce_sum(sums, ctx)
             test = evaluate(model, self.data.test_x, self.data.test_y, mean, std, batch_size=cfg.eval_batch_size,
-                            device=self.device, ctx=ctx, amp=self.amp, channels_last=self.channels_last)
+                            device=self.device, ctx=ctx, amp=self.amp_dtype if self.amp else False,
+                            channels_last=self.channels_last)
             record = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[2]),
                       "train_accuracy": float(sums[1] / sums[2]), "test_loss": test["loss"],
                       "test_accuracy": test["accuracy"], "lr": lr_at(step - 1, steps_per_epoch, cfg),

@@ -1,0 +1,1 @@
+"""Package data: the trained reference networks (``<name>.pt`` weights and ``<name>.json`` cards)."""
