@@ -57,6 +57,25 @@ def test_eval(dense_run, cifar_dir, capsys):
     assert result["test_samples"] == 40 and 0 <= result["test_accuracy"] <= 1
 
 
+def test_eval_of_nan_weights_prints_valid_json(dense_run, cifar_dir, tmp_path, capsys):
+    from stpnet.train import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(dense_run / "checkpoint.pt")
+    state["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in state["model"].items()}
+    save_checkpoint(state, tmp_path / "nan.pt")
+    assert run("eval", tmp_path / "nan.pt", "--data", cifar_dir) == 0
+    text = capsys.readouterr().out
+    result = json.loads(text, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert result["test_loss"] is None and "NaN" not in text
+
+
+def test_nan_learning_rate_is_refused_before_training(cifar_dir, tmp_path, capsys):
+    assert run("train", "--model", "lenet5", "--data", cifar_dir, "--epochs", 1, "--lr", "nan",
+               "--run-dir", tmp_path / "r", "--quiet") == 2
+    assert "lr must be a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
 def test_compress_hits_the_target(dense_run, cifar_dir, tmp_path, capsys):
     assert run("compress", dense_run / "checkpoint.pt", "--data", cifar_dir, "--format", "stt", "--compression",
                4, "--epochs", 1, "--batch-size", 32, "--run-dir", tmp_path, "--quiet") == 0

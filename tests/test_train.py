@@ -171,6 +171,61 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_p
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
 
 
+def test_a_nan_from_the_last_step_of_an_epoch_is_caught_before_the_checkpoint(tmp_path):
+    """One batch per epoch: the loss of that step is finite, the update it makes is not."""
+    data = _separable_data()
+    torch.manual_seed(0)
+    model = _NaNGradient()
+    config = TrainConfig(epochs=2, batch_size=len(data.train_y), lr=0.01, augment=False)
+    with pytest.raises(TrainingDivergedError, match=r"\(root\) became NaN or infinite during epoch 1 "):
+        Trainer(model, data, config, tmp_path, device="cpu").fit()
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+class _NaNGradient(nn.Module):
+    """Finite outputs and loss, but d/d(root) of 0 * sqrt(root) at root = 0 is 0 * inf = NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(192, 2)
+        self.root = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) + 0 * torch.sqrt(self.root)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", float("nan"), "lr must be a finite number > 0"),
+    ("lr", float("inf"), "lr must be a finite number > 0"),
+    ("lr", 0.0, "lr must be a finite number > 0"),
+    ("momentum", float("nan"), "momentum must be a finite number >= 0"),
+    ("weight_decay", -1e-4, "weight_decay must be a finite number >= 0"),
+    ("warmup_epochs", float("inf"), "warmup_epochs must be a finite number >= 0"),
+])
+def test_config_rejects_non_finite_numbers(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_a_checkpoint_that_runs_code_is_refused_and_the_code_does_not_run(tmp_path):
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": _Payload(str(marker))}, evil)
+    with pytest.raises(CheckpointError, match="was refused.*may be unsafe"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling this runs a shell command (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def test_config_rejects_bad_values_and_unknown_settings():
     with pytest.raises(ValueError, match="grad_clip must be > 0"):
         TrainConfig(grad_clip=-1.0)

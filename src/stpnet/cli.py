@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,11 @@ def _load_data(spec: str):
     from .data import load_dataset
 
     return load_dataset(spec)
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: such a value is written as null."""
+    return value if math.isfinite(value) else None
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -184,8 +190,9 @@ def _cmd_eval(args) -> int:
     data = normalized_like(data, state)
     result = evaluate(model, data.test_x, data.test_y, data.mean, data.std, batch_size=args.batch_size, device=device)
     print(json.dumps({"checkpoint": str(args.checkpoint), "model": spec.name, "format": spec.format,
-                      "test_accuracy": result["accuracy"], "test_loss": result["loss"],
-                      "test_samples": len(data.test_y)}))
+                      "test_accuracy": _finite_or_none(result["accuracy"]),
+                      "test_loss": _finite_or_none(result["loss"]), "test_samples": len(data.test_y)},
+                     allow_nan=False))
     return 0
 
 

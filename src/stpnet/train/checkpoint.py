@@ -38,6 +38,9 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
+    Only tensors and plain Python containers and scalars are unpickled (``weights_only=True``):
+    a file holding any other object is refused before anything in it runs.
+
     Raises
     ------
     CheckpointError
@@ -47,9 +50,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: tensors and plain containers only, so a crafted pickle cannot run code
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean an unreadable file
-        raise CheckpointError(f"checkpoint {path} is not readable ({type(exc).__name__}: {exc})") from None
+        text = str(exc)
+        unsafe = next((line.strip() for line in text.splitlines() if "GLOBAL" in line.upper()), None)
+        if unsafe is not None:
+            raise CheckpointError(f"checkpoint {path} was refused: it holds objects other than tensors and plain "
+                                  f"data, which stpnet never writes, and loading them could run code; it may be "
+                                  f"unsafe ({unsafe})") from None
+        detail = type(exc).__name__
+        if text and not text.startswith("Weights only load failed"):  # torch's long generic advice
+            detail += f": {text.splitlines()[0]}"
+        raise CheckpointError(f"checkpoint {path} is not readable ({detail})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not an stpnet checkpoint (no 'model' entry)")
     return state

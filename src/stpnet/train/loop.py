@@ -80,6 +80,12 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
+def _non_finite(model: nn.Module) -> list[str]:
+    """Names of the model's parameters and floating buffers holding a NaN or infinity."""
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    return [name for name, t in tensors if not bool(torch.isfinite(t).all())]
+
+
 def _seed(config: TrainConfig, epoch: int, stream: int) -> int:
     return (config.seed * 1_000_003 + epoch * 7919 + stream) % (2**63 - 1)
 
@@ -254,6 +260,13 @@ class Trainer:
                       "train_accuracy": float(sums[1] / sums[2]), "test_loss": test["loss"],
                       "test_accuracy": test["accuracy"], "lr": lr_at(step - 1, steps_per_epoch, cfg),
                       "epoch_time": train_time, "eval_time": time.perf_counter() - started - train_time}
+            bad = _non_finite(model)
+            if bad:
+                raise TrainingDivergedError(
+                    f"{len(bad)} parameter or buffer tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
+                    f"became NaN or infinite during epoch {epoch + 1} (lr {record['lr']:.4g}); the checkpoint of "
+                    "the last finite epoch is kept. Lower the learning rate or clip gradients "
+                    "(TrainConfig.grad_clip, --grad-clip)")
             history.append(record)
             if ctx.is_main:
                 if self.checkpoint_path is not None:
