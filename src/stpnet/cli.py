@@ -8,6 +8,7 @@ stderr and exit with status 2; checkpoints are written atomically, so nothing wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -41,12 +42,12 @@ def _add_factorization(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--layout", choices=("sequential", "paired", "ring", "tucker2"), help="tensorization layout")
 
 
-def _add_training(p: argparse.ArgumentParser, default_epochs: int) -> None:
+def _add_training(p: argparse.ArgumentParser, default_epochs: int, default_lr: float = 0.1) -> None:
     p.add_argument("--run-dir", required=True, help="folder for checkpoint.pt, metrics.jsonl and report.json; "
                                                     "an existing checkpoint there is resumed")
     p.add_argument("--epochs", type=int, default=default_epochs)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=default_lr, help=f"peak learning rate (default {default_lr})")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov")
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -105,14 +106,17 @@ def _print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> No
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
-def _train_loop(args, spec, data, model=None, extra=None):
+def _train_loop(args, spec, data, model=None, extra=None, teacher=None):
     from .pipeline import train_spec
 
     config = _config(args)
+    if teacher is not None:
+        config = dataclasses.replace(config, distill_alpha=args.distill_alpha,
+                                     distill_temperature=args.distill_temperature)
     bar = None if args.quiet else ProgressBar(config.epochs)
     model, history = train_spec(spec, data, config, args.run_dir, model=model, device=_device(args.device),
                                 on_step=bar.step if bar else None, on_epoch=bar.epoch if bar else None,
-                                extra_metadata=extra)
+                                extra_metadata=extra, teacher=teacher)
     return model, history
 
 
@@ -148,7 +152,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_compress(args) -> int:
-    from .pipeline import compress_trained, load_trained, normalized_like
+    from .pipeline import calibration_images, compress_trained, load_trained, normalized_like
 
     model, spec, state = load_trained(args.checkpoint)
     data = _load_data(args.data)
@@ -159,17 +163,41 @@ def _cmd_compress(args) -> int:
     if args.rank is None and args.compression is None:
         raise ValueError("compress needs --rank or --compression")
     data = normalized_like(data, state)
+    allocation, fit_steps, bn = args.allocation, args.fit_steps, args.bn_recalibrate
+    if args.recover:  # the recommended recovery, each part overridable
+        allocation = "weight" if allocation is None else allocation
+        fit_steps = 30 if fit_steps is None else fit_steps
+        bn = True
+    allocation = allocation or "uniform"
+    if allocation != "uniform" and args.compression is None:
+        raise ValueError(f"--allocation {allocation} shares a --compression target among the layers; give "
+                         "--compression instead of --rank")
+    fit_steps = fit_steps or 0
+    calibration = calibration_images(data, args.calibration_images, args.seed) if (
+        fit_steps or bn or allocation == "activation") else None
     small, new_spec, report = compress_trained(model, spec, args.format, rank=args.rank,
                                                compression=args.compression, t=args.t, layout=args.layout,
-                                               n_iter=args.n_iter, input_shape=(1, c, h, w))
+                                               n_iter=args.n_iter, input_shape=(1, c, h, w), allocation=allocation,
+                                               calibration=calibration, fit_steps=fit_steps, recalibrate_bn=bn)
     print(report.to_markdown())
+    made = {"source": str(args.checkpoint), "format": args.format, "compression_target": args.compression,
+            "rank": args.rank, "t": args.t, "allocation": allocation, "fit_steps": fit_steps,
+            "bn_recalibrated": bn, "calibration_images": None if calibration is None else int(calibration.shape[0]),
+            "distill": bool(args.distill), "distill_alpha": args.distill_alpha if args.distill else 0.0,
+            "distill_temperature": args.distill_temperature, "fine_tune_epochs": args.epochs}
+    if args.distill and args.epochs == 0:
+        raise ValueError("--distill fine-tunes with the dense network as teacher; give --epochs N > 0")
     history = []
     if args.epochs > 0:
-        small, history = _train_loop(args, new_spec, data, small, extra={"source": str(args.checkpoint)})
+        small, history = _train_loop(args, new_spec, data, small, extra={"source": str(args.checkpoint),
+                                                                        "made_by": made},
+                                     teacher=model if args.distill else None)
     else:
         from .train import save_checkpoint
 
-        save_checkpoint({"model": small.state_dict(), "epoch": 0, "metadata": {"spec": new_spec.to_dict()}},
+        save_checkpoint({"model": small.state_dict(), "epoch": 0,
+                         "metadata": {"spec": new_spec.to_dict(), "source": str(args.checkpoint), "made_by": made,
+                                      "preprocessing": {"mean": list(data.mean), "std": list(data.std)}}},
                         Path(args.run_dir) / "checkpoint.pt")
     _save_report(args.run_dir, report, history)
     acc = f", test accuracy {history[-1]['test_accuracy']:.2%}" if history else ""
@@ -303,7 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_factorization(p, required=True)
     p.add_argument("--n-iter", type=int, default=0, help="refinement sweeps (HOOI / ALS) of the fit")
-    _add_training(p, default_epochs=5)
+    rec = p.add_argument_group("recovery", "keep the trained network's accuracy (--recover turns on the "
+                               "recommended set: --allocation weight --fit-steps 30 --bn-recalibrate)")
+    rec.add_argument("--recover", action="store_true", help="allocate ranks, fit to activations, recalibrate BN")
+    rec.add_argument("--allocation", choices=("uniform", "weight", "activation"), default=None,
+                     help="how --compression is shared among layers (default uniform; weight with --recover)")
+    rec.add_argument("--fit-steps", type=int, default=None,
+                     help="L-BFGS iterations per layer fitting the dense activations (default 0; 30 with --recover)")
+    rec.add_argument("--bn-recalibrate", action="store_true", help="re-estimate BatchNorm statistics")
+    rec.add_argument("--calibration-images", type=int, default=512,
+                     help="training images for the data-aware steps (default 512)")
+    rec.add_argument("--distill", action="store_true", help="fine-tune with the dense network as teacher")
+    rec.add_argument("--distill-alpha", type=float, default=0.9, help="weight of the distillation term (default 0.9)")
+    rec.add_argument("--distill-temperature", type=float, default=4.0, help="softening temperature (default 4)")
+    _add_training(p, default_epochs=5, default_lr=0.01)
     p.set_defaults(run=_cmd_compress)
 
     p = sub.add_parser("eval", help="test accuracy of a checkpoint", description="Evaluate a checkpoint.")

@@ -4,16 +4,20 @@ factorized ones, choose ranks for a target size, and report parameters and FLOPs
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import math
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .nn.base import FactorizedLayer, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
 from .nn.convert import FACTORIZED_COUNTERPARTS, to_dense
+
+if TYPE_CHECKING:
+    from .recovery import FitReport
 
 __all__ = ["LayerReport", "CompressionReport", "compress", "decompress", "eligible_layers", "model_report"]
 
@@ -52,6 +56,9 @@ class CompressionReport:
     dense_params: int
     params: int
     input_shape: tuple[int, ...] | None
+    allocation: str | None = None
+    fit: "FitReport | None" = None
+    bn_recalibrated: bool = False
 
     @property
     def compression(self) -> float:
@@ -76,21 +83,39 @@ class CompressionReport:
         return {"layers": [asdict(r) | {"compression": r.compression} for r in self.layers],
                 "dense_params": self.dense_params, "params": self.params, "compression": self.compression,
                 "dense_macs": self.dense_macs, "macs": self.macs,
-                "input_shape": list(self.input_shape) if self.input_shape else None}
+                "input_shape": list(self.input_shape) if self.input_shape else None,
+                "allocation": self.allocation, "fit": self.fit.to_dict() if self.fit is not None else None,
+                "bn_recalibrated": self.bn_recalibrated}
 
     def to_markdown(self) -> str:
         """A table: one row per Conv/Linear layer, then the whole-model totals."""
         def macs(v):
             return "-" if v is None else f"{v / 1e6:.2f}M"
-        lines = ["| layer | type | format | rank | t | params | dense params | compression | MACs | dense MACs |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+        fits = {f.name: f for f in self.fit.layers} if self.fit is not None else {}
+        fit_cols = " fit error (before -> after) |" if fits else ""
+        lines = ["| layer | type | format | rank | t | params | dense params | compression | MACs | dense MACs |"
+                 + fit_cols, "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if fits else "")]
         for r in self.layers:
             rank = "-" if r.rank is None else ",".join(map(str, r.rank))
-            lines.append(f"| {r.name} | {r.kind} | {r.format} | {rank} | {r.t if r.t is not None else '-'} | "
-                         f"{r.params:,} | {r.dense_params:,} | {r.compression:.2f}x | {macs(r.macs)} | "
-                         f"{macs(r.dense_macs)} |")
+            row = (f"| {r.name} | {r.kind} | {r.format} | {rank} | {r.t if r.t is not None else '-'} | "
+                   f"{r.params:,} | {r.dense_params:,} | {r.compression:.2f}x | {macs(r.macs)} | "
+                   f"{macs(r.dense_macs)} |")
+            if fits:
+                f = fits.get(r.name)
+                row += f" {f.error_before:.3f} -> {f.error_after:.3f} |" if f else " - |"
+            lines.append(row)
         lines.append(f"| **model** | | | | | **{self.params:,}** | **{self.dense_params:,}** | "
-                     f"**{self.compression:.2f}x** | {macs(self.macs)} | {macs(self.dense_macs)} |")
+                     f"**{self.compression:.2f}x** | {macs(self.macs)} | {macs(self.dense_macs)} |"
+                     + (" |" if fits else ""))
+        notes = []
+        if self.allocation:
+            notes.append(f"rank allocation: {self.allocation}")
+        if self.fit is not None:
+            notes.append(f"fitted to the dense activations on {self.fit.images} calibration inputs")
+        if self.bn_recalibrated:
+            notes.append("BatchNorm statistics re-estimated")
+        if notes:
+            lines.append("\n" + "; ".join(notes))
         return "\n".join(lines)
 
 
@@ -259,6 +284,10 @@ def compress(
     forward_path: str = "auto",
     input_shape: Sequence[int] | None = None,
     inplace: bool = False,
+    allocation: str = "uniform",
+    calibration: torch.Tensor | None = None,
+    fit_steps: int = 0,
+    recalibrate_bn: bool = False,
 ) -> tuple[nn.Module, CompressionReport]:
     """Replace the eligible Conv/Linear layers of ``model`` with factorized layers.
 
@@ -292,25 +321,60 @@ def compress(
         One input's shape (batch 1) for the FLOPs columns of the report.
     inplace : bool, default False
         Modify ``model`` itself rather than a deep copy.
+    allocation : {'uniform', 'weight', 'activation'}
+        How ``compression`` is shared among the layers. ``'uniform'``: every layer gets the same
+        weight compression. ``'weight'`` / ``'activation'``: per-layer ranks that minimise the
+        largest normalised weight / output error (:func:`stpnet.recovery.allocate_ranks`;
+        ``'activation'`` needs ``calibration``). Needs ``init='decompose'``.
+    calibration : torch.Tensor, optional
+        A few hundred preprocessed training inputs (no augmentation) for the data-aware steps.
+    fit_steps : int
+        If > 0, refine every factorized layer for this many L-BFGS iterations to reproduce the
+        dense network's activations on ``calibration``, layer by layer in execution order
+        (:func:`stpnet.recovery.fit_to_activations`); 30 is a good value.
+    recalibrate_bn : bool
+        Re-estimate BatchNorm running statistics on ``calibration`` at the end
+        (:func:`stpnet.recovery.recalibrate_batchnorm`).
 
     Returns
     -------
     (nn.Module, CompressionReport)
+        The report records the allocation and, when fitted, each layer's output error before
+        and after the fit.
 
     Raises
     ------
     ValueError
-        For an unknown format or init, no eligible layer, or not exactly one of rank/compression.
+        For an unknown format, init or allocation, no eligible layer, not exactly one of
+        rank/compression, or a data-aware step without ``calibration``.
     """
+    from .recovery import allocate_ranks, fit_to_activations, recalibrate_batchnorm
+    from .recovery.allocate import CRITERIA
+
     if (rank is None) == (compression is None):
         raise ValueError("give exactly one of rank=... or compression=...")
     if init not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
     if compression is not None and not compression > 1:
         raise ValueError(f"compression is a factor and must be > 1, got {compression}")
+    if allocation not in ("uniform", *CRITERIA):
+        raise ValueError(f"allocation must be one of {('uniform', *CRITERIA)}, got {allocation!r}")
+    if allocation != "uniform" and (compression is None or init != "decompose"):
+        raise ValueError(f"allocation={allocation!r} shares a compression target among trained layers; it needs "
+                         "compression=... and init='decompose'")
+    if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0:
+        raise ValueError(f"fit_steps must be an int >= 0, got {fit_steps!r}")
+    needs_data = [what for what, on in (("fit_steps > 0", fit_steps > 0), ("recalibrate_bn", recalibrate_bn),
+                                        ("allocation='activation'", allocation == "activation")) if on]
+    if needs_data and calibration is None:
+        raise ValueError(f"{' and '.join(needs_data)} need calibration inputs (calibration=a few hundred "
+                         "preprocessed training images)")
     dense_params = sum(p.numel() for p in model.parameters())
+    reference = model
     if not inplace:
         model = copy.deepcopy(model)
+    elif fit_steps > 0:
+        reference = copy.deepcopy(model)  # the dense activations to fit to
     if isinstance(rank, Mapping):
         names = list(rank)
         for name in names:
@@ -328,7 +392,10 @@ def compress(
                          "first convolution and classifier (see include=/keep_first_conv=)")
     layers = {n: model.get_submodule(n) for n in names}
     clip = init == "decompose"
-    if compression is not None:
+    if compression is not None and allocation != "uniform":
+        plan = allocate_ranks(model, format, compression, t=t, layout=layout, n_modes=n_modes, criterion=allocation,
+                              images=calibration, layers=names).ranks
+    elif compression is not None:
         plan = _rank_plan_for_target(model, layers, dense_params, format, t, layout, n_modes, compression, clip)
     elif isinstance(rank, Mapping):
         plan = {n: tuple(r) if isinstance(r, (list, tuple)) else r for n, r in rank.items()}
@@ -342,7 +409,14 @@ def compress(
         else:
             new = _fresh_like(cls, dense, format, plan[name], t, layout, n_modes, forward_path)
         _set_module(model, name, new)
-    return model, model_report(model, input_shape, dense_params)
+    fit = None
+    if fit_steps > 0:
+        fit = fit_to_activations(model, reference, calibration, steps=fit_steps)
+    if recalibrate_bn:
+        recalibrate_batchnorm(model, calibration)
+    report = model_report(model, input_shape, dense_params)
+    return model, dataclasses.replace(report, allocation=allocation if compression is not None else None, fit=fit,
+                                      bn_recalibrated=recalibrate_bn)
 
 
 def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:

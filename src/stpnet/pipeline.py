@@ -12,25 +12,27 @@ import torch
 from torch import nn
 
 from .compress import CompressionReport, compress
-from .data import ImageDataset
+from .data import ImageDataset, normalize
 from .model_spec import ModelSpec
 from .train import CheckpointError, TrainConfig, Trainer, load_checkpoint
 
-__all__ = ["train_spec", "load_trained", "normalized_like", "compress_trained", "inference_latency"]
+__all__ = ["train_spec", "load_trained", "normalized_like", "calibration_images", "compress_trained",
+           "inference_latency"]
 
 
 def train_spec(spec: ModelSpec, data: ImageDataset, config: TrainConfig, run_dir=None, *, model: nn.Module | None = None,
                device=None, on_step: Callable | None = None, on_epoch: Callable | None = None,
-               extra_metadata: dict | None = None) -> tuple[nn.Module, list[dict]]:
+               extra_metadata: dict | None = None, teacher: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
     """Build ``spec`` (or take ``model``, whose architecture ``spec`` describes) and train it.
 
     The checkpoint's metadata records the spec, so :func:`load_trained` can rebuild the model.
+    ``teacher`` distils into the model when ``config.distill_alpha > 0``.
     """
     torch.manual_seed(config.seed)
     model = spec.build() if model is None else model
     metadata = {"spec": spec.to_dict(), **(extra_metadata or {})}
     trainer = Trainer(model, data, config, run_dir, device=device, metadata=metadata, on_step=on_step,
-                      on_epoch=on_epoch)
+                      on_epoch=on_epoch, teacher=teacher)
     return model, trainer.fit()
 
 
@@ -87,14 +89,27 @@ def normalized_like(data: ImageDataset, state: dict) -> ImageDataset:
     return data.with_normalization(pre["mean"], pre["std"])
 
 
+def calibration_images(data: ImageDataset, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` training images drawn at random (fixed by ``seed``), without augmentation, preprocessed
+    with ``data``'s mean and std: the calibration batch of the recovery steps."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"the calibration batch needs an int >= 2 images, got {n!r}")
+    n = min(n, len(data.train_y))
+    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return normalize(data.train_x[idx], data.mean, data.std)
+
+
 def compress_trained(model: nn.Module, spec: ModelSpec, format: str, *, rank=None, compression=None, t=None,
-                     layout=None, n_iter: int = 0, input_shape: Sequence[int] | None = None
-                     ) -> tuple[nn.Module, ModelSpec, CompressionReport]:
-    """Compress a trained dense zoo model through the decompositions; return it, its spec and report."""
+                     layout=None, n_iter: int = 0, input_shape: Sequence[int] | None = None,
+                     allocation: str = "uniform", calibration: torch.Tensor | None = None, fit_steps: int = 0,
+                     recalibrate_bn: bool = False) -> tuple[nn.Module, ModelSpec, CompressionReport]:
+    """Compress a trained dense zoo model through the decompositions (and the recovery steps of
+    :func:`stpnet.compress`); return it, its spec and report."""
     if spec.format != "dense":
         raise ValueError(f"the model is already compressed ({spec.format}); compress a dense checkpoint")
     small, report = compress(model, format, rank=rank, compression=compression, t=t, layout=layout, init="decompose",
-                             n_iter=n_iter, input_shape=input_shape)
+                             n_iter=n_iter, input_shape=input_shape, allocation=allocation, calibration=calibration,
+                             fit_steps=fit_steps, recalibrate_bn=recalibrate_bn)
     new_spec = ModelSpec(spec.name, spec.in_channels, spec.num_classes, format, t, layout, report.ranks)
     return small, new_spec, report
 

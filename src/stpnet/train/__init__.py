@@ -2,6 +2,7 @@
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distill import distillation_loss
 from .distributed import DistributedContext, setup_distributed
 from .loop import Trainer, TrainingDivergedError, amp_dtype, default_device, evaluate, lr_at, resolve_amp
 from .metrics import MetricsLog, read_metrics
@@ -13,6 +14,7 @@ __all__ = [
     "amp_dtype",
     "resolve_amp",
     "evaluate",
+    "distillation_loss",
     "lr_at",
     "default_device",
     "CheckpointError",

@@ -46,6 +46,10 @@ class TrainConfig:
         ResNets on CPU and GPU; BENCHMARKS.md).
     train_subset : int, optional
         Train on the first ``train_subset`` samples of a fixed random permutation.
+    distill_alpha, distill_temperature : float
+        Knowledge distillation from a teacher network given to the :class:`Trainer`: the loss is
+        ``(1 - alpha) * CE + alpha * T^2 * KL`` (:func:`stpnet.train.distillation_loss`);
+        ``alpha = 0`` (default) trains on the labels alone.
     """
 
     epochs: int = 10
@@ -66,6 +70,8 @@ class TrainConfig:
     channels_last: bool = True
     eval_batch_size: int = 500
     train_subset: int | None = None
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -86,6 +92,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 (or None for no clipping), got {self.grad_clip}")
+        if not (isinstance(self.distill_alpha, (int, float)) and 0 <= self.distill_alpha <= 1):
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if not (isinstance(self.distill_temperature, (int, float)) and math.isfinite(self.distill_temperature)
+                and self.distill_temperature > 0):
+            raise ValueError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

@@ -14,6 +14,7 @@ from torch import nn
 from ..data import ImageDataset, iterate_batches, normalize, random_crop, random_hflip
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distill import distillation_loss
 from .distributed import DistributedContext, all_reduce_sum, setup_distributed
 from .metrics import MetricsLog
 
@@ -21,7 +22,8 @@ __all__ = ["Trainer", "TrainingDivergedError", "amp_dtype", "resolve_amp", "eval
 
 # settings that must match for a resumed run to continue the same run (epochs may grow)
 _RESUME_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones", "gamma",
-                "warmup_epochs", "label_smoothing", "grad_clip", "augment", "seed", "train_subset")
+                "warmup_epochs", "label_smoothing", "grad_clip", "augment", "seed", "train_subset", "distill_alpha",
+                "distill_temperature")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -138,12 +140,16 @@ class Trainer:
         ``on_step(epoch, step, steps_per_epoch, loss)`` after each optimizer step (progress bars).
     on_epoch : callable, optional
         ``on_epoch(record)`` after each epoch with its metrics record.
+    teacher : nn.Module, optional
+        A trained network over the same classes (for example the dense network a compressed one
+        came from), run in eval mode without gradients on each batch; with
+        ``config.distill_alpha > 0`` the loss distils its predictions.
     """
 
     def __init__(self, model: nn.Module, data: ImageDataset, config: TrainConfig, run_dir=None, *,
                  device: torch.device | str | None = None, metadata: dict[str, Any] | None = None,
                  on_step: Callable[[int, int, int, float], None] | None = None,
-                 on_epoch: Callable[[dict], None] | None = None):
+                 on_epoch: Callable[[dict], None] | None = None, teacher: nn.Module | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device)
         self.data = data
@@ -153,6 +159,11 @@ class Trainer:
         # the preprocessing travels with the weights, so eval and compress normalize the same way
         self.metadata.setdefault("preprocessing", {"mean": list(data.mean), "std": list(data.std)})
         self.on_step, self.on_epoch = on_step, on_epoch
+        if config.distill_alpha > 0 and teacher is None:
+            raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher network (Trainer(teacher=...))")
+        self.teacher = None
+        if teacher is not None and config.distill_alpha > 0:
+            self.teacher = teacher.to(self.device).eval()
         autocast = resolve_amp(config.amp, self.device)
         self.amp = autocast is not None
         self.amp_dtype = autocast or torch.float32  # float16 on CUDA gets a GradScaler in fit()
@@ -195,6 +206,8 @@ class Trainer:
         model = self.model
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
         scaler = _grad_scaler(self.amp and self.amp_dtype == torch.float16 and self.device.type == "cuda")
@@ -232,7 +245,14 @@ class Trainer:
                         group["lr"] = lr
                     with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                         logits = train_model(xb)
-                        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                        if self.teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = self.teacher(xb)
+                            loss = distillation_loss(logits, teacher_logits, yb, alpha=cfg.distill_alpha,
+                                                     temperature=cfg.distill_temperature,
+                                                     label_smoothing=cfg.label_smoothing)
+                        else:
+                            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
                         raise TrainingDivergedError(

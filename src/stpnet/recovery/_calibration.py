@@ -1,0 +1,34 @@
+"""Checks and batching shared by the calibration steps (BatchNorm, fitting, allocation)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def check_images(images: object, name: str = "images") -> None:
+    """A non-empty floating tensor with a batch dimension (the model's preprocessed inputs)."""
+    if not isinstance(images, torch.Tensor) or images.ndim < 2 or images.shape[0] == 0:
+        got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name} must be a non-empty batch of preprocessed inputs (N x C x ...), got {got}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} must be floating point (normalized inputs, e.g. stpnet.data.normalize(x, mean, "
+                         f"std)), got {images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def iterate_images(images: torch.Tensor, batch_size: int, model: nn.Module) -> Iterator[torch.Tensor]:
+    """Consecutive batches of ``images`` on the model's device and in its floating dtype."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else images.device
+    dtype = param.dtype if param is not None and param.is_floating_point() else images.dtype
+    for start in range(0, images.shape[0], batch_size):
+        yield images[start:start + batch_size].to(device=device, dtype=dtype)

@@ -1,0 +1,297 @@
+"""Rank allocation: per-layer ranks that meet a whole-model parameter target with the least error.
+
+Layers differ in how much a given compression costs them: a 16-channel convolution loses far more
+of its weight at 9x than a 64-channel one, and a layer whose inputs span few directions loses
+little output. The allocation measures, for every layer and every candidate rank, the normalised
+approximation error of the decomposition at that rank, then spends the parameter budget greedily
+where it removes the most error per parameter (the convex-hull greedy for a multiple-choice
+knapsack). The per-layer error is either the weight error ``||W - W_R||^2 / ||W||^2``
+(``criterion='weight'``) or the output error on calibration inputs ``x``,
+``||(W - W_R) x||^2 / ||W x||^2`` (``criterion='activation'``), computed from the inputs' Gram
+matrix without storing them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.base import FactorizedLayer, layer_tensorization, tensor_t, uniform_rank
+from ._calibration import check_images, iterate_images
+
+__all__ = ["RankAllocation", "allocate_ranks", "CRITERIA", "OBJECTIVES"]
+
+CRITERIA = ("weight", "activation")
+OBJECTIVES = ("max", "sum")
+
+
+@dataclass(frozen=True)
+class RankAllocation:
+    """Chosen ranks per layer with their parameter counts and normalised errors."""
+
+    ranks: dict[str, tuple[int, ...]]
+    layer_params: dict[str, int]
+    layer_errors: dict[str, float]
+    params: int
+    dense_params: int
+    criterion: str
+
+    @property
+    def compression(self) -> float:
+        """Whole-model compression factor of the allocation."""
+        return self.dense_params / self.params
+
+
+def _candidate_ranks(step: int, largest: int) -> list[int]:
+    """Every multiple of ``step`` up to 32 steps, then about 5% apart, up to ``largest``."""
+    out, R = [], step
+    while R <= largest:
+        out.append(R)
+        R = R + step if R < 32 * step else max(R + step, int(math.ceil(R * 1.05 / step)) * step)
+    return out
+
+
+def _unfold_gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``sum over samples and positions of u u^T`` for the layer's input patches ``u``."""
+    x = x.double()
+    if isinstance(layer, nn.Linear):
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.T @ flat
+    dims = len(layer.kernel_size)
+    if dims != 2:  # Conv1d/3d: treat each position's patch through an equivalent 2-D view
+        if dims == 1:
+            x = x.unsqueeze(-1)
+            kernel, stride, dilation = (layer.kernel_size[0], 1), (layer.stride[0], 1), (layer.dilation[0], 1)
+            padding = (layer.padding[0], 0) if not isinstance(layer.padding, str) else "same"
+        else:
+            raise NotImplementedError("activation-criterion allocation supports Linear, Conv1d and Conv2d")
+    else:
+        kernel, stride, dilation, padding = layer.kernel_size, layer.stride, layer.dilation, layer.padding
+    if isinstance(padding, str):
+        padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # N, C*K, L
+    return torch.einsum("nal,nbl->ab", cols, cols)
+
+
+def _dense_weight_matrix(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+
+
+def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int | None = None,
+                   layout: str | None = None, n_modes: int = 3, criterion: str = "weight",
+                   objective: str = "max", images: torch.Tensor | None = None,
+                   layers: Sequence[str] | None = None, batch_size: int = 128) -> RankAllocation:
+    """Per-layer ranks for ``format`` that bring ``model`` to ``compression`` with the least total error.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The trained dense model.
+    format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
+    compression : float
+        Whole-model target factor (all parameters count, as in :func:`stpnet.compress`).
+    t, layout, n_modes
+        As in :func:`stpnet.compress`.
+    criterion : {'weight', 'activation'}
+        Normalised weight error, or output error on ``images`` (the dense model's inputs to each
+        layer), per layer.
+    objective : {'max', 'sum'}
+        ``'max'`` (default) minimises the largest per-layer error, then spends what budget is left
+        on the next-worst layers; ``'sum'`` minimises the sum of the errors (the greedy "most
+        error removed per parameter" on each layer's convex hull). On ResNet-20 the sum starves the
+        wide layers, whose errors fall slowly per parameter, and loses far more accuracy after
+        fitting than 'max' (BENCHMARKS.md).
+    images : torch.Tensor, optional
+        Preprocessed calibration inputs, needed for ``criterion='activation'``.
+    layers : sequence of str, optional
+        The layers to factorize (default: :func:`stpnet.compress.eligible_layers`).
+
+    Returns
+    -------
+    RankAllocation
+        ``ranks`` can be passed to ``compress(rank=...)``; the whole-model count is within one
+        candidate step of the target and never above the budget.
+
+    Raises
+    ------
+    ValueError
+        For an unknown criterion, missing or malformed images, or a target below what the smallest
+        ranks reach (the message gives the largest reachable factor).
+    """
+    from ..compress import eligible_layers
+
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if not (isinstance(compression, (int, float)) and compression > 1):
+        raise ValueError(f"compression is a whole-model factor and must be > 1, got {compression!r}")
+    if criterion == "activation":
+        if images is None:
+            raise ValueError("criterion='activation' needs calibration images (images=...)")
+        check_images(images)
+    names = list(layers) if layers is not None else eligible_layers(model)
+    modules = {n: model.get_submodule(n) for n in names}
+    for n, m in modules.items():
+        if isinstance(m, FactorizedLayer) or not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise ValueError(f"layer {n!r} is a {type(m).__name__}; allocation needs dense Conv/Linear layers")
+    grams = _grams(model, modules, images, batch_size) if criterion == "activation" else {}
+    dense_params = sum(p.numel() for p in model.parameters())
+    rest = dense_params - sum(sum(p.numel() for p in m.parameters()) for m in modules.values())
+    budget = dense_params / compression - rest
+    options: dict[str, list[tuple[int, float, tuple[int, ...]]]] = {}
+    for name, layer in modules.items():
+        options[name] = _falling(_layer_options(layer, format, t, layout, n_modes, grams.get(name)))
+    smallest = sum(opts[0][0] for opts in options.values())
+    if smallest > budget:
+        raise ValueError(f"compression {compression}x is unreachable with {format}: the smallest ranks leave "
+                         f"{rest + smallest:,} of {dense_params:,} parameters (at most "
+                         f"{dense_params / (rest + smallest):.2f}x)")
+    choice = _greedy(options, budget) if objective == "sum" else _raise_the_worst(options, budget)
+    ranks = {n: options[n][i][2] for n, i in choice.items()}
+    layer_params = {n: options[n][i][0] for n, i in choice.items()}
+    errors = {n: options[n][i][1] for n, i in choice.items()}
+    return RankAllocation(ranks, layer_params, errors, rest + sum(layer_params.values()), dense_params, criterion)
+
+
+@torch.no_grad()
+def _grams(model: nn.Module, modules: dict[str, nn.Module], images: torch.Tensor, batch_size: int):
+    grams: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(mod, args, output):
+            g = _unfold_gram(mod, args[0])
+            grams[name] = grams[name] + g if name in grams else g
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        for batch in iterate_images(images, batch_size, model):
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return grams
+
+
+@torch.no_grad()
+def _layer_options(layer: nn.Module, format: str, t, layout, n_modes, gram):
+    """(params, normalised error, ranks) for every candidate rank."""
+    W = layer.weight.detach()
+    c_out, c_in, *kernel = W.shape
+    cls, tt, tz = layer_tensorization(format, t, layout, c_in, c_out, tuple(kernel), None, None, n_modes)
+    ts = tensor_t(tz, tt)
+    shape = tz.tensor_shape
+    bias = 0 if layer.bias is None else layer.bias.numel()
+    X = tz.weight_to_tensor(W.double())
+    Wm = W.double().reshape(c_out, -1)
+    norm = float((Wm @ gram * Wm).sum()) if gram is not None else float(Wm.pow(2).sum())
+    step = math.lcm(*ts) if isinstance(ts, tuple) else ts
+    seen, points = set(), []
+    for R in _candidate_ranks(step, max(shape) ** 2):
+        ranks = cls.validate_rank(shape, uniform_rank(tz, R), ts, clip=True)
+        if ranks in seen:
+            continue
+        seen.add(ranks)
+        params = cls.param_count(shape, ranks, ts) + bias
+        points.append((params, ranks))
+        if params >= Wm.numel() + bias:
+            break
+    from ..decomposition import decompose
+
+    name = cls.semi_name if tt > 1 else cls.family
+    options = []
+    for params, ranks in sorted(points):
+        if norm == 0:
+            err = 0.0
+        else:
+            approx = tz.tensor_to_weight(decompose(X, name, rank=ranks, t=ts).to_tensor()).reshape(c_out, -1)
+            D = Wm - approx
+            err = float((D @ gram * D).sum()) / norm if gram is not None else float(D.pow(2).sum()) / norm
+        options.append((params, max(err, 0.0), ranks))
+    return options
+
+
+def _falling(options):
+    """Options sorted by parameters, each with strictly less error than the one before."""
+    out = []
+    for o in sorted(options, key=lambda o: (o[0], o[1])):
+        if not out or o[1] < out[-1][1]:
+            out.append(o)
+    return out
+
+
+def _lower_hull(options):
+    """Keep the options on the lower convex hull of (params, error), errors strictly falling."""
+    pts = []
+    for p, e, r in sorted(options, key=lambda o: (o[0], o[1])):
+        if pts and e >= pts[-1][1]:
+            continue  # more parameters, no less error
+        while len(pts) >= 2:
+            (p1, e1, _), (p2, e2, _) = pts[-2], pts[-1]
+            # drop the middle point if it lies above the segment from pts[-2] to the new point
+            if (e2 - e1) * (p - p1) >= (e - e1) * (p2 - p1):
+                pts.pop()
+            else:
+                break
+        pts.append((p, e, r))
+    return pts
+
+
+def _raise_the_worst(options, budget: float) -> dict[str, int]:
+    """Minimise the largest error: repeatedly upgrade the layer whose error is largest by one option,
+    while it fits the budget; a layer that cannot grow further is set aside and the next worst is
+    raised (so the budget left over is spent too)."""
+    choice = {n: 0 for n in options}
+    total = sum(opts[0][0] for opts in options.values())
+    open_ = set(options)
+    while open_:
+        worst = max(open_, key=lambda n: (options[n][choice[n]][1], n))
+        i = choice[worst]
+        opts = options[worst]
+        if i + 1 >= len(opts) or total + opts[i + 1][0] - opts[i][0] > budget:
+            open_.discard(worst)
+            continue
+        total += opts[i + 1][0] - opts[i][0]
+        choice[worst] = i + 1
+    return choice
+
+
+def _greedy(options, budget: float) -> dict[str, int]:
+    """Minimise the sum of the errors: on each layer's convex hull, take the upgrade with the largest
+    error drop per parameter while it fits the budget (optimal on the hulls up to the last step),
+    then fill what is left with the options between hull points, the same way."""
+    hulls = {n: _lower_hull(opts) for n, opts in options.items()}
+    picked = _best_ratio(hulls, {n: 0 for n in options}, budget)
+    start = {n: options[n].index(hulls[n][i]) for n, i in picked.items()}
+    return _best_ratio(options, start, budget)
+
+
+def _best_ratio(options, choice: dict[str, int], budget: float) -> dict[str, int]:
+    choice = dict(choice)
+    total = sum(options[n][i][0] for n, i in choice.items())
+    while True:
+        best, best_gain = None, 0.0
+        for n, i in choice.items():
+            opts = options[n]
+            if i + 1 >= len(opts):
+                continue
+            dp = opts[i + 1][0] - opts[i][0]
+            if total + dp > budget:
+                continue
+            gain = (opts[i][1] - opts[i + 1][1]) / dp
+            if gain > best_gain:
+                best, best_gain = n, gain
+        if best is None:
+            return choice
+        i = choice[best]
+        total += options[best][i + 1][0] - options[best][i][0]
+        choice[best] = i + 1
