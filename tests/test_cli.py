@@ -103,8 +103,8 @@ def test_report_of_a_zoo_model(capsys):
     assert "61,706" in capsys.readouterr().out
 
 
-def test_demo_small(tmp_path, capsys):
-    assert run("demo", "--epochs", 1, "--train-subset", 64, "--out-dir", tmp_path, "--quiet") == 0
+def test_demo_from_scratch_small(tmp_path, capsys):
+    assert run("demo", "--from-scratch", "--epochs", 1, "--train-subset", 64, "--out-dir", tmp_path, "--quiet") == 0
     out = capsys.readouterr().out
     for fmt in ("dense", "tt", "stt"):
         assert f"\n{fmt} " in out

@@ -1,0 +1,293 @@
+"""How much accuracy a trained network keeps when compressed, before and after each recovery step.
+
+Starts from the shipped trained ResNet-20 (``stpnet.models.pretrained('resnet20-cifar10')``, or
+``--dense CHECKPOINT``) and compresses it to a whole-model factor (9x in all six formats; 20x in
+STT, TT, STR, TR). Semi-tensor and classic rows at the same factor have the same parameter count
+(within the rank granularity), so each semi-tensor row has its equal-parameter classic control
+beside it. For every configuration it records the test accuracy on the full CIFAR-10 (JPEG q75)
+test set:
+
+- ``plain``: straight after the decomposition (uniform rule: every layer the same compression);
+- ``bn``: plain, then BatchNorm recalibration on the calibration images;
+- ``recovered``: rank allocation (``allocation='weight'``), data-aware fitting (30 L-BFGS
+  iterations per layer) and BatchNorm recalibration, with no gradient-descent epoch;
+- ``ft1``, ``ft5``, ``ft15``: the recovered network fine-tuned N epochs with the dense network as
+  teacher (distillation alpha 0.9, T 4), SGD Nesterov, cosine from ``--lr``, batch 128, bf16 on CPU.
+
+The ablation (``--ablation``) on STT 9x adds: uniform ranks + fit + BN, allocation + BN without
+fit, and 5 epochs of fine-tuning without the teacher.
+
+Each fine-tuning run lives in its own run directory (a checkpoint per epoch), so an interrupted
+sweep resumes; every finished step appends one JSON line to ``results/recover/runs.jsonl`` and a
+rerun skips what is there. ``--time-limit`` stops cleanly after the step that crosses it.
+
+Run (from the repository root):
+    .venv/bin/python bench/recover.py --time-limit 120            # the plan, resumable
+    .venv/bin/python bench/recover.py --only 'stt-9x-*' --ablation
+    .venv/bin/python bench/recover.py --report                     # the table from runs.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stpnet.compress import compress
+from stpnet.data import load_dataset
+from stpnet.model_spec import ModelSpec
+from stpnet.pipeline import calibration_images, load_trained, normalized_like, train_spec
+from stpnet.recovery import recalibrate_batchnorm
+from stpnet.train import TrainConfig, evaluate
+
+from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+SEMI = {"sttu": "tucker", "stt": "tt", "str": "tr"}
+
+
+@dataclass(frozen=True)
+class Config:
+    format: str
+    compression: float
+    seed: int = 0
+
+    @property
+    def t(self) -> int | None:
+        return 2 if self.format in SEMI else None
+
+    @property
+    def name(self) -> str:
+        return f"{self.format}-{self.compression:g}x-s{self.seed}"
+
+
+def plan(seeds: int) -> list[tuple[Config, tuple[int, ...]]]:
+    """(configuration, fine-tuning epochs) in the order that makes a partial sweep most useful."""
+    out = [(Config("stt", 9), (1, 5, 15)), (Config("tt", 9), (1, 5, 15))]
+    out += [(Config(f, 9), (1, 5)) for f in ("tucker", "sttu", "tr", "str")]
+    out += [(Config(f, 20), (1, 5)) for f in ("stt", "tt", "str", "tr")]
+    for seed in range(1, seeds):
+        out += [(Config("stt", 9, seed), (1, 5, 15)), (Config("tt", 9, seed), (1, 5, 15))]
+    return out
+
+
+def done_steps(path: Path) -> set[tuple[str, str]]:
+    if not path.exists():
+        return set()
+    return {(r["config"], r["step"]) for r in map(json.loads, path.read_text().splitlines()) if r.strip()}
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+class Sweep:
+    def __init__(self, args):
+        self.args = args
+        self.out = ROOT / "results" / "recover"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = self.out / "runs.jsonl"
+        self.done = done_steps(self.log)
+        self.deadline = time.monotonic() + args.time_limit * 60 if args.time_limit else float("inf")
+        source = args.dense or "resnet20-cifar10"
+        self.dense, self.spec, state = load_trained(source)
+        self.dense.eval()
+        self.source = str(source)
+        self.data = normalized_like(load_dataset(str(DATA)), state)
+        self.dense_params = sum(p.numel() for p in self.dense.parameters())
+        self.runs = Path(args.runs)
+
+    # ------------------------------------------------------------------ helpers
+    def accuracy(self, model) -> float:
+        d = self.data
+        return evaluate(model, d.test_x, d.test_y, d.mean, d.std, device=torch.device("cpu"))["accuracy"]
+
+    def record(self, config: Config, step: str, **values) -> None:
+        row = {"config": config.name, "format": config.format, "target": config.compression, "t": config.t,
+               "seed": config.seed, "step": step, "source": self.source, "cpu": cpu_model(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, **values}
+        with self.log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done.add((config.name, step))
+        acc = values.get("test_accuracy")
+        print(f"{config.name:>16} {step:<14} {acc:.4f}  {values.get('seconds', 0):.1f} s", flush=True)
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _OutOfTime
+
+    def calibration(self, seed: int) -> torch.Tensor:
+        return calibration_images(self.data, self.args.calibration_images, seed)
+
+    def compressed(self, config: Config, **options):
+        start = time.perf_counter()
+        small, report = compress(self.dense, config.format, compression=config.compression, t=config.t,
+                                 **options)
+        return small, report, time.perf_counter() - start
+
+    # ------------------------------------------------------------------ steps
+    def plain_and_bn(self, config: Config) -> None:
+        if (config.name, "plain") in self.done and (config.name, "bn") in self.done:
+            return
+        small, report, seconds = self.compressed(config)
+        params = report.params
+        self.record(config, "plain", test_accuracy=self.accuracy(small), params=params,
+                    compression=self.dense_params / params, seconds=seconds)
+        start = time.perf_counter()
+        recalibrate_batchnorm(small, self.calibration(config.seed))
+        self.record(config, "bn", test_accuracy=self.accuracy(small), params=params,
+                    compression=self.dense_params / params, seconds=seconds + time.perf_counter() - start)
+
+    def recovered(self, config: Config, allocation="weight", fit_steps=None, step="recovered"):
+        """The recovered network (cached in its run directory) and its spec."""
+        fit_steps = self.args.fit_steps if fit_steps is None else fit_steps
+        cache = self.runs / config.name / f"{step}.pt"
+        small, report, seconds = None, None, 0.0
+        if cache.exists():
+            saved = torch.load(cache, weights_only=True)
+            spec = ModelSpec.from_dict(saved["spec"])
+            small = spec.build()
+            small.load_state_dict(saved["model"])
+        else:
+            small, report, seconds = self.compressed(config, allocation=allocation, fit_steps=fit_steps,
+                                                     calibration=self.calibration(config.seed),
+                                                     recalibrate_bn=True)
+            spec = ModelSpec(self.spec.name, 3, 10, config.format, config.t, None, report.ranks)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"spec": spec.to_dict(), "model": small.state_dict()}, cache)
+        if (config.name, step) not in self.done:
+            params = sum(p.numel() for p in small.parameters())
+            fit = report.fit.to_dict()["layers"] if report is not None and report.fit is not None else None
+            self.record(config, step, test_accuracy=self.accuracy(small), params=params,
+                        compression=self.dense_params / params, seconds=seconds, allocation=allocation,
+                        fit_steps=fit_steps, ranks={k: list(v) for k, v in spec.ranks.items()}, fit=fit)
+        return small, spec
+
+    def fine_tune(self, config: Config, epochs: int, distill: bool = True) -> None:
+        step = f"ft{epochs}" + ("" if distill else "-nodistill")
+        if (config.name, step) in self.done:
+            return
+        small, spec = self.recovered(config)
+        self.check_time()
+        args = self.args
+        train_config = TrainConfig(epochs=epochs, batch_size=128, lr=args.lr, weight_decay=5e-4, schedule="cosine",
+                                   seed=config.seed, amp=args.amp, distill_alpha=0.9 if distill else 0.0,
+                                   distill_temperature=4.0)
+
+        def on_epoch(record):
+            print(f"  {config.name} {step} epoch {record['epoch']}/{epochs}: test {record['test_accuracy']:.4f}, "
+                  f"{record['epoch_time']:.1f} s", flush=True)
+            if time.monotonic() > self.deadline and record["epoch"] < epochs:
+                raise _OutOfTime
+
+        run_dir = self.runs / config.name / step
+        small, history = train_spec(spec, self.data, train_config, run_dir, model=small,
+                                    teacher=self.dense if distill else None, on_epoch=on_epoch,
+                                    device=torch.device("cpu"),
+                                    extra_metadata={"source": self.source, "recovery": step})
+        model = small.float().eval()
+        params = sum(p.numel() for p in model.parameters())
+        metrics = self.out / "metrics"
+        metrics.mkdir(exist_ok=True)
+        (metrics / f"{config.name}-{step}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        self.record(config, step, test_accuracy=self.accuracy(model), params=params,
+                    compression=self.dense_params / params,
+                    seconds=sum(r["epoch_time"] + r["eval_time"] for r in history), lr=args.lr, amp=args.amp,
+                    last_epoch_test_accuracy_amp=history[-1]["test_accuracy"])
+
+    def ablation(self) -> None:
+        config = Config("stt", 9)
+        self.recovered(config, allocation="uniform", step="uniform+fit+bn")
+        self.check_time()
+        self.recovered(config, allocation="weight", fit_steps=0, step="alloc+bn")
+        self.check_time()
+        self.fine_tune(config, 5, distill=False)
+
+    def dense_row(self) -> None:
+        config = Config("dense", 1)
+        if (config.name, "dense") not in self.done:
+            self.record(config, "dense", test_accuracy=self.accuracy(self.dense), params=self.dense_params,
+                        compression=1.0, seconds=0.0)
+
+    def run(self) -> None:
+        self.dense_row()
+        for config, epochs in plan(self.args.seeds):
+            if self.args.only and not any(fnmatch.fnmatch(config.name, p) for p in self.args.only):
+                continue
+            self.plain_and_bn(config)
+            self.check_time()
+            self.recovered(config)
+            for n in epochs:
+                self.check_time()
+                self.fine_tune(config, n)
+        if self.args.ablation:
+            self.ablation()
+
+
+def report(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    dense = next((r["test_accuracy"] for r in rows if r["step"] == "dense"), None)
+    steps = ["plain", "bn", "recovered", "ft1", "ft5", "ft15"]
+    by_config: dict[str, dict] = {}
+    for r in rows:
+        if r["step"] == "dense":
+            continue
+        key = (r["format"], r["target"])
+        by_config.setdefault(key, {}).setdefault(r["step"], []).append(r)
+    lines = [f"dense ResNet-20: {dense:.2%}" if dense is not None else "dense: not measured", "",
+             "| format | target | params | compression | " + " | ".join(steps) + " | CPU time (s) |",
+             "|---|---|---|---|" + "---|" * len(steps) + "---|"]
+    for (fmt, target), by_step in sorted(by_config.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        any_row = next(iter(by_step.values()))[0]
+        cells = []
+        for s in steps:
+            values = [r["test_accuracy"] for r in by_step.get(s, [])]
+            if not values:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.2%}")
+            else:
+                mean = sum(values) / len(values)
+                sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+                cells.append(f"{mean:.2%} ± {sd:.2%} (n={len(values)})")
+        seconds = sum(r.get("seconds", 0.0) for rs in by_step.values() for r in rs)
+        lines.append(f"| {fmt} | {target:g}x | {any_row['params']:,} | {any_row['compression']:.2f}x | "
+                     + " | ".join(cells) + f" | {seconds:.0f} |")
+    extra = [r for r in rows if r["step"] in ("uniform+fit+bn", "alloc+bn", "ft5-nodistill")]
+    if extra:
+        lines += ["", "Ablation (STT 9x): " + "; ".join(f"{r['step']} {r['test_accuracy']:.2%}" for r in extra)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dense", help="dense checkpoint to start from (default: the shipped resnet20-cifar10)")
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "recover"), help="run directories")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds of the STT/TT 9x pair")
+    parser.add_argument("--only", nargs="*", help="fnmatch patterns on configuration names, e.g. 'stt-9x-*'")
+    parser.add_argument("--ablation", action="store_true", help="also the STT 9x ablation")
+    parser.add_argument("--calibration-images", type=int, default=512)
+    parser.add_argument("--fit-steps", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate")
+    parser.add_argument("--amp", default="bf16", choices=("auto", "bf16", "fp16", "off"))
+    parser.add_argument("--time-limit", type=float, help="minutes; stop after the step that crosses it")
+    parser.add_argument("--report", action="store_true", help="print the table from results/recover/runs.jsonl")
+    args = parser.parse_args()
+    if args.report:
+        print(report(ROOT / "results" / "recover" / "runs.jsonl"))
+        return
+    sweep = Sweep(args)
+    try:
+        sweep.run()
+    except _OutOfTime:
+        print("time limit reached; rerun the same command to continue", flush=True)
+
+
+if __name__ == "__main__":
+    main()
