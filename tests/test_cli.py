@@ -121,15 +121,92 @@ def test_demo_from_scratch_small(tmp_path, capsys):
       "--schedule", "constant", "--quiet"],
      "loss became"),
     (["train", "--data", "{data}", "--run-dir", "{tmp}/g", "--grad-clip", "0", "--quiet"], "grad_clip must be > 0"),
+    *[(["train", "--data", "{data}", "--run-dir", "{tmp}/dv", "--device", dev, "--quiet"],
+       f"--device {dev!r} is not supported") for dev in ("bogus", "tpu", "meta", "mps")],
+    (["eval", "{dense}", "--data", "{data}", "--device", "bogus"], "is not supported"),
+    (["train", "--data", "{data}", "--run-dir", "{tmp}/afile", "--quiet"], "is a file, not a directory"),
+    (["train", "--data", "{data}", "--run-dir", "/proc/stpnet-test/run", "--quiet"], "cannot be written"),
+    (["decompose", "{tmp}/x.npy", "--format", "tt", "--rank", "2", "--output", "/proc/f.pt"], "cannot be written"),
+    (["compress", "{dense}", "--format", "tt", "--rank", "2", "--run-dir", "{tmp}/afile", "--data", "{data}"],
+     "is a file, not a directory"),
+    (["decompose", "{tmp}/x.npy", "--format", "tt", "--rank", "2", "--output", "{tmp}/no/such/f.pt"],
+     "does not exist"),
+    (["decompose", "{tmp}/x.npy", "--format", "tt", "--rank", "2", "--output", "{tmp}"], "is a directory"),
+    (["decompose", "{tmp}/complex.npy", "--format", "tt", "--rank", "2"], "complex tensor"),
+    (["decompose", "{tmp}/sparse.pt", "--format", "tt", "--rank", "2"], "sparse"),
+    (["eval", "{tmp}/evil.pt", "--data", "{data}"], "may be unsafe"),
+    (["report", "{dense}", "--input-shape", "a,b"], "must be positive integers"),
 ])
 def test_errors_give_a_clear_message_and_exit_code(args, message, tmp_path, dense_run, cifar_dir, capsys):
     (tmp_path / "corrupt.pt").write_bytes(b"\x00garbage")
+    (tmp_path / "afile").write_text("not a folder")
+    np.save(tmp_path / "x.npy", np.ones((4, 4, 4)))
+    np.save(tmp_path / "complex.npy", np.ones((4, 4, 4)) * (1 + 2j))
+    torch.save(torch.eye(4).to_sparse(), tmp_path / "sparse.pt")
+    torch.save({"model": {}, "payload": _Payload(str(tmp_path / "PWNED"))}, tmp_path / "evil.pt")
     before = (dense_run / "checkpoint.pt").read_bytes()
     args = [a.format(tmp=tmp_path, dense=dense_run / "checkpoint.pt", data=cifar_dir) for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"stpnet {args[0]}: error:") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert (dense_run / "checkpoint.pt").read_bytes() == before  # nothing written is lost
+    assert not (tmp_path / "PWNED").exists()
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_compress_epochs_0_then_fine_tune_in_the_same_run_dir(dense_run, cifar_dir, tmp_path, capsys):
+    common = ["compress", dense_run / "checkpoint.pt", "--format", "tt", "--rank", 4, "--data", cifar_dir,
+              "--run-dir", tmp_path / "c0", "--batch-size", 32, "--quiet"]
+    assert run(*common, "--epochs", 0) == 0
+    assert run(*common, "--epochs", 1) == 0
+    from stpnet.train import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "c0" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_report_takes_the_input_shape_from_the_checkpoint(tmp_path, capsys):
+    root = tmp_path / "mnist"
+    root.mkdir()
+    import gzip
+    import struct
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + np.random.default_rng(0).bytes(n * 784))
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + bytes(range(10)) * (n // 10))
+    assert run("train", "--model", "lenet5", "--data", root, "--epochs", 1, "--run-dir", tmp_path / "l",
+               "--quiet") == 0
+    capsys.readouterr()
+    assert run("report", tmp_path / "l" / "checkpoint.pt") == 0
+    assert "input (1, 1, 28, 28)" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    from stpnet.train import checkpoint as ck
+
+    path = tmp_path / "checkpoint.pt"
+    ck.save_checkpoint({"model": {"w": torch.ones(2)}}, path)
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    with pytest.raises(OSError, match="could not write checkpoint .*previous checkpoint is unchanged"):
+        ck.save_checkpoint({"model": {"w": torch.zeros(2)}}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 def test_mismatched_checkpoint_and_data(dense_run, tmp_path, capsys):

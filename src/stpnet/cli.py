@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -80,10 +82,47 @@ def _device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not supported; valid: auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def _writable_dir(path: str, flag: str) -> Path:
+    """Check that ``path`` is (or can be created as) a writable directory, before any work starts."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {p} is a file, not a directory")
+    try:  # create it and write a probe: the only check that holds for root and read-only mounts alike
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {p} cannot be written ({exc.strerror or exc})") from None
+    return p
+
+
+def _writable_file(path: str, flag: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a directory; give a file path")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {p}: the folder {p.parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=p.parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {p} cannot be written ({exc.strerror or exc})") from None
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ValueError(f"{flag} {p} cannot be written")
+    return p
 
 
 def _load_data(spec: str):
@@ -130,6 +169,8 @@ def _cmd_train(args) -> int:
     from .compress import compress, model_report
     from .model_spec import ModelSpec
 
+    _writable_dir(args.run_dir, "--run-dir")
+    _device(args.device)
     data = _load_data(args.data)
     c, h, w = data.train_x.shape[1:]
     spec = ModelSpec(args.model, c, data.num_classes)
@@ -154,6 +195,8 @@ def _cmd_train(args) -> int:
 def _cmd_compress(args) -> int:
     from .pipeline import calibration_images, compress_trained, load_trained, normalized_like
 
+    _writable_dir(args.run_dir, "--run-dir")
+    _device(args.device)
     model, spec, state = load_trained(args.checkpoint)
     data = _load_data(args.data)
     c, h, w = data.train_x.shape[1:]
@@ -230,6 +273,8 @@ def _cmd_decompose(args) -> int:
 
     from .decomposition import decompose, relative_error
 
+    if args.output:
+        _writable_file(args.output, "--output")
     path = Path(args.file)
     if not path.is_file():
         raise ValueError(f"{path} does not exist; give a .npy or .pt file holding one tensor")
@@ -245,8 +290,12 @@ def _cmd_decompose(args) -> int:
             raise ValueError(f"{path} is not a readable torch file: {exc}") from None
         if not isinstance(X, torch.Tensor):
             raise ValueError(f"{path} holds a {type(X).__name__}, not a tensor")
+        if X.layout != torch.strided:
+            raise ValueError(f"{path} holds a {X.layout} tensor; decompose takes dense tensors (call .to_dense())")
     else:
         raise ValueError(f"{path}: unknown file type {path.suffix!r}; valid: .npy, .pt")
+    if X.is_complex():
+        raise ValueError(f"{path} holds a complex tensor ({X.dtype}); the decompositions take real tensors")
     if not X.is_floating_point():
         X = X.double()
     start = time.perf_counter()
@@ -270,8 +319,15 @@ def _cmd_report(args) -> int:
     from .models import MODELS, build_model
     from .pipeline import inference_latency, load_trained
 
+    if args.input_shape is not None:
+        try:
+            parsed = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            parsed = ()
+        if len(parsed) < 2 or any(v < 1 for v in parsed):
+            raise ValueError(f"--input-shape {args.input_shape!r} must be positive integers N,C,... such as 1,3,32,32")
     if args.target in MODELS:
-        shape = tuple(int(v) for v in args.input_shape.split(","))
+        shape = tuple(int(v) for v in (args.input_shape or "1,3,32,32").split(","))
         model = build_model(args.target, in_channels=shape[1], num_classes=args.num_classes)
         name = args.target
     else:
@@ -382,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "name or a checkpoint, and optionally inference latency.")
     p.add_argument("target", help="a zoo model name, a checkpoint.pt, or a shipped network such as "
                                   "resnet20-cifar10")
-    p.add_argument("--input-shape", default="1,3,32,32", help="N,C,H,W of one input (default 1,3,32,32)")
+    p.add_argument("--input-shape", default=None,
+                   help="N,C,H,W of one input (default: what the checkpoint's model takes; 1,3,32,32 for a zoo name)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--latency", type=int, nargs="*", help="batch sizes to time inference at (e.g. 1 128)")
     p.set_defaults(run=_cmd_report)
@@ -415,8 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except (ValueError, MemoryError, FileNotFoundError, NotADirectoryError, TrainingDivergedError) as exc:
-        print(f"stpnet {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, MemoryError, OSError, TrainingDivergedError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__  # one line
+        print(f"stpnet {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"stpnet {args.command}: interrupted; the last epoch's checkpoint is kept", file=sys.stderr)

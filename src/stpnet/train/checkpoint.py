@@ -28,9 +28,15 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, RuntimeError) and "writ" in str(exc).lower():  # torch's zip writer: disk full, I/O
+            raise OSError(f"could not write checkpoint {path} ({str(exc).splitlines()[0]}); the previous "
+                          "checkpoint is unchanged") from None
+        if isinstance(exc, OSError):
+            raise OSError(f"could not write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint "
+                          "is unchanged") from None
         raise
     return path
 

@@ -194,6 +194,8 @@ class Trainer:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise CheckpointError(f"{path} does not match this model: {str(exc).splitlines()[0]}") from None
+        if "optimizer" not in state:  # weights only (e.g. `stpnet compress --epochs 0`): train them from epoch 0
+            return 0, 0, []
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
