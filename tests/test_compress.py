@@ -107,3 +107,43 @@ def test_decompress_keeps_the_function_and_restores_dense_layers(fmt, t):
         assert torch.allclose(plain(x), small(x), rtol=1e-4, atol=1e-5)
     assert stpnet.decompress(small, inplace=True) is small
     assert not any(isinstance(m, FactorizedLayer) for m in small.modules())
+
+
+# ------------------------------------------------------------------ shared and tied layers
+def test_a_layer_used_twice_is_replaced_once_and_stays_shared():
+    import stpnet
+
+    torch.manual_seed(0)
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(nn.Linear(8, 16), shared, nn.ReLU(), shared, nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    small, report = stpnet.compress(model, "tt", rank=4, include=["1"])
+    assert small[1] is small[3] and type(small[1]).__name__ == "FactorizedLinear"
+    assert sum(p.numel() for p in small.parameters()) == report.params
+    dense = stpnet.decompress(small)
+    assert dense[1] is dense[3] and isinstance(dense[1], nn.Linear)
+    assert torch.allclose(dense(x), small(x), atol=1e-5)
+
+
+def test_tied_weights_are_kept_dense_with_a_warning_or_refused():
+    import stpnet
+
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(32, 16)
+            self.body = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 32, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.head(torch.relu(self.body(self.emb(idx))))
+
+    model = TiedHead()
+    with pytest.warns(UserWarning, match=r"\['head'\] share their weight"):
+        small, report = stpnet.compress(model, "tt", rank=2, keep_classifier=False)
+    assert isinstance(small.head, nn.Linear) and small.head.weight is small.emb.weight
+    assert report.kept_tied == ("head",) and "tied to another module: head" in report.to_markdown()
+    assert report.compression > 1
+    with pytest.raises(ValueError, match="tied parameters"):
+        stpnet.compress(model, "tt", rank={"head": 2})

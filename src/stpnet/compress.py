@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import fnmatch
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -59,6 +60,7 @@ class CompressionReport:
     allocation: str | None = None
     fit: "FitReport | None" = None
     bn_recalibrated: bool = False
+    kept_tied: tuple[str, ...] = ()
 
     @property
     def compression(self) -> float:
@@ -85,7 +87,7 @@ class CompressionReport:
                 "dense_macs": self.dense_macs, "macs": self.macs,
                 "input_shape": list(self.input_shape) if self.input_shape else None,
                 "allocation": self.allocation, "fit": self.fit.to_dict() if self.fit is not None else None,
-                "bn_recalibrated": self.bn_recalibrated}
+                "bn_recalibrated": self.bn_recalibrated, "kept_tied": list(self.kept_tied)}
 
     def to_markdown(self) -> str:
         """A table: one row per Conv/Linear layer, then the whole-model totals."""
@@ -114,6 +116,8 @@ class CompressionReport:
             notes.append(f"fitted to the dense activations on {self.fit.images} calibration inputs")
         if self.bn_recalibrated:
             notes.append("BatchNorm statistics re-estimated")
+        if self.kept_tied:
+            notes.append(f"kept dense because their weights are tied to another module: {', '.join(self.kept_tied)}")
         if notes:
             lines.append("\n" + "; ".join(notes))
         return "\n".join(lines)
@@ -387,10 +391,21 @@ def compress(
                                  "and Linear can be factorized")
     else:
         names = eligible_layers(model, include, exclude, keep_first_conv, keep_classifier)
+    tied = _tied_layers(model, names)
+    if tied and isinstance(rank, Mapping):
+        raise ValueError(f"layers {tied} share their weight with another module (tied parameters); factorizing "
+                         "one would break the tie. Leave them out of rank=...")
+    if tied:
+        warnings.warn(f"layers {tied} share their weight with another module (tied parameters) and are kept dense; "
+                      "the report lists them", stacklevel=2)
+        names = [n for n in names if n not in tied]
     if not names:
         raise ValueError("no eligible layer: the model has no Conv/Linear with groups=1 outside the kept "
                          "first convolution and classifier (see include=/keep_first_conv=)")
     layers = {n: model.get_submodule(n) for n in names}
+    aliases: dict[int, list[str]] = {}
+    for alias, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(alias)
     clip = init == "decompose"
     if compression is not None and allocation != "uniform":
         plan = allocate_ranks(model, format, compression, t=t, layout=layout, n_modes=n_modes, criterion=allocation,
@@ -408,7 +423,8 @@ def compress(
                                  n_iter=n_iter, forward_path=forward_path)
         else:
             new = _fresh_like(cls, dense, format, plan[name], t, layout, n_modes, forward_path)
-        _set_module(model, name, new)
+        for alias in aliases[id(dense)]:  # a module used in several places stays one shared module
+            _set_module(model, alias, new)
     fit = None
     if fit_steps > 0:
         fit = fit_to_activations(model, reference, calibration, steps=fit_steps)
@@ -416,7 +432,22 @@ def compress(
         recalibrate_batchnorm(model, calibration)
     report = model_report(model, input_shape, dense_params)
     return model, dataclasses.replace(report, allocation=allocation if compression is not None else None, fit=fit,
-                                      bn_recalibrated=recalibrate_bn)
+                                      bn_recalibrated=recalibrate_bn, kept_tied=tuple(tied))
+
+
+def _tied_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Those of ``names`` whose weight Parameter another module also holds (for example a classifier
+    tied to an embedding)."""
+    owners: dict[int, set[int]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), set()).add(id(module))
+    out = []
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, nn.Parameter) and len(owners.get(id(weight), ())) > 1:
+            out.append(name)
+    return out
 
 
 def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -442,9 +473,14 @@ def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         return to_dense(model)
     if not inplace:
         model = copy.deepcopy(model)
-    names = [name for name, module in model.named_modules() if isinstance(module, FactorizedLayer)]
-    for name in names:
-        _set_module(model, name, to_dense(model.get_submodule(name)))
+    aliases: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, FactorizedLayer):
+            aliases.setdefault(id(module), []).append(name)
+    for names in aliases.values():
+        dense = to_dense(model.get_submodule(names[0]))
+        for name in names:  # a shared layer stays shared
+            _set_module(model, name, dense)
     return model
 
 
