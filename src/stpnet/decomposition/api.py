@@ -154,6 +154,16 @@ def decompose(
     check_memory(_estimate_bytes(cls, shape, t, caps, n_iter, X.element_size(), svd), X.device,
                  max_memory, f"decomposing a {shape} tensor as {format}")
     generator = torch.Generator(device=X.device).manual_seed(seed)
+    # Fit X / 2^e with 2^e near max|X| (exact in floating point), then scale one factor back: sums
+    # of squares neither overflow (float32 at 1e18) nor underflow (1e-300), and a zero tensor
+    # gets the exact zero decomposition without any refinement dividing by its norm.
+    peak = float(X.abs().max())
+    if peak == 0.0:
+        n_iter = 0
+        scale = 1.0
+    else:
+        scale = 2.0 ** math.floor(math.log2(peak))
+        X = X / scale if scale != 1.0 else X
 
     if cls is TuckerTensor:
         result = st_hosvd(X, caps, t, tol=tol, svd=svd, generator=generator)
@@ -168,12 +178,27 @@ def decompose(
             # restarts need a target: without tol a stall cannot be told from convergence
             result = tr_als(X, result, n_iter=n_iter, tol=tol or 0.0, n_restarts=n_restarts if tol else 0,
                             generator=generator, callback=callback)
+    if scale != 1.0:
+        with torch.no_grad():
+            (result.core if cls is TuckerTensor else result.factors[-1]).mul_(scale)
     return result
 
 
 def relative_error(X: ArrayLike, approximation: FactorizedTensor | ArrayLike) -> float:
-    """``||X - X_hat||_F / ||X||_F`` for a dense tensor and a factorized (or dense) approximation."""
-    X = as_tensor(X, "X")[0].detach()
+    """``||X - X_hat||_F / ||X||_F`` for a dense tensor and a factorized (or dense) approximation.
+
+    Computed in float64 after scaling by the largest entry, so it neither overflows nor
+    underflows; 0.0 when both are zero, ``inf`` for a non-zero approximation of a zero tensor.
+    """
+    X = as_tensor(X, "X")[0].detach().double()
     Y = approximation.to_tensor() if isinstance(approximation, FactorizedTensor) else as_tensor(approximation)[0]
-    Y = Y.detach().to(X.dtype)
-    return float(torch.linalg.vector_norm(X - Y) / torch.linalg.vector_norm(X))
+    Y = Y.detach().double()
+    peak = float(torch.maximum(X.abs().max(), Y.abs().max())) if X.numel() else 0.0
+    if peak == 0.0:  # both zero: exact
+        return 0.0
+    X, Y = X / peak, Y / peak  # no overflow or underflow in the sums of squares
+    norm = float(torch.linalg.vector_norm(X))
+    diff = float(torch.linalg.vector_norm(X - Y))
+    if norm == 0.0:
+        return math.inf  # a non-zero approximation of zero
+    return diff / norm

@@ -55,12 +55,12 @@ def format_bytes(nbytes: float) -> str:
     return f"{nbytes:.1f} TiB"
 
 
-def check_memory(nbytes: int, device: torch.device, max_memory: int | None, what: str) -> None:
+def check_memory(nbytes: int, device: torch.device, max_memory: int | None, what: str,
+                 advice: str = "lower the rank, use svd='randomized', or decompose a smaller tensorization") -> None:
     """Raise InsufficientMemoryError if ``nbytes`` exceeds ``max_memory`` or what ``device`` has free."""
     limit = max_memory if max_memory is not None else available_memory(device)
     if limit is not None and nbytes > limit:
         raise InsufficientMemoryError(
             f"{what} needs about {format_bytes(nbytes)} but only {format_bytes(limit)} is "
-            f"available on {device}; lower the rank, use svd='randomized', or decompose a "
-            "smaller tensorization"
+            f"available on {device}; {advice}"
         )

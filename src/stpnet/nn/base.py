@@ -10,6 +10,7 @@ from torch import nn
 
 from .._validate import check_positive_int
 from ..decomposition import decompose
+from ..decomposition.memory import check_memory
 from ..decomposition.ranks import ranks_for_budget
 from ..formats import FactorizedTensor, format_class
 from .cost import PathCost, choose
@@ -127,9 +128,19 @@ class FactorizedLayer(nn.Module):
             tt = tensor_t(tz, t)
             ranks = self._ranks(cls, shape, tt, rank, compression, clip_ranks)
             fan_in = in_features * tz.kernel_numel
-            weight = cls.random(shape, ranks, tt, std=kaiming_std(fan_in), dtype=dtype, device=device,
+            # the random init orthonormalises (QR), which half precision lacks on CPU: build in
+            # float32, then cast
+            init_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            itemsize = torch.empty((), dtype=init_dtype).element_size()
+            # factors, and the largest temporary of the init (an orthonormalised core), twice over
+            check_memory(3 * itemsize * cls.param_count(shape, ranks, tt), torch.device(device or "cpu"), None,
+                         f"a {cls.semi_name if t > 1 else cls.family} weight of shape {shape} with ranks {ranks}",
+                         advice="lower the rank or ask for a compression factor instead")
+            weight = cls.random(shape, ranks, tt, std=kaiming_std(fan_in), dtype=init_dtype, device=device,
                                 clip=clip_ranks)
             rescale_to_std(weight, kaiming_std(fan_in))
+            if init_dtype != dtype:
+                weight = weight.to(dtype)
         elif tuple(weight.shape) != tz.tensor_shape:
             raise ValueError(f"weight has shape {weight.shape}, the tensorization needs {tz.tensor_shape}")
         self.weight_tensor = weight
@@ -198,7 +209,7 @@ class FactorizedLayer(nn.Module):
         return choose(self.path_costs(input_shape), device_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.choose_path(x.shape, x.device.type) == "rebuild":
+        if x.numel() == 0 or self.choose_path(x.shape, x.device.type) == "rebuild":  # empty input: as torch does
             return self._dense_forward(x, self.weight())
         return self._contract_forward(x)
 
