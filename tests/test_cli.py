@@ -136,6 +136,9 @@ def test_demo_from_scratch_small(tmp_path, capsys):
     (["decompose", "{tmp}/sparse.pt", "--format", "tt", "--rank", "2"], "sparse"),
     (["eval", "{tmp}/evil.pt", "--data", "{data}"], "may be unsafe"),
     (["report", "{dense}", "--input-shape", "a,b"], "must be positive integers"),
+    (["report", "resnet20", "--latency", "-1"], "batch sizes >= 1"),
+    (["train", "--data", "{data}", "--run-dir", "{tmp}/ts", "--train-subset", "0", "--quiet"],
+     "train_subset must be a positive number"),
 ])
 def test_errors_give_a_clear_message_and_exit_code(args, message, tmp_path, dense_run, cifar_dir, capsys):
     (tmp_path / "corrupt.pt").write_bytes(b"\x00garbage")

@@ -326,6 +326,8 @@ def _cmd_report(args) -> int:
             parsed = ()
         if len(parsed) < 2 or any(v < 1 for v in parsed):
             raise ValueError(f"--input-shape {args.input_shape!r} must be positive integers N,C,... such as 1,3,32,32")
+    if args.latency and any(b < 1 for b in args.latency):
+        raise ValueError(f"--latency takes batch sizes >= 1, got {args.latency}")
     if args.target in MODELS:
         shape = tuple(int(v) for v in (args.input_shape or "1,3,32,32").split(","))
         model = build_model(args.target, in_channels=shape[1], num_classes=args.num_classes)

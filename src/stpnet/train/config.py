@@ -84,6 +84,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_subset is not None and (isinstance(self.train_subset, bool) or
+                                              not isinstance(self.train_subset, int) or self.train_subset < 1):
+            raise ValueError(f"train_subset must be a positive number of samples (or None for all), "
+                             f"got {self.train_subset}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         for name in ("momentum", "weight_decay", "warmup_epochs"):
