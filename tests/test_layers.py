@@ -330,3 +330,44 @@ def test_to_dense_rejects_what_it_cannot_convert():
     with pytest.raises(ValueError, match="cannot convert a Linear to a dense layer; supported layers: "
                                          "FactorizedLinear, FactorizedConv1d"):
         to_dense(nn.Linear(3, 4))
+
+
+# ------------------------------------------------------------------ inference cache
+@pytest.mark.parametrize("path", ["rebuild", "contract"])
+@pytest.mark.parametrize("fmt", ["tt", "stt", "tr", "tucker"])
+def test_eval_inference_caches_merged_factors_until_they_change(fmt, path, monkeypatch):
+    from stpnet.nn import FactorizedConv2d
+
+    torch.manual_seed(0)
+    layer = FactorizedConv2d(8, 8, 3, padding=1, format=fmt, rank=4, forward_path=path).eval()
+    x = torch.randn(2, 8, 6, 6)
+    builds = []
+    original = type(layer.weight_tensor).to_tensor
+    monkeypatch.setattr(type(layer.weight_tensor), "to_tensor", lambda self: builds.append(1) or original(self))
+    with torch.no_grad():
+        first = layer(x)
+        n = len(builds)
+        again = layer(x)
+    assert torch.equal(first, again)
+    assert len(builds) == n  # nothing rebuilt on the second call
+    # an optimizer step changes the factors: the next inference sees them
+    layer.train()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.01)
+    layer(x).square().mean().backward()
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        stepped = layer(x)
+    reference = torch.nn.functional.conv2d(x, layer.weight().detach(), layer.bias, padding=1)
+    assert not torch.allclose(stepped, first) and torch.allclose(stepped, reference, rtol=1e-4, atol=1e-5)
+    # load_state_dict too (same layer object, still in eval mode)
+    state = {k: v * 0.5 if k.startswith("weight_tensor") else v for k, v in layer.state_dict().items()}
+    with torch.no_grad():
+        layer(x)
+        layer.load_state_dict(state)
+        loaded = layer(x)
+    reference = torch.nn.functional.conv2d(x, layer.weight().detach(), layer.bias, padding=1)
+    assert torch.allclose(loaded, reference, rtol=1e-4, atol=1e-5) and not torch.allclose(loaded, stepped)
+    # with gradients on, nothing is cached: the output still depends on the factors
+    out = layer(x)
+    assert out.requires_grad

@@ -85,6 +85,13 @@ def ranks_for_compression(cls, tz: Tensorization, t, compression: float, clip: b
     return ranks_for_budget(cls, tz.tensor_shape, t, budget, rank_of=lambda R: uniform_rank(tz, R), clip=clip)
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False
+
+
 class FactorizedLayer(nn.Module):
     """Base of FactorizedLinear and FactorizedConv: owns a factorized weight and a bias.
 
@@ -210,8 +217,33 @@ class FactorizedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0 or self.choose_path(x.shape, x.device.type) == "rebuild":  # empty input: as torch does
-            return self._dense_forward(x, self.weight())
+            return self._dense_forward(x, self._cached("weight", self.weight))
         return self._contract_forward(x)
+
+    # ------------------------------------------------------------------ inference cache
+    def _cached(self, name: str, build):
+        """``build()``, remembered across calls in inference (eval mode, gradients off) for as long as
+        the factors are unchanged: their versions (bumped by every in-place update: optimizer
+        steps, ``load_state_dict``), storages, dtypes and devices are the key. Training, gradient
+        recording, tracing and compilation always rebuild."""
+        if self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or _compiling():
+            return build()
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.weight_tensor.parameters())
+        cache = self.__dict__.setdefault("_inference_cache", {})
+        hit = cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = build()
+        cache[name] = (key, value)
+        return value
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_inference_cache", None)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_inference_cache", None)  # .to(), .half(), ...: tensors are replaced
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------- from a dense layer
     @staticmethod

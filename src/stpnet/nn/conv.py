@@ -125,7 +125,8 @@ class _FactorizedConvNd(FactorizedLayer):
         elif tz.layout == "paired":
             y = paired_conv(x, w.factors, tz.in_modes, tz.out_modes, w.t, *args)
         else:
-            f = sequential_factors(w.factors, w.t, len(tz.in_modes), has_kernel=True)
+            f = self._cached("sequential", lambda: sequential_factors(w.factors, w.t, len(tz.in_modes),
+                                                                       has_kernel=True))
             y = sequential_conv(x, f, *args)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype).reshape(1, -1, *([1] * self.dim))

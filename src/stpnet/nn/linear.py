@@ -96,7 +96,8 @@ class FactorizedLinear(FactorizedLayer):
         elif tz.layout == "paired":
             y = paired_linear(x2, w.factors, tz.in_modes, tz.out_modes, w.t)
         else:
-            f = sequential_factors(w.factors, w.t, len(tz.in_modes), has_kernel=False)
+            f = self._cached("sequential", lambda: sequential_factors(w.factors, w.t, len(tz.in_modes),
+                                                                       has_kernel=False))
             y = sequential_linear(x2, f)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
