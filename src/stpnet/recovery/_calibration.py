@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -32,3 +33,29 @@ def iterate_images(images: torch.Tensor, batch_size: int, model: nn.Module) -> I
     dtype = param.dtype if param is not None and param.is_floating_point() else images.dtype
     for start in range(0, images.shape[0], batch_size):
         yield images[start:start + batch_size].to(device=device, dtype=dtype)
+
+
+@contextmanager
+def modes_restored(*models: nn.Module):
+    """Restore every submodule's train/eval mode on exit, whatever the code inside changes."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
+@torch.no_grad()
+def forward_with_hooks(model: nn.Module, hooks: dict[nn.Module, Callable], batches: Iterable[torch.Tensor]) -> None:
+    """Run ``model`` in eval mode on each batch with forward hooks ``{module: hook}`` attached;
+    hooks, and every module's mode, are removed and restored afterwards."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    try:
+        with modes_restored(model):
+            model.eval()
+            for batch in batches:
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.base import FactorizedLayer, layer_tensorization, tensor_t, uniform_rank
-from ._calibration import check_images, iterate_images
+from ._calibration import check_images, forward_with_hooks, iterate_images
 
 __all__ = ["RankAllocation", "allocate_ranks", "CRITERIA", "OBJECTIVES"]
 
@@ -169,16 +169,7 @@ def _grams(model: nn.Module, modules: dict[str, nn.Module], images: torch.Tensor
             grams[name] = grams[name] + g if name in grams else g
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    was_training = model.training
-    try:
-        model.eval()
-        for batch in iterate_images(images, batch_size, model):
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, {m: hook(n) for n, m in modules.items()}, iterate_images(images, batch_size, model))
     return grams
 
 

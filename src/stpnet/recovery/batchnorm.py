@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._calibration import check_images, iterate_images
+from ._calibration import check_images, iterate_images, modes_restored
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -53,19 +53,17 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORMS) and m.track_running_stats]
     if not norms:
         return 0
-    was_training = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
     try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over all batches
-            m.train()
-        for batch in iterate_images(images, batch_size, model):
-            model(batch)
+        with modes_restored(model):
+            model.eval()
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over all batches
+                m.train()
+            for batch in iterate_images(images, batch_size, model):
+                model(batch)
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
-        for m, mode in was_training.items():
-            m.train(mode)
     return len(norms)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..nn.base import FactorizedLayer
-from ._calibration import check_images, iterate_images
+from ._calibration import check_images, forward_with_hooks, iterate_images, modes_restored
 
 __all__ = ["LayerFit", "FitReport", "fit_to_activations", "activation_errors", "factorized_layer_order"]
 
@@ -58,17 +58,9 @@ class _Stop(Exception):
 def factorized_layer_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of ``model``'s factorized layers in the order one forward pass calls them."""
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, a, o, name=name: order.append(name) if name not in order else None)
-             for name, m in model.named_modules() if isinstance(m, FactorizedLayer)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    hooks = {m: (lambda mod, a, o, name=name: order.append(name) if name not in order else None)
+             for name, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+    forward_with_hooks(model, hooks, [example])
     return order
 
 
@@ -192,10 +184,9 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    modes = {m: m.training for m in list(compressed.modules()) + list(dense.modules())}
-    compressed.eval()
-    dense.eval()
-    try:
+    with modes_restored(compressed, dense):
+        compressed.eval()
+        dense.eval()
         example = next(iterate_images(images, 2, compressed))
         order = factorized_layer_order(compressed, example)
         if not order:
@@ -232,9 +223,6 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
             if callback is not None:
                 callback(fit)
             del X, Y
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
     return FitReport(tuple(fits), target, int(images.shape[0]))
 
 
