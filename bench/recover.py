@@ -9,8 +9,9 @@ test set:
 
 - ``plain``: straight after the decomposition (uniform rule: every layer the same compression);
 - ``bn``: plain, then BatchNorm recalibration on the calibration images;
-- ``recovered``: rank allocation (``allocation='weight'``), data-aware fitting (30 L-BFGS
-  iterations per layer) and BatchNorm recalibration, with no gradient-descent epoch;
+- ``recovered``: rank allocation (``allocation='weight'``) and data-aware fitting (100 L-BFGS
+  iterations per layer; the BatchNorm statistics stay the dense network's, which the fit
+  targets), with no gradient-descent epoch; ``recovered+bn``: then BatchNorm recalibration;
 - ``ft1``, ``ft5``, ``ft15``: the recovered network fine-tuned N epochs with the dense network as
   teacher (distillation alpha 0.9, T 4), SGD Nesterov, cosine from ``--lr``, batch 128, bf16 on CPU.
 
@@ -30,6 +31,7 @@ Run (from the repository root):
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import json
 import time
@@ -144,8 +146,9 @@ class Sweep:
         self.record(config, "bn", test_accuracy=self.accuracy(small), params=params,
                     compression=self.dense_params / params, seconds=seconds + time.perf_counter() - start)
 
-    def recovered(self, config: Config, allocation="weight", fit_steps=None, step="recovered"):
-        """The recovered network (cached in its run directory) and its spec."""
+    def recovered(self, config: Config, allocation="weight", fit_steps=None, step="recovered", bn=False):
+        """The recovered network (cached in its run directory) and its spec; with ``bn`` also the
+        accuracy after BatchNorm recalibration on top (step ``<step>+bn``, not cached)."""
         fit_steps = self.args.fit_steps if fit_steps is None else fit_steps
         cache = self.runs / config.name / f"{step}.pt"
         small, report, seconds = None, None, 0.0
@@ -157,7 +160,7 @@ class Sweep:
         else:
             small, report, seconds = self.compressed(config, allocation=allocation, fit_steps=fit_steps,
                                                      calibration=self.calibration(config.seed),
-                                                     recalibrate_bn=True)
+                                                     recalibrate_bn=fit_steps == 0)
             spec = ModelSpec(self.spec.name, 3, 10, config.format, config.t, None, report.ranks)
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"spec": spec.to_dict(), "model": small.state_dict()}, cache)
@@ -167,6 +170,13 @@ class Sweep:
             self.record(config, step, test_accuracy=self.accuracy(small), params=params,
                         compression=self.dense_params / params, seconds=seconds, allocation=allocation,
                         fit_steps=fit_steps, ranks={k: list(v) for k, v in spec.ranks.items()}, fit=fit)
+        if bn and (config.name, step + "+bn") not in self.done:
+            with_bn = copy.deepcopy(small)
+            start = time.perf_counter()
+            recalibrate_batchnorm(with_bn, self.calibration(config.seed))
+            params = sum(p.numel() for p in small.parameters())
+            self.record(config, step + "+bn", test_accuracy=self.accuracy(with_bn), params=params,
+                        compression=self.dense_params / params, seconds=seconds + time.perf_counter() - start)
         return small, spec
 
     def fine_tune(self, config: Config, epochs: int, distill: bool = True) -> None:
@@ -203,7 +213,7 @@ class Sweep:
 
     def ablation(self) -> None:
         config = Config("stt", 9)
-        self.recovered(config, allocation="uniform", step="uniform+fit+bn")
+        self.recovered(config, allocation="uniform", step="uniform+fit", bn=True)
         self.check_time()
         self.recovered(config, allocation="weight", fit_steps=0, step="alloc+bn")
         self.check_time()
@@ -222,7 +232,7 @@ class Sweep:
                 continue
             self.plain_and_bn(config)
             self.check_time()
-            self.recovered(config)
+            self.recovered(config, bn=True)
             for n in epochs:
                 self.check_time()
                 self.fine_tune(config, n)
@@ -233,7 +243,7 @@ class Sweep:
 def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     dense = next((r["test_accuracy"] for r in rows if r["step"] == "dense"), None)
-    steps = ["plain", "bn", "recovered", "ft1", "ft5", "ft15"]
+    steps = ["plain", "bn", "recovered", "recovered+bn", "ft1", "ft5", "ft15"]
     by_config: dict[str, dict] = {}
     for r in rows:
         if r["step"] == "dense":
@@ -259,7 +269,7 @@ def report(path: Path) -> str:
         seconds = sum(r.get("seconds", 0.0) for rs in by_step.values() for r in rs)
         lines.append(f"| {fmt} | {target:g}x | {any_row['params']:,} | {any_row['compression']:.2f}x | "
                      + " | ".join(cells) + f" | {seconds:.0f} |")
-    extra = [r for r in rows if r["step"] in ("uniform+fit+bn", "alloc+bn", "ft5-nodistill")]
+    extra = [r for r in rows if r["step"] in ("uniform+fit", "uniform+fit+bn", "alloc+bn", "ft5-nodistill")]
     if extra:
         lines += ["", "Ablation (STT 9x): " + "; ".join(f"{r['step']} {r['test_accuracy']:.2%}" for r in extra)]
     return "\n".join(lines)
@@ -273,7 +283,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="fnmatch patterns on configuration names, e.g. 'stt-9x-*'")
     parser.add_argument("--ablation", action="store_true", help="also the STT 9x ablation")
     parser.add_argument("--calibration-images", type=int, default=512)
-    parser.add_argument("--fit-steps", type=int, default=30)
+    parser.add_argument("--fit-steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate")
     parser.add_argument("--amp", default="bf16", choices=("auto", "bf16", "fp16", "off"))
     parser.add_argument("--time-limit", type=float, help="minutes; stop after the step that crosses it")

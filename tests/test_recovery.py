@@ -136,6 +136,8 @@ def test_fitting_rejects_bad_input():
         fit_to_activations(small, dense, torch.zeros(4, 5, 12, 12))
     with pytest.raises(ValueError, match="target must be one of"):
         fit_to_activations(small, dense, _images(4, 0), target="output")
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        fit_to_activations(small, dense, _images(4, 0), weighting="bn")
     with pytest.raises(ValueError, match="uncompressed model"):
         fit_to_activations(small, small, _images(4, 0))
     with pytest.raises(ValueError, match="no factorized layer"):

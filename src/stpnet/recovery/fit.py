@@ -25,6 +25,7 @@ from ._calibration import check_images, forward_with_hooks, iterate_images, mode
 __all__ = ["LayerFit", "FitReport", "fit_to_activations", "activation_errors", "factorized_layer_order"]
 
 TARGETS = ("network", "layer")
+WEIGHTINGS = ("channel", "none")
 
 
 @dataclass(frozen=True)
@@ -89,23 +90,46 @@ def _capture(model: nn.Module, module: nn.Module, images: torch.Tensor, batch_si
     return torch.cat(parts)
 
 
-def _relative_error(layer: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_size: int) -> float:
+def _channel_weights(Y: torch.Tensor, weighting: str) -> torch.Tensor | None:
+    """Per-output-channel weights 1 / std (``weighting='channel'``), shaped to broadcast over ``Y``.
+
+    A BatchNorm after the layer divides each channel by its standard deviation, so an error in a
+    quiet channel matters as much as one in a loud channel; the unweighted error lets the loud ones
+    dominate."""
+    if weighting == "none":
+        return None
+    dim = 1 if Y.ndim > 2 else Y.ndim - 1
+    dims = [d for d in range(Y.ndim) if d != dim]
+    std = Y.double().std(dim=dims)
+    std = torch.where(std > 1e-12 * (float(std.max()) or 1.0), std, torch.ones_like(std))
+    shape = [1] * Y.ndim
+    shape[dim] = -1
+    return (1.0 / std).to(Y.dtype).view(shape)
+
+
+def _relative_error(layer: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_size: int,
+                    weights: torch.Tensor | None) -> float:
     num = den = 0.0
     with torch.no_grad():
         for start in range(0, X.shape[0], batch_size):
             y = Y[start:start + batch_size]
-            num += float((layer(X[start:start + batch_size]) - y).double().pow(2).sum())
+            d = layer(X[start:start + batch_size]) - y
+            if weights is not None:
+                d, y = d * weights, y * weights
+            num += float(d.double().pow(2).sum())
             den += float(y.double().pow(2).sum())
     return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
-def _fit_layer(layer: FactorizedLayer, X: torch.Tensor, Y: torch.Tensor, steps: int, batch_size: int) -> int:
+def _fit_layer(layer: FactorizedLayer, X: torch.Tensor, Y: torch.Tensor, steps: int, batch_size: int,
+               weights: torch.Tensor | None) -> int:
     """Minimize the squared output error over the layer's factors and bias with L-BFGS (full batch,
     strong-Wolfe line search: no step size to tune, whatever the scale of the factors)."""
     params = [p for p in layer.parameters() if p.requires_grad]
     if steps == 0 or not params:
         return 0
-    scale = float(Y.double().pow(2).sum()) or 1.0
+    w = weights if weights is not None else torch.ones((), dtype=Y.dtype)
+    scale = float((Y * w).double().pow(2).sum()) or 1.0
     optimizer = torch.optim.LBFGS(params, lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-12, tolerance_change=1e-14)
 
@@ -113,7 +137,7 @@ def _fit_layer(layer: FactorizedLayer, X: torch.Tensor, Y: torch.Tensor, steps: 
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for start in range(0, X.shape[0], batch_size):
-            loss = (layer(X[start:start + batch_size]) - Y[start:start + batch_size]).pow(2).sum() / scale
+            loss = ((layer(X[start:start + batch_size]) - Y[start:start + batch_size]) * w).pow(2).sum() / scale
             loss.backward()
             total += float(loss.detach())
         for p in params:  # L-BFGS flattens gradients with view()
@@ -132,7 +156,7 @@ def _fit_layer(layer: FactorizedLayer, X: torch.Tensor, Y: torch.Tensor, steps: 
 
 
 def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Tensor, *, steps: int = 30,
-                       target: str = "network", batch_size: int = 128,
+                       target: str = "network", weighting: str = "channel", batch_size: int = 128,
                        layers: list[str] | None = None,
                        callback: Callable[[LayerFit], None] | None = None) -> FitReport:
     """Refine every factorized layer of ``compressed`` to reproduce ``dense``'s activations, in place.
@@ -159,6 +183,10 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
     steps : int
         L-BFGS iterations per layer (0 only measures the errors).
     target : {'network', 'layer'}
+    weighting : {'channel', 'none'}
+        ``'channel'`` (default) divides each output channel's error by that channel's standard
+        deviation in ``Y``: the error a BatchNorm after the layer would see. ``'none'``: plain
+        squared error. The reported errors use the same weighting.
     batch_size : int
         Images per forward pass (memory), not an optimization setting.
     layers : list of str, optional
@@ -180,6 +208,8 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
     check_images(images)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -211,10 +241,11 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
                     Y = _capture(dense, reference, images, batch_size, "output")
                 else:
                     Y = torch.cat([reference(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)])
-            before = _relative_error(layer, X, Y, batch_size)
+            weights = _channel_weights(Y, weighting)
+            before = _relative_error(layer, X, Y, batch_size, weights)
             saved = {k: v.detach().clone() for k, v in layer.state_dict().items()}
-            n = _fit_layer(layer, X, Y, steps, batch_size)
-            after = _relative_error(layer, X, Y, batch_size)
+            n = _fit_layer(layer, X, Y, steps, batch_size, weights)
+            after = _relative_error(layer, X, Y, batch_size, weights)
             if not after <= before:  # also catches NaN
                 layer.load_state_dict(saved)
                 after = before
@@ -228,8 +259,9 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
 
 @torch.no_grad()
 def activation_errors(compressed: nn.Module, dense: nn.Module, images: torch.Tensor, *, target: str = "network",
-                      batch_size: int = 128) -> dict[str, float]:
+                      weighting: str = "channel", batch_size: int = 128) -> dict[str, float]:
     """Each factorized layer's relative output error ``||L(X) - Y|| / ||Y||`` on ``images``, with
     ``X`` and ``Y`` as in :func:`fit_to_activations` (for example on held-out images)."""
-    report = fit_to_activations(compressed, dense, images, steps=0, target=target, batch_size=batch_size)
+    report = fit_to_activations(compressed, dense, images, steps=0, target=target, weighting=weighting,
+                                batch_size=batch_size)
     return {f.name: f.error_before for f in report.layers}
