@@ -209,8 +209,7 @@ def _cmd_compress(args) -> int:
     allocation, fit_steps, bn = args.allocation, args.fit_steps, args.bn_recalibrate
     if args.recover:  # the recommended recovery, each part overridable
         allocation = "weight" if allocation is None else allocation
-        fit_steps = 30 if fit_steps is None else fit_steps
-        bn = True
+        fit_steps = 100 if fit_steps is None else fit_steps
     allocation = allocation or "uniform"
     if allocation != "uniform" and args.compression is None:
         raise ValueError(f"--allocation {allocation} shares a --compression target among the layers; give "
@@ -370,7 +369,7 @@ def _cmd_demo(args) -> int:
         print()
         pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
         _print_table(["network", "parameters", "compression", "straight after compression",
-                      "after fit + BN (no epoch)", "after recovery", "time (s)"],
+                      "after allocation + fit (no epoch)", "after 1 distilled epoch", "time (s)"],
                      [[r["format"], f"{r['params']:,}", f"{r['compression']:.2f}x", pct(r["plain"]),
                        pct(r["recovered"]), f"{r['accuracy']:.2%}", f"{r['seconds']:.1f}"] for r in rows])
     if plot:
@@ -402,13 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_factorization(p, required=True)
     p.add_argument("--n-iter", type=int, default=0, help="refinement sweeps (HOOI / ALS) of the fit")
     rec = p.add_argument_group("recovery", "keep the trained network's accuracy (--recover turns on the "
-                               "recommended set: --allocation weight --fit-steps 30 --bn-recalibrate)")
-    rec.add_argument("--recover", action="store_true", help="allocate ranks, fit to activations, recalibrate BN")
+                               "recommended set: --allocation weight --fit-steps 100)")
+    rec.add_argument("--recover", action="store_true", help="allocate ranks and fit the layers to the dense "
+                                                            "activations")
     rec.add_argument("--allocation", choices=("uniform", "weight", "activation"), default=None,
                      help="how --compression is shared among layers (default uniform; weight with --recover)")
     rec.add_argument("--fit-steps", type=int, default=None,
-                     help="L-BFGS iterations per layer fitting the dense activations (default 0; 30 with --recover)")
-    rec.add_argument("--bn-recalibrate", action="store_true", help="re-estimate BatchNorm statistics")
+                     help="L-BFGS iterations per layer fitting the dense activations (default 0; 100 with --recover)")
+    rec.add_argument("--bn-recalibrate", action="store_true",
+                     help="re-estimate BatchNorm statistics (helps a plain decomposition; after fitting, which "
+                          "targets the dense statistics, it measured worse: BENCHMARKS.md)")
     rec.add_argument("--calibration-images", type=int, default=512,
                      help="training images for the data-aware steps (default 512)")
     rec.add_argument("--distill", action="store_true", help="fine-tune with the dense network as teacher")
@@ -448,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compress the shipped trained ResNet-20 ~9x and recover its accuracy",
                        description="Compress the shipped trained ResNet-20 about 9x in TT, STT and STR, recover "
-                                   "each (rank allocation, fitting, BN recalibration, a distilled fine-tune "
+                                   "each (rank allocation, fitting to the dense activations, a distilled fine-tune "
                                    "on the embedded CIFAR-10 subset), print a table and save a plot. "
                                    "--from-scratch trains dense, TT and STT from scratch instead.")
     p.add_argument("--from-scratch", action="store_true", help="train dense, TT and STT from scratch instead")

@@ -335,10 +335,13 @@ def compress(
     fit_steps : int
         If > 0, refine every factorized layer for this many L-BFGS iterations to reproduce the
         dense network's activations on ``calibration``, layer by layer in execution order
-        (:func:`stpnet.recovery.fit_to_activations`); 30 is a good value.
+        (:func:`stpnet.recovery.fit_to_activations`); 100 is a good value (about a minute for
+        ResNet-20 on 512 images, 2 CPU cores).
     recalibrate_bn : bool
         Re-estimate BatchNorm running statistics on ``calibration`` at the end
-        (:func:`stpnet.recovery.recalibrate_batchnorm`).
+        (:func:`stpnet.recovery.recalibrate_batchnorm`). It recovers much of a plain
+        decomposition's loss; after fitting, which targets the dense network's statistics, it
+        measured worse on ResNet-20 (BENCHMARKS.md), so combine the two only after checking.
 
     Returns
     -------

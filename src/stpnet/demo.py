@@ -2,7 +2,7 @@
 
 * :func:`run_compression_demo` (the default ``stpnet demo``): load the shipped trained ResNet-20,
   compress it about 9x in several formats, recover each (rank allocation, fitting to the dense
-  activations, BatchNorm recalibration, a short fine-tune with the dense network as teacher) and
+  activations, a short fine-tune with the dense network as teacher) and
   report the accuracy straight after compression and after recovery.
 * :func:`run_demo` (``stpnet demo --from-scratch``): train ResNet-20 dense, TT and STT from scratch.
 """
@@ -47,8 +47,8 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
     -------
     (rows, plot_path)
         One dict per network: format, params, compression, ``plain`` (accuracy straight after
-        compression; the dense row has its own accuracy), ``recovered`` (after fitting and BN,
-        no epoch), ``accuracy`` (final), ``seconds`` (compression, recovery and fine-tuning). The
+        compression; the dense row has its own accuracy), ``recovered`` (after allocation and
+        fitting, no epoch), ``accuracy`` (final), ``seconds`` (compression, recovery and fine-tuning). The
         plot path is None if matplotlib is missing.
     """
     from .compress import compress as compress_model
@@ -84,9 +84,9 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
         plain_accuracy = accuracy(plain)
         say(f"{fmt}: straight after compression {plain_accuracy:.2%}; recovering")
         small, report = compress_model(dense, fmt, compression=compression, t=t, allocation="weight",
-                                       calibration=calibration, fit_steps=fit_steps, recalibrate_bn=True)
+                                       calibration=calibration, fit_steps=fit_steps)
         recovered = accuracy(small)
-        say(f"{fmt}: after allocation, fitting and BN recalibration {recovered:.2%}")
+        say(f"{fmt}: after rank allocation and fitting {recovered:.2%}")
         spec = ModelSpec(DEMO_MODEL, 3, data.num_classes, fmt, t, None, report.ranks)
         final = recovered
         if fine_tune_epochs > 0:
