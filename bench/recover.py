@@ -251,10 +251,13 @@ def report(path: Path) -> str:
         key = (r["format"], r["target"])
         by_config.setdefault(key, {}).setdefault(r["step"], []).append(r)
     lines = [f"dense ResNet-20: {dense:.2%}" if dense is not None else "dense: not measured", "",
-             "| format | target | params | compression | " + " | ".join(steps) + " | CPU time (s) |",
+             "params and compression: the allocated network that is fitted and fine-tuned (plain and bn use "
+             "the uniform rule, within 2% of it); accuracy on the 10,000 test images; time: wall seconds of "
+             "all steps on this machine's cores", "",
+             "| format | target | params | compression | " + " | ".join(steps) + " | time (s) |",
              "|---|---|---|---|" + "---|" * len(steps) + "---|"]
     for (fmt, target), by_step in sorted(by_config.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        any_row = next(iter(by_step.values()))[0]
+        any_row = (by_step.get("recovered") or next(iter(by_step.values())))[0]  # the network fine-tuned
         cells = []
         for s in steps:
             values = [r["test_accuracy"] for r in by_step.get(s, [])]
