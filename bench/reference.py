@@ -7,7 +7,7 @@ types; the script calls the CLI's entry point in this process), resumably in its
 the command), and copies the per-epoch metrics log to ``results/reference/<name>.jsonl``.
 
 Run (from the repository root):
-    .venv/bin/python bench/reference.py resnet20-cifar10             # train (resumes), ~70 min here
+    .venv/bin/python bench/reference.py resnet20-cifar10             # train (resumes), ~72 min here
     .venv/bin/python bench/reference.py resnet20-cifar10 --export    # evaluate, write weights + card
     .venv/bin/python bench/reference.py --list                       # the recipes as CLI lines
 """
@@ -42,7 +42,7 @@ RECIPES = {
     "resnet20-cifar10": ["--model", "resnet20", "--epochs", "100", "--lr", "0.1", "--batch-size", "128",
                          "--weight-decay", "5e-4", "--schedule", "cosine", "--warmup-epochs", "1",
                          "--amp", "bf16", "--seed", "0"],
-    "resnet32-cifar10": ["--model", "resnet32", "--epochs", "100", "--lr", "0.1", "--batch-size", "128",
+    "resnet32-cifar10": ["--model", "resnet32", "--epochs", "200", "--lr", "0.1", "--batch-size", "128",
                          "--weight-decay", "5e-4", "--schedule", "cosine", "--warmup-epochs", "1",
                          "--amp", "bf16", "--seed", "0"],
 }
