@@ -3,11 +3,13 @@
 Layers differ in how much a given compression costs them: a 16-channel convolution loses far more
 of its weight at 9x than a 64-channel one, and a layer whose inputs span few directions loses
 little output. The allocation measures, for every layer and every candidate rank, the normalised
-approximation error of the decomposition at that rank, then spends the parameter budget greedily
-where it removes the most error per parameter (the convex-hull greedy for a multiple-choice
-knapsack). The per-layer error is either the weight error ``||W - W_R||^2 / ||W||^2``
-(``criterion='weight'``) or the output error on calibration inputs ``x``,
-``||(W - W_R) x||^2 / ||W x||^2`` (``criterion='activation'``), computed from the inputs' Gram
+approximation error of the decomposition at that rank, then spends the parameter budget either
+to minimise the largest per-layer error (``objective='max'``, the default: raise the worst
+layer, then the next) or the sum of the errors (``objective='sum'``: the convex-hull greedy for
+a multiple-choice knapsack, most error removed per parameter). The per-layer error is either the
+weight error ``||W - W_R||^2 / ||W||^2`` (``criterion='weight'``) or the output error on
+calibration inputs ``x``, ``||(W - W_R) x||^2 / ||W x||^2`` (``criterion='activation'``), computed
+from the inputs' Gram
 matrix without storing them.
 """
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..decomposition import decompose
 from ..nn.base import FactorizedLayer, layer_tensorization, tensor_t, uniform_rank
 from ._calibration import check_images, forward_with_hooks, iterate_images
 
@@ -76,10 +79,6 @@ def _unfold_gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # N, C*K, L
     return torch.einsum("nal,nbl->ab", cols, cols)
-
-
-def _dense_weight_matrix(layer: nn.Module) -> torch.Tensor:
-    return layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
 
 
 def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int | None = None,
@@ -196,8 +195,6 @@ def _layer_options(layer: nn.Module, format: str, t, layout, n_modes, gram):
         points.append((params, ranks))
         if params >= Wm.numel() + bias:
             break
-    from ..decomposition import decompose
-
     name = cls.semi_name if tt > 1 else cls.family
     options = []
     for params, ranks in sorted(points):

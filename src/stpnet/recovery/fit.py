@@ -152,7 +152,7 @@ def _fit_layer(layer: FactorizedLayer, X: torch.Tensor, Y: torch.Tensor, steps: 
             optimizer.step(closure)
     finally:
         layer.train(was_training)
-    return int(optimizer.state[optimizer._params[0]].get("n_iter", steps))
+    return int(optimizer.state[params[0]].get("n_iter", steps))
 
 
 def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Tensor, *, steps: int = 30,
