@@ -33,7 +33,7 @@ def test_half_precision_layers_initialise_in_float32_and_cast(fmt, dtype):
     torch.manual_seed(0)
     layer = FactorizedConv2d(16, 16, 3, padding=1, format=fmt, rank=4, dtype=dtype)
     assert all(p.dtype == dtype for p in layer.parameters())
-    w = layer.weight().detach().float()
+    w = layer.weight.detach().float()
     assert torch.isfinite(w).all()
     assert float(w.std()) == pytest.approx((2 / (16 * 9)) ** 0.5, rel=0.05)  # kaiming, as in float32
 

@@ -140,10 +140,11 @@ def test_tied_weights_are_kept_dense_with_a_warning_or_refused():
             return self.head(torch.relu(self.body(self.emb(idx))))
 
     model = TiedHead()
-    with pytest.warns(UserWarning, match=r"\['head'\] share their weight"):
+    with pytest.warns(UserWarning, match=r"\['emb', 'head'\] share their weight"):
         small, report = stpnet.compress(model, "tt", rank=2, keep_classifier=False)
     assert isinstance(small.head, nn.Linear) and small.head.weight is small.emb.weight
-    assert report.kept_tied == ("head",) and "tied to another module: head" in report.to_markdown()
+    assert isinstance(small.emb, nn.Embedding)
+    assert report.kept_tied == ("emb", "head") and "tied to another module: emb, head" in report.to_markdown()
     assert report.compression > 1
     with pytest.raises(ValueError, match="tied parameters"):
         stpnet.compress(model, "tt", rank={"head": 2})

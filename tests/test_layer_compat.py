@@ -72,7 +72,7 @@ def make_input(kind: str, seed: int = 100, batch: int = 2, dtype=torch.float32) 
 
 def dense_reference(layer, x: torch.Tensor) -> torch.Tensor:
     """The dense op on the rebuilt weight: what nn.Conv2d / nn.Linear would compute."""
-    w = layer.weight()
+    w = layer.weight
     if isinstance(layer, FactorizedConv2d):
         return F.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation)
     return F.linear(x, w, layer.bias)

@@ -44,7 +44,7 @@ def test_conv_paths_match_dense_reference(fmt, layout, t, dtype):
                              dtype=dtype)
     x = torch.randn(3, 16, 9, 8, dtype=dtype)
     # the dense reference: torch's conv with the reconstructed weight as a leaf tensor
-    W = layer.weight().detach().requires_grad_()
+    W = layer.weight.detach().requires_grad_()
     xr = x.clone().requires_grad_()
     ref = F.conv2d(xr, W, layer.bias, (2, 1), 1)
     y_rebuild, gx_rebuild, gp_rebuild = grads(layer, x, "rebuild")
@@ -59,7 +59,7 @@ def test_conv_paths_match_dense_reference(fmt, layout, t, dtype):
     for a, b in zip(gp_contract, gp_rebuild):
         assert rel(a, b) < 10 * TOL[dtype]
     # weight gradient: the factor gradients of the rebuild path are the chain rule through dW
-    dW = torch.autograd.grad(layer.weight(), list(layer.weight_tensor.parameters()), W.grad)
+    dW = torch.autograd.grad(layer.weight, list(layer.weight_tensor.parameters()), W.grad)
     for a, b in zip(dW, gp_rebuild):
         assert rel(a, b) < 10 * TOL[dtype]
 
@@ -69,7 +69,7 @@ def test_linear_paths_match_dense_reference(fmt, layout, t):
     torch.manual_seed(2)
     layer = FactorizedLinear(24, 32, format=fmt, layout=layout, rank=4, t=t, dtype=torch.float64)
     x = torch.randn(2, 5, 24, dtype=torch.float64)
-    ref = F.linear(x, layer.weight().detach(), layer.bias)
+    ref = F.linear(x, layer.weight.detach(), layer.bias)
     y_r, gx_r, gp_r = grads(layer, x, "rebuild")
     y_c, gx_c, gp_c = grads(layer, x, "contract")
     assert rel(y_r, ref) < 1e-12 and rel(y_c, ref) < 1e-12
@@ -97,7 +97,7 @@ def test_conv1d_and_conv3d(cls, spatial, fmt, layout, t):
     layer = cls(8, 16, 3, padding=1, stride=2, format=fmt, layout=layout, rank=4, t=t, dtype=torch.float64)
     x = torch.randn(2, 8, *spatial, dtype=torch.float64)
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(spatial) - 1]
-    ref = conv(x, layer.weight().detach(), layer.bias, 2, 1)
+    ref = conv(x, layer.weight.detach(), layer.bias, 2, 1)
     for path in ("rebuild", "contract"):
         layer.forward_path = path
         assert rel(layer(x), ref) < 1e-12
@@ -117,7 +117,7 @@ def test_initialisation_preserves_variance_like_kaiming(fmt, layout, t, c, rank)
     with torch.no_grad():
         ratio_dense = float(dense(x).std() / x.std())
         ratio = float(layer(x).std() / x.std())
-        w_std = float(layer.weight().std())
+        w_std = float(layer.weight.std())
     assert abs(ratio / ratio_dense - 1) < 0.15
     assert w_std == pytest.approx(math.sqrt(2 / (c * 9)), rel=0.02)
 
@@ -150,7 +150,7 @@ def test_from_dense_carries_over_configuration():
     assert layer.kernel_size == (3, 5) and layer.padding_mode == "circular"
     x = torch.randn(2, 8, 10, 9)
     with torch.no_grad():
-        dense.weight.copy_(layer.weight())  # the dense layer with the factorized kernel
+        dense.weight.copy_(layer.weight)  # the dense layer with the factorized kernel
         for path in ("rebuild", "contract"):
             layer.forward_path = path
             assert rel(layer(x), dense(x)) < 1e-5
@@ -168,7 +168,7 @@ def test_from_dense_with_tolerance_or_compression(rule):
     dense = nn.Conv2d(32, 64, 3, padding=1)
     layer = FactorizedConv2d.from_dense(dense, "stt", t=2, **rule)
     W = dense.weight.detach()
-    err = rel(layer.weight().detach(), W)
+    err = rel(layer.weight.detach(), W)
     if "tol" in rule:
         assert err <= 0.3
     else:
@@ -201,7 +201,7 @@ def test_channel_factorization():
     layer = FactorizedConv2d(3, 7, 3, format="tt", rank=4, dtype=torch.float64)
     layer.forward_path = "contract"
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
-    assert rel(layer(x), F.conv2d(x, layer.weight().detach(), layer.bias)) < 1e-12
+    assert rel(layer(x), F.conv2d(x, layer.weight.detach(), layer.bias)) < 1e-12
 
 
 @pytest.mark.parametrize("layout", ["sequential", "paired"])
@@ -358,7 +358,7 @@ def test_eval_inference_caches_merged_factors_until_they_change(fmt, path, monke
     layer.eval()
     with torch.no_grad():
         stepped = layer(x)
-    reference = torch.nn.functional.conv2d(x, layer.weight().detach(), layer.bias, padding=1)
+    reference = torch.nn.functional.conv2d(x, layer.weight.detach(), layer.bias, padding=1)
     assert not torch.allclose(stepped, first) and torch.allclose(stepped, reference, rtol=1e-4, atol=1e-5)
     # load_state_dict too (same layer object, still in eval mode)
     state = {k: v * 0.5 if k.startswith("weight_tensor") else v for k, v in layer.state_dict().items()}
@@ -366,7 +366,7 @@ def test_eval_inference_caches_merged_factors_until_they_change(fmt, path, monke
         layer(x)
         layer.load_state_dict(state)
         loaded = layer(x)
-    reference = torch.nn.functional.conv2d(x, layer.weight().detach(), layer.bias, padding=1)
+    reference = torch.nn.functional.conv2d(x, layer.weight.detach(), layer.bias, padding=1)
     assert torch.allclose(loaded, reference, rtol=1e-4, atol=1e-5) and not torch.allclose(loaded, stepped)
     # with gradients on, nothing is cached: the output still depends on the factors
     out = layer(x)

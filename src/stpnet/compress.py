@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 from torch import nn
 
-from .nn.base import FactorizedLayer, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
-from .nn.convert import FACTORIZED_COUNTERPARTS, to_dense
+from .formats import format_class
+from .nn.base import FactorizedLayer, _resolve_t, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
+from .nn.attention import UnpackedMultiheadAttention
+from .nn.convert import FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry, to_dense, why_not_factorizable
 
 if TYPE_CHECKING:
     from .recovery import FitReport
 
-__all__ = ["LayerReport", "CompressionReport", "compress", "decompress", "eligible_layers", "model_report"]
+__all__ = ["LayerReport", "LayerNote", "CompressionReport", "compress", "decompress", "eligible_layers",
+           "layer_eligibility", "model_report"]
 
 INIT_MODES = ("decompose", "random")
 
@@ -45,6 +48,16 @@ class LayerReport:
 
 
 @dataclass(frozen=True)
+class LayerNote:
+    """A layer that ``compress`` left as it was, or compressed with a setting other than the one
+    asked for, and why."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class CompressionReport:
     """Per-layer and whole-model parameters, compression and forward multiply-adds.
 
@@ -61,6 +74,8 @@ class CompressionReport:
     fit: "FitReport | None" = None
     bn_recalibrated: bool = False
     kept_tied: tuple[str, ...] = ()
+    skipped: tuple[LayerNote, ...] = ()
+    adjusted: tuple[LayerNote, ...] = ()
 
     @property
     def compression(self) -> float:
@@ -87,7 +102,8 @@ class CompressionReport:
                 "dense_macs": self.dense_macs, "macs": self.macs,
                 "input_shape": list(self.input_shape) if self.input_shape else None,
                 "allocation": self.allocation, "fit": self.fit.to_dict() if self.fit is not None else None,
-                "bn_recalibrated": self.bn_recalibrated, "kept_tied": list(self.kept_tied)}
+                "bn_recalibrated": self.bn_recalibrated, "kept_tied": list(self.kept_tied),
+                "skipped": [asdict(n) for n in self.skipped], "adjusted": [asdict(n) for n in self.adjusted]}
 
     def to_markdown(self) -> str:
         """A table: one row per Conv/Linear layer, then the whole-model totals."""
@@ -120,11 +136,56 @@ class CompressionReport:
             notes.append(f"kept dense because their weights are tied to another module: {', '.join(self.kept_tied)}")
         if notes:
             lines.append("\n" + "; ".join(notes))
+        for title, entries in (("Compressed with another setting", self.adjusted), ("Not compressed", self.skipped)):
+            if entries:
+                lines.append(f"\n{title}:")
+                lines.extend(f"- {n.name} ({n.kind}): {n.reason}" for n in entries)
         return "\n".join(lines)
 
 
-def _is_factorizable(module: nn.Module) -> bool:
-    return type(module) in FACTORIZED_COUNTERPARTS and getattr(module, "groups", 1) == 1
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that hold a weight matrix or kernel: the Conv/Linear family, and any other module
+    with a parameter of two or more dimensions of its own (so what cannot be compressed is
+    reported, not silently passed over). Factorized layers are not candidates."""
+    out = []
+    for name, m in model.named_modules():
+        if not name or isinstance(m, FactorizedLayer):
+            continue
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or any(
+                p.ndim >= 2 for p in m.parameters(recurse=False)):
+            out.append((name, m))
+    return out
+
+
+def layer_eligibility(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    keep_first_conv: bool = True,
+    keep_classifier: bool = True,
+) -> dict[str, str | None]:
+    """Every module holding a weight matrix or kernel, with None if ``compress`` would replace it or
+    the reason it stays as it is (unsupported type, groups > 1, kept on purpose, filtered out)."""
+    named = _candidates(model)
+    convs = [n for n, m in named if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    linears = [n for n, m in named if isinstance(m, nn.Linear)]
+    protected = {}
+    if keep_classifier and linears:
+        protected[linears[-1]] = "kept dense on purpose: the classifier (keep_classifier=True)"
+    if keep_first_conv and convs:
+        protected[convs[0]] = "kept dense on purpose: the first convolution (keep_first_conv=True)"
+    out: dict[str, str | None] = {}
+    for name, module in named:
+        reason = why_not_factorizable(module)
+        explicitly = include is not None and any(fnmatch.fnmatch(name, p) for p in include)
+        if reason is None and include is not None and not explicitly:
+            reason = "not matched by include="
+        if reason is None and exclude is not None and any(fnmatch.fnmatch(name, p) for p in exclude):
+            reason = "matched by exclude="
+        if reason is None and name in protected and not explicitly:
+            reason = protected[name]
+        out[name] = reason
+    return out
 
 
 def eligible_layers(
@@ -138,29 +199,12 @@ def eligible_layers(
 
     By default the first convolution and the last Linear (the classifier) stay dense. ``include``
     and ``exclude`` are shell-style patterns on module names (``fnmatch``); a layer named by
-    ``include`` is eligible even if it is the first conv or the classifier.
+    ``include`` is eligible even if it is the first conv or the classifier. Subclasses of
+    ``nn.Linear`` / ``nn.ConvNd`` that keep their base's forward are eligible
+    (:func:`stpnet.nn.dense_counterpart`); :func:`layer_eligibility` says why the others are not.
     """
-    named = [(n, m) for n, m in model.named_modules() if n]
-    convs = [n for n, m in named if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    linears = [n for n, m in named if isinstance(m, nn.Linear)]
-    protected = set()
-    if keep_first_conv and convs:
-        protected.add(convs[0])
-    if keep_classifier and linears:
-        protected.add(linears[-1])
-    out = []
-    for name, module in named:
-        if not _is_factorizable(module):
-            continue
-        explicitly = include is not None and any(fnmatch.fnmatch(name, p) for p in include)
-        if include is not None and not explicitly:
-            continue
-        if exclude is not None and any(fnmatch.fnmatch(name, p) for p in exclude):
-            continue
-        if name in protected and not explicitly:
-            continue
-        out.append(name)
-    return out
+    return [n for n, reason in layer_eligibility(model, include, exclude, keep_first_conv, keep_classifier).items()
+            if reason is None]
 
 
 def _layer_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[str, tuple[int, ...]]:
@@ -176,7 +220,7 @@ def _layer_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[s
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, FactorizedLayer)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding, FactorizedLayer)):
             hooks.append(module.register_forward_hook(record(name)))
     was_training = model.training
     try:
@@ -194,6 +238,8 @@ def _layer_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[s
 
 
 def _dense_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
+    if isinstance(module, nn.Embedding):
+        return 0  # a gather
     if isinstance(module, nn.Linear):
         return math.prod(shape[:-1]) * module.in_features * module.out_features
     per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
@@ -227,7 +273,7 @@ def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
             rows.append(LayerReport(name, kind, m.format_name, m.rank, m.t, m.dense_params, m.num_params,
                                     None if shape is None else m.dense_flops(shape),
                                     None if shape is None else m.flops(shape)))
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)):
             n = sum(p.numel() for p in m.parameters())
             macs = None if shape is None else _dense_macs(m, shape)
             rows.append(LayerReport(name, type(m).__name__, "dense", None, None, n, n, macs, macs))
@@ -242,16 +288,15 @@ def _plan_ranks(layers: dict[str, nn.Module], format: str, t, layout, n_modes, f
     """Ranks for every layer at a per-layer weight compression ``factor``; and their param counts."""
     plan, total, seen = {}, 0, {}
     for name, m in layers.items():
-        kernel = tuple(getattr(m, "kernel_size", ()))
-        c_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-        c_out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        bias = m.bias.numel() if m.bias is not None else 0
-        key = (type(m), c_in, c_out, kernel)
+        c_in, c_out, kernel = dense_geometry(m)
+        bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
+        lt = t[name] if isinstance(t, Mapping) else t
+        key = (type(m), c_in, c_out, kernel, lt)
         if key in seen:  # layers of the same shape get the same ranks
             plan[name], count = seen[key]
             total += count + bias
             continue
-        cls, tt, tz = layer_tensorization(format, t, layout, c_in, c_out, kernel, None, None, n_modes)
+        cls, tt, tz = layer_tensorization(format, lt, layout, c_in, c_out, kernel, None, None, n_modes)
         shape = tz.tensor_shape
         ts = tensor_t(tz, tt)
         try:
@@ -376,12 +421,18 @@ def compress(
     if needs_data and calibration is None:
         raise ValueError(f"{' and '.join(needs_data)} need calibration inputs (calibration=a few hundred "
                          "preprocessed training images)")
+    format_cls, semi = format_class(format)
+    requested_t = _resolve_t(format_cls.family, semi, t)
     dense_params = sum(p.numel() for p in model.parameters())
     reference = model
     if not inplace:
         model = copy.deepcopy(model)
     elif fit_steps > 0:
         reference = copy.deepcopy(model)  # the dense activations to fit to
+    if fit_steps > 0 and _attention_modules(reference):
+        reference = copy.deepcopy(reference)
+        _unpack_attention(reference)  # the same module names as the compressed model
+    unpacked, refused = _unpack_attention(model)
     if isinstance(rank, Mapping):
         names = list(rank)
         for name in names:
@@ -389,11 +440,20 @@ def compress(
                 module = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"rank names layer {name!r}, which the model does not have") from None
-            if not _is_factorizable(module):
-                raise ValueError(f"layer {name!r} is a {type(module).__name__}; only Conv1d/2d/3d with groups=1 "
-                                 "and Linear can be factorized")
+            reason = why_not_factorizable(module)
+            if reason is not None:
+                raise ValueError(f"layer {name!r} cannot be factorized: {reason}; only Conv1d/2d/3d with groups=1 "
+                                 "and Linear (or subclasses keeping their forward) can")
+        eligibility = {n: None if n in rank else "not named in rank=" for n, _ in _candidates(model)}
     else:
-        names = eligible_layers(model, include, exclude, keep_first_conv, keep_classifier)
+        eligibility = layer_eligibility(model, include, exclude, keep_first_conv, keep_classifier)
+        names = [n for n, reason in eligibility.items() if reason is None]
+    eligibility.update(refused)
+    for name, original in unpacked.items():  # attention none of whose projections is replaced: as it was
+        if not any(n.startswith(name + ".") for n in names):
+            why = sorted({eligibility.pop(c) or "tied" for c in [n for n in eligibility if n.startswith(name + ".")]})
+            eligibility[name] = f"none of its projections is selected ({'; '.join(why)})"
+            _set_module(model, name, original)
     tied = _tied_layers(model, names)
     if tied and isinstance(rank, Mapping):
         raise ValueError(f"layers {tied} share their weight with another module (tied parameters); factorizing "
@@ -403,29 +463,37 @@ def compress(
                       "the report lists them", stacklevel=2)
         names = [n for n in names if n not in tied]
     if not names:
+        reasons = "; ".join(f"{n}: {'weight tied to another module' if n in tied else r}"
+                            for n, r in list(eligibility.items())[:8])
         raise ValueError("no eligible layer: the model has no Conv/Linear with groups=1 outside the kept "
-                         "first convolution and classifier (see include=/keep_first_conv=)")
+                         "first convolution and classifier (see include=/keep_first_conv=)"
+                         + (f". Layers seen: {reasons}" if reasons else ". It holds no weight matrix or kernel"))
     layers = {n: model.get_submodule(n) for n in names}
+    layer_t, adjusted = _settle_t(layers, format, requested_t, layout, n_modes)
+    if adjusted:
+        warnings.warn("; ".join(f"{note.name}: {note.reason}" for note in adjusted), stacklevel=2)
+    skipped = [LayerNote(n, type(model.get_submodule(n)).__name__, "weight tied to another module" if n in tied
+                         else reason) for n, reason in eligibility.items() if n not in layers]
     aliases: dict[int, list[str]] = {}
     for alias, module in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(alias)
     clip = init == "decompose"
     if compression is not None and allocation != "uniform":
-        plan = allocate_ranks(model, format, compression, t=t, layout=layout, n_modes=n_modes, criterion=allocation,
+        plan = allocate_ranks(model, format, compression, t=layer_t, layout=layout, n_modes=n_modes, criterion=allocation,
                               images=calibration, layers=names).ranks
     elif compression is not None:
-        plan = _rank_plan_for_target(model, layers, dense_params, format, t, layout, n_modes, compression, clip)
+        plan = _rank_plan_for_target(model, layers, dense_params, format, layer_t, layout, n_modes, compression, clip)
     elif isinstance(rank, Mapping):
         plan = {n: tuple(r) if isinstance(r, (list, tuple)) else r for n, r in rank.items()}
     else:
         plan = {n: rank for n in names}
     for name, dense in layers.items():
-        cls = FACTORIZED_COUNTERPARTS[type(dense)]
+        cls = FACTORIZED_COUNTERPARTS[dense_counterpart(dense)]
         if init == "decompose":
-            new = cls.from_dense(dense, format, rank=plan[name], t=t, layout=layout, n_modes=n_modes,
+            new = cls.from_dense(dense, format, rank=plan[name], t=layer_t[name], layout=layout, n_modes=n_modes,
                                  n_iter=n_iter, forward_path=forward_path)
         else:
-            new = _fresh_like(cls, dense, format, plan[name], t, layout, n_modes, forward_path)
+            new = _fresh_like(cls, dense, format, plan[name], layer_t[name], layout, n_modes, forward_path)
         for alias in aliases[id(dense)]:  # a module used in several places stays one shared module
             _set_module(model, alias, new)
     fit = None
@@ -435,7 +503,54 @@ def compress(
         recalibrate_batchnorm(model, calibration)
     report = model_report(model, input_shape, dense_params)
     return model, dataclasses.replace(report, allocation=allocation if compression is not None else None, fit=fit,
-                                      bn_recalibrated=recalibrate_bn, kept_tied=tuple(tied))
+                                      bn_recalibrated=recalibrate_bn, kept_tied=tuple(tied), skipped=tuple(skipped),
+                                      adjusted=tuple(adjusted))
+
+
+def _attention_modules(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if n and isinstance(m, nn.MultiheadAttention)
+            and type(m).forward is nn.MultiheadAttention.forward]
+
+
+def _unpack_attention(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Replace every ``nn.MultiheadAttention`` of ``model`` (in place) by the equivalent
+    :class:`stpnet.nn.UnpackedMultiheadAttention`, whose projections are Linear children.
+
+    Returns the replaced modules by name, and the reasons for those left as they are."""
+    unpacked, refused = {}, {}
+    for name in _attention_modules(model):
+        module = model.get_submodule(name)
+        try:
+            new = UnpackedMultiheadAttention.from_torch(module)
+        except ValueError as error:
+            refused[name] = str(error)
+            continue
+        _set_module(model, name, new)
+        unpacked[name] = module
+    return unpacked, refused
+
+
+def _settle_t(layers: Mapping[str, nn.Module], format: str, t: int, layout: str | None,
+              n_modes: int) -> tuple[dict[str, int], list["LayerNote"]]:
+    """Each layer's t: the requested one, or for a layer it does not fit (t must divide channel
+    counts), the largest smaller t that does, down to 1 (the classic format)."""
+    out, notes = {}, []
+    for name, m in layers.items():
+        c_in, c_out, kernel = dense_geometry(m)
+        for candidate in range(t, 0, -1):
+            try:
+                layer_tensorization(format, candidate, layout, c_in, c_out, kernel, None, None, n_modes)
+            except ValueError as error:
+                if candidate == 1:
+                    raise ValueError(f"layer {name!r}: {error}") from None
+                if candidate == t:
+                    first_error = error
+                continue
+            out[name] = candidate
+            if candidate != t:
+                notes.append(LayerNote(name, type(m).__name__, f"t={t} does not fit ({first_error}); uses t={candidate}"))
+            break
+    return out, notes
 
 
 def _tied_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
@@ -490,6 +605,9 @@ def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 def _fresh_like(cls, dense: nn.Module, format, rank, t, layout, n_modes, forward_path) -> FactorizedLayer:
     kw = dict(format=format, rank=rank, t=t, layout=layout, n_modes=n_modes, forward_path=forward_path,
               device=dense.weight.device, dtype=dense.weight.dtype)
+    if isinstance(dense, nn.Embedding):
+        kw.pop("forward_path")
+        return cls(dense.num_embeddings, dense.embedding_dim, dense.padding_idx, **kw)
     if isinstance(dense, nn.Linear):
         return cls(dense.in_features, dense.out_features, dense.bias is not None, **kw)
     return cls(dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride, dense.padding,

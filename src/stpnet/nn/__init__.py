@@ -1,9 +1,11 @@
 """Factorized layers: each owns a factorized tensor (``stpnet.formats``) as its weight."""
 
+from .attention import UnpackedMultiheadAttention
 from .base import FORWARD_PATHS, FactorizedLayer
 from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
-from .convert import from_dense, to_dense
+from .convert import dense_counterpart, from_dense, to_dense, why_not_factorizable
 from .cost import PathCost
+from .embedding import FactorizedEmbedding
 from .linear import FactorizedLinear
 from .tensorize import Tensorization, channel_modes, factorize
 
@@ -13,8 +15,12 @@ __all__ = [
     "FactorizedConv1d",
     "FactorizedConv2d",
     "FactorizedConv3d",
+    "FactorizedEmbedding",
+    "UnpackedMultiheadAttention",
     "from_dense",
     "to_dense",
+    "dense_counterpart",
+    "why_not_factorizable",
     "FORWARD_PATHS",
     "PathCost",
     "Tensorization",

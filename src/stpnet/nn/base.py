@@ -191,9 +191,25 @@ class FactorizedLayer(nn.Module):
         """Dense parameters divided by this layer's parameters."""
         return self.dense_params / self.num_params
 
-    def weight(self) -> torch.Tensor:
-        """The dense weight (C_out, C_in, *kernel), rebuilt from the factors (differentiable)."""
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight ``(C_out, C_in, *kernel)`` (``(out, in)`` for Linear), rebuilt from the
+        factors on every call (differentiable)."""
         return self.tensorization.tensor_to_weight(self.weight_tensor.to_tensor())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, shaped as the replaced torch layer's ``weight``: read-only, so code that
+        reads ``layer.weight`` (PyTorch's own modules included) keeps working. Rebuilt from the
+        factors (differentiable) in training; in inference (eval mode, gradients off) rebuilt once
+        and reused while the factors are unchanged. To change the layer, change its factors
+        (``weight_tensor``), or convert it back with :func:`stpnet.nn.to_dense`."""
+        return self._cached("weight", self.dense_weight)
+
+    @weight.setter
+    def weight(self, value) -> None:
+        raise AttributeError(f"{type(self).__name__}.weight is rebuilt from the factorized weight_tensor and cannot "
+                             "be assigned; set the factors (weight_tensor), or use stpnet.nn.to_dense(layer) for a "
+                             "dense layer with a settable weight")
 
     def path_costs(self, input_shape: Sequence[int]) -> dict[str, PathCost]:
         """Estimated multiply-adds and activation memory of each forward path for an input shape."""
@@ -217,7 +233,7 @@ class FactorizedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0 or self.choose_path(x.shape, x.device.type) == "rebuild":  # empty input: as torch does
-            return self._dense_forward(x, self._cached("weight", self.weight))
+            return self._dense_forward(x, self.weight)
         return self._contract_forward(x)
 
     # ------------------------------------------------------------------ inference cache

@@ -9,9 +9,11 @@ from torch import nn
 
 from .base import FactorizedLayer
 from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
+from .embedding import FactorizedEmbedding
 from .linear import FactorizedLinear
 
-__all__ = ["from_dense", "to_dense", "FACTORIZED_COUNTERPARTS"]
+__all__ = ["from_dense", "to_dense", "FACTORIZED_COUNTERPARTS", "dense_counterpart", "why_not_factorizable",
+           "dense_geometry", "dense_matrix"]
 
 #: Dense layer type -> factorized layer type.
 FACTORIZED_COUNTERPARTS = {
@@ -19,15 +21,64 @@ FACTORIZED_COUNTERPARTS = {
     nn.Conv1d: FactorizedConv1d,
     nn.Conv2d: FactorizedConv2d,
     nn.Conv3d: FactorizedConv3d,
+    nn.Embedding: FactorizedEmbedding,
 }
 
 
+def dense_geometry(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
+    """``(inputs, outputs, kernel)`` of a dense layer as its factorized counterpart tensorizes it:
+    Linear ``(in_features, out_features, ())``, ConvNd ``(in_channels, out_channels, kernel_size)``,
+    Embedding ``(num_embeddings, embedding_dim, ())`` (the table is a map from one-hot tokens)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, ()
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim, ()
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.in_channels, module.out_channels, tuple(module.kernel_size)
+    raise ValueError(f"{type(module).__name__} is not a Linear, ConvNd or Embedding")
+
+
+def dense_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight of a dense layer shaped ``(outputs, inputs, *kernel)`` (an Embedding's table
+    transposed), detached."""
+    weight = module.weight.detach()
+    return weight.transpose(0, 1) if isinstance(module, nn.Embedding) else weight
+
+
+def dense_counterpart(module: nn.Module) -> type | None:
+    """The torch layer type of ``module`` that a factorized layer replaces, or None.
+
+    An exact ``nn.Linear`` / ``nn.Conv1d/2d/3d``, or a subclass that keeps its base's ``forward``
+    (``NonDynamicallyQuantizableLinear``, the ``out_proj`` of ``nn.MultiheadAttention``, is one). A
+    subclass that overrides ``forward`` computes something else and is not replaced.
+    """
+    for base in type(module).__mro__:
+        if base in FACTORIZED_COUNTERPARTS:
+            return base if type(module).forward is base.forward else None
+    return None
+
+
+def why_not_factorizable(module: nn.Module) -> str | None:
+    """None if ``module`` can be replaced by a factorized layer, else the reason it cannot."""
+    base = next((b for b in type(module).__mro__ if b in FACTORIZED_COUNTERPARTS), None)
+    if base is None:
+        return f"{type(module).__name__} has no factorized counterpart"
+    if dense_counterpart(module) is None:
+        return f"{type(module).__name__} overrides the forward of nn.{base.__name__}"
+    if getattr(module, "groups", 1) != 1:
+        return f"groups={module.groups} (grouped or depthwise convolution)"
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq
+                                             or module.sparse):
+        return "an Embedding with max_norm, scale_grad_by_freq or sparse (not supported by a factorized table)"
+    return None
+
+
 def from_dense(layer: nn.Module, format: str = "tt", **kwargs: Any) -> FactorizedLayer:
-    """Factorize a trained ``nn.Linear`` or ``nn.Conv1d/2d/3d`` through the decompositions.
+    """Factorize a trained ``nn.Linear``, ``nn.Conv1d/2d/3d`` or ``nn.Embedding`` through the decompositions.
 
     Parameters
     ----------
-    layer : nn.Linear or nn.Conv1d/2d/3d
+    layer : nn.Linear, nn.Conv1d/2d/3d or nn.Embedding (or a subclass keeping its forward)
     format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
     **kwargs
         ``rank``, ``tol`` or ``compression`` (exactly one), and optionally ``t``, ``layout``,
@@ -38,7 +89,8 @@ def from_dense(layer: nn.Module, format: str = "tt", **kwargs: Any) -> Factorize
     -------
     FactorizedLayer
     """
-    target = FACTORIZED_COUNTERPARTS.get(type(layer))
+    base = dense_counterpart(layer)
+    target = FACTORIZED_COUNTERPARTS.get(base) if base is not None else None
     if target is None:
         valid = ", ".join(f"nn.{cls.__name__}" for cls in FACTORIZED_COUNTERPARTS)
         raise ValueError(f"cannot factorize a {type(layer).__name__}; supported layers: {valid}")
@@ -46,7 +98,7 @@ def from_dense(layer: nn.Module, format: str = "tt", **kwargs: Any) -> Factorize
 
 
 def to_dense(layer: FactorizedLayer) -> nn.Module:
-    """The plain ``nn.Linear`` or ``nn.Conv1d/2d/3d`` that computes what ``layer`` computes.
+    """The plain ``nn.Linear``, ``nn.Conv1d/2d/3d`` or ``nn.Embedding`` that computes what ``layer`` computes.
 
     The weight is rebuilt from the factors once. Use it to deploy a trained factorized model where
     the download or storage size is what had to shrink but inference should run at dense speed:
@@ -55,11 +107,11 @@ def to_dense(layer: FactorizedLayer) -> nn.Module:
 
     Parameters
     ----------
-    layer : FactorizedLinear or FactorizedConv1d/2d/3d
+    layer : FactorizedLinear, FactorizedConv1d/2d/3d or FactorizedEmbedding
 
     Returns
     -------
-    nn.Linear or nn.Conv1d/2d/3d
+    nn.Linear, nn.Conv1d/2d/3d or nn.Embedding
         On the layer's device and dtype, in the layer's training mode, with ``requires_grad``
         set on its parameters.
     """
@@ -69,14 +121,16 @@ def to_dense(layer: FactorizedLayer) -> nn.Module:
         raise ValueError(f"cannot convert a {type(layer).__name__} to a dense layer; supported layers: {valid}")
     weight = layer.weight_tensor
     factory = {"device": weight.device, "dtype": weight.dtype}
-    if dense_type is nn.Linear:
+    if dense_type is nn.Embedding:
+        dense = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, **factory)
+    elif dense_type is nn.Linear:
         dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **factory)
     else:
         dense = dense_type(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                            padding=layer.padding, dilation=layer.dilation, bias=layer.bias is not None,
                            padding_mode=layer.padding_mode, **factory)
     with torch.no_grad():
-        dense.weight.copy_(layer.weight().reshape(dense.weight.shape))
+        dense.weight.copy_(layer.dense_weight().reshape(dense.weight.shape))
         if layer.bias is not None:
             dense.bias.copy_(layer.bias)
     return dense.train(layer.training)

@@ -10,13 +10,17 @@ from torch import nn
 
 
 def check_images(images: object, name: str = "images") -> None:
-    """A non-empty floating tensor with a batch dimension (the model's preprocessed inputs)."""
+    """A non-empty tensor with a batch dimension: the model's preprocessed floating inputs, or the
+    integer token indices of a model that starts with an embedding."""
     if not isinstance(images, torch.Tensor) or images.ndim < 2 or images.shape[0] == 0:
         got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{name} must be a non-empty batch of preprocessed inputs (N x C x ...), got {got}")
+        raise ValueError(f"{name} must be a non-empty batch of preprocessed inputs (N x C x ...) or of token "
+                         f"indices (N x L), got {got}")
+    if images.dtype in (torch.int64, torch.int32):
+        return  # token indices (uint8 is refused below: those are raw, unnormalized images)
     if not images.is_floating_point():
         raise ValueError(f"{name} must be floating point (normalized inputs, e.g. stpnet.data.normalize(x, mean, "
-                         f"std)), got {images.dtype}")
+                         f"std)) or int64/int32 token indices, got {images.dtype}")
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{name} holds NaN or infinite values")
 
@@ -30,7 +34,8 @@ def iterate_images(images: torch.Tensor, batch_size: int, model: nn.Module) -> I
     """Consecutive batches of ``images`` on the model's device and in its floating dtype."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else images.device
-    dtype = param.dtype if param is not None and param.is_floating_point() else images.dtype
+    floating = images.is_floating_point() and param is not None and param.is_floating_point()
+    dtype = param.dtype if floating else images.dtype  # token indices stay integers
     for start in range(0, images.shape[0], batch_size):
         yield images[start:start + batch_size].to(device=device, dtype=dtype)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch import nn
 
 from ..decomposition import decompose
 from ..nn.base import FactorizedLayer, layer_tensorization, tensor_t, uniform_rank
+from ..nn.convert import dense_matrix
 from ._calibration import check_images, forward_with_hooks, iterate_images
 
 __all__ = ["RankAllocation", "allocate_ranks", "CRITERIA", "OBJECTIVES"]
@@ -61,6 +62,8 @@ def _candidate_ranks(step: int, largest: int) -> list[int]:
 
 def _unfold_gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``sum over samples and positions of u u^T`` for the layer's input patches ``u``."""
+    if isinstance(layer, nn.Embedding):  # one-hot inputs: a diagonal Gram matrix, the token counts
+        return torch.bincount(x.reshape(-1).long(), minlength=layer.num_embeddings).double()
     x = x.double()
     if isinstance(layer, nn.Linear):
         flat = x.reshape(-1, x.shape[-1])
@@ -81,7 +84,7 @@ def _unfold_gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nal,nbl->ab", cols, cols)
 
 
-def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int | None = None,
+def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int | Mapping[str, int] | None = None,
                    layout: str | None = None, n_modes: int = 3, criterion: str = "weight",
                    objective: str = "max", images: torch.Tensor | None = None,
                    layers: Sequence[str] | None = None, batch_size: int = 128) -> RankAllocation:
@@ -94,7 +97,10 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
     format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
     compression : float
         Whole-model target factor (all parameters count, as in :func:`stpnet.compress`).
-    t, layout, n_modes
+    t : int or mapping, optional
+        As in :func:`stpnet.compress`, or per layer name (the value ``compress`` settles on for a layer
+        that cannot take the requested t).
+    layout, n_modes
         As in :func:`stpnet.compress`.
     criterion : {'weight', 'activation'}
         Normalised weight error, or output error on ``images`` (the dense model's inputs to each
@@ -137,15 +143,18 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
     names = list(layers) if layers is not None else eligible_layers(model)
     modules = {n: model.get_submodule(n) for n in names}
     for n, m in modules.items():
-        if isinstance(m, FactorizedLayer) or not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            raise ValueError(f"layer {n!r} is a {type(m).__name__}; allocation needs dense Conv/Linear layers")
+        if isinstance(m, FactorizedLayer) or not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                                                 nn.Embedding)):
+            raise ValueError(f"layer {n!r} is a {type(m).__name__}; allocation needs dense Conv/Linear/Embedding "
+                             "layers")
     grams = _grams(model, modules, images, batch_size) if criterion == "activation" else {}
     dense_params = sum(p.numel() for p in model.parameters())
     rest = dense_params - sum(sum(p.numel() for p in m.parameters()) for m in modules.values())
     budget = dense_params / compression - rest
     options: dict[str, list[tuple[int, float, tuple[int, ...]]]] = {}
     for name, layer in modules.items():
-        options[name] = _falling(_layer_options(layer, format, t, layout, n_modes, grams.get(name)))
+        layer_t = t.get(name) if isinstance(t, Mapping) else t
+        options[name] = _falling(_layer_options(layer, format, layer_t, layout, n_modes, grams.get(name)))
     smallest = sum(opts[0][0] for opts in options.values())
     if smallest > budget:
         raise ValueError(f"compression {compression}x is unreachable with {format}: the smallest ranks leave "
@@ -175,15 +184,15 @@ def _grams(model: nn.Module, modules: dict[str, nn.Module], images: torch.Tensor
 @torch.no_grad()
 def _layer_options(layer: nn.Module, format: str, t, layout, n_modes, gram):
     """(params, normalised error, ranks) for every candidate rank."""
-    W = layer.weight.detach()
+    W = dense_matrix(layer)
     c_out, c_in, *kernel = W.shape
     cls, tt, tz = layer_tensorization(format, t, layout, c_in, c_out, tuple(kernel), None, None, n_modes)
     ts = tensor_t(tz, tt)
     shape = tz.tensor_shape
-    bias = 0 if layer.bias is None else layer.bias.numel()
+    bias = 0 if getattr(layer, "bias", None) is None else layer.bias.numel()
     X = tz.weight_to_tensor(W.double())
     Wm = W.double().reshape(c_out, -1)
-    norm = float((Wm @ gram * Wm).sum()) if gram is not None else float(Wm.pow(2).sum())
+    norm = _weighted_norm(Wm, gram)
     step = math.lcm(*ts) if isinstance(ts, tuple) else ts
     seen, points = set(), []
     for R in _candidate_ranks(step, max(shape) ** 2):
@@ -203,9 +212,19 @@ def _layer_options(layer: nn.Module, format: str, t, layout, n_modes, gram):
         else:
             approx = tz.tensor_to_weight(decompose(X, name, rank=ranks, t=ts).to_tensor()).reshape(c_out, -1)
             D = Wm - approx
-            err = float((D @ gram * D).sum()) / norm if gram is not None else float(D.pow(2).sum()) / norm
+            err = _weighted_norm(D, gram) / norm
         options.append((params, max(err, 0.0), ranks))
     return options
+
+
+def _weighted_norm(M: torch.Tensor, gram: torch.Tensor | None) -> float:
+    """``sum over samples of ||M u||^2`` from the inputs' Gram matrix (a vector: a diagonal one,
+    the token counts of an embedding), or ``||M||^2`` without one."""
+    if gram is None:
+        return float(M.pow(2).sum())
+    if gram.ndim == 1:
+        return float((M.pow(2) * gram).sum())
+    return float((M @ gram * M).sum())
 
 
 def _falling(options):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..nn.base import FactorizedLayer
+from ..nn.conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
 from ._calibration import check_images, forward_with_hooks, iterate_images, modes_restored
 
 __all__ = ["LayerFit", "FitReport", "fit_to_activations", "activation_errors", "factorized_layer_order"]
@@ -90,7 +91,7 @@ def _capture(model: nn.Module, module: nn.Module, images: torch.Tensor, batch_si
     return torch.cat(parts)
 
 
-def _channel_weights(Y: torch.Tensor, weighting: str) -> torch.Tensor | None:
+def _channel_weights(Y: torch.Tensor, weighting: str, channel_dim: int) -> torch.Tensor | None:
     """Per-output-channel weights 1 / std (``weighting='channel'``), shaped to broadcast over ``Y``.
 
     A BatchNorm after the layer divides each channel by its standard deviation, so an error in a
@@ -98,7 +99,7 @@ def _channel_weights(Y: torch.Tensor, weighting: str) -> torch.Tensor | None:
     dominate."""
     if weighting == "none":
         return None
-    dim = 1 if Y.ndim > 2 else Y.ndim - 1
+    dim = channel_dim % Y.ndim
     dims = [d for d in range(Y.ndim) if d != dim]
     std = Y.double().std(dim=dims)
     std = torch.where(std > 1e-12 * (float(std.max()) or 1.0), std, torch.ones_like(std))
@@ -241,7 +242,8 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
                     Y = _capture(dense, reference, images, batch_size, "output")
                 else:
                     Y = torch.cat([reference(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)])
-            weights = _channel_weights(Y, weighting)
+            channel_dim = 1 if isinstance(layer, (FactorizedConv1d, FactorizedConv2d, FactorizedConv3d)) else -1
+            weights = _channel_weights(Y, weighting, channel_dim)
             before = _relative_error(layer, X, Y, batch_size, weights)
             saved = {k: v.detach().clone() for k, v in layer.state_dict().items()}
             n = _fit_layer(layer, X, Y, steps, batch_size, weights)
