@@ -56,6 +56,10 @@ def test_small_model_parameter_counts():
     assert n_params(wrn_16(8)) == 10_961_370
     # LeNet-5: 156 + 2,416 + 48,120 + 10,164 + 850
     assert n_params(lenet5()) == 61_706
+    # ViT-tiny: patches 192*128+128, positions 16*128, 4 blocks of (attention 4*128^2+4*128,
+    # MLP 2*128*256+256+128, two LayerNorms 4*128), final LayerNorm 256, head 1,290
+    block = 4 * 128 * 128 + 4 * 128 + 2 * 128 * 256 + 256 + 128 + 4 * 128
+    assert n_params(build_model("vit-tiny")) == 192 * 128 + 128 + 16 * 128 + 4 * block + 256 + 1290
     assert n_params(lenet5(in_channels=3, input_size=32)) == 62_006
 
 
@@ -68,7 +72,7 @@ SMALL = [name for name in MODELS if name != "wrn-28-10"]
 def test_forward_shapes(name, in_channels, num_classes):
     # LeNet needs its documented input size; the (wide) ResNets pool globally, so a small
     # 8x8 input (2x2 after the two stride-2 stages) keeps the test fast.
-    sizes = [28, 32] if name == "lenet5" else [8]
+    sizes = [28, 32] if name == "lenet5" else [32] if name == "vit-tiny" else [8]
     for size in sizes:
         kwargs = {"input_size": size} if name == "lenet5" else {}
         model = build_model(name, in_channels=in_channels, num_classes=num_classes, **kwargs)
@@ -122,8 +126,9 @@ def test_conv1_first_conv_and_fc_last_linear(name):
     mods = list(model.modules())
     convs = [m for m in mods if isinstance(m, nn.Conv2d)]
     linears = [m for m in mods if isinstance(m, nn.Linear)]
-    assert convs[0] is model.conv1
-    assert linears[-1] is model.fc
+    first, last = ("patch_embed", "head") if name == "vit-tiny" else ("conv1", "fc")
+    assert convs[0] is getattr(model, first)
+    assert linears[-1] is getattr(model, last)
 
 
 def test_initialisation():
@@ -148,7 +153,7 @@ def test_backward(name):
 
 def test_models_mapping_is_immutable():
     assert set(MODELS) == {
-        "resnet20", "resnet32", "resnet56", "wrn-28-10", "wrn-16-4", "wrn-16-8", "lenet5"
+        "resnet20", "resnet32", "resnet56", "wrn-28-10", "wrn-16-4", "wrn-16-8", "lenet5", "vit-tiny"
     }
     with pytest.raises(TypeError):
         MODELS["x"] = lenet5  # type: ignore[index]

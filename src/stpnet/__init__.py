@@ -9,6 +9,7 @@ from .decomposition import InsufficientMemoryError, decompose, relative_error
 from .formats import FORMATS, FactorizedTensor, TRTensor, TTTensor, TuckerTensor
 from .stp import mode_product, rstp, stp, swap_matrix
 from . import nn
+from .nn.fused import fuse
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "decompose",
     "compress",
     "decompress",
+    "fuse",
     "model_report",
     "CompressionReport",
     "relative_error",

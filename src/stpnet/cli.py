@@ -53,6 +53,8 @@ def _add_training(p: argparse.ArgumentParser, default_epochs: int, default_lr: f
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov")
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="SGD with Nesterov momentum (default, the CNN recipe) or AdamW (transformers)")
     p.add_argument("--schedule", choices=("cosine", "multistep", "constant"), default="cosine")
     p.add_argument("--warmup-epochs", type=float, default=0.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
@@ -71,7 +73,8 @@ def _config(args):
     from .train import TrainConfig
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                       nesterov=not args.no_nesterov, weight_decay=args.weight_decay, schedule=args.schedule,
+                       nesterov=not args.no_nesterov, weight_decay=args.weight_decay, optimizer=args.optimizer,
+                       schedule=args.schedule,
                        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
                        grad_clip=args.grad_clip, augment=not args.no_augment, seed=args.seed, amp="off" if args.no_amp else args.amp,
                        train_subset=args.train_subset)

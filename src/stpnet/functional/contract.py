@@ -32,6 +32,7 @@ __all__ = [
     "sequential_conv",
     "sequential_linear",
     "tucker2_conv",
+    "tucker2_conv_merged",
     "tucker2_linear",
     "paired_conv",
     "paired_linear",
@@ -150,11 +151,18 @@ def tucker2_conv(
 
     ``(U ⊗ I_t)`` acts on channels ``p*t + u`` as a matrix product on the (C/t, t*P) view.
     """
+    W = torch.tensordot(core, U_k, dims=([2], [1])).reshape(core.shape[0], core.shape[1], *kernel_size)
+    return tucker2_conv_merged(x, W, U_out, U_in, stride, padding, dilation)
+
+
+def tucker2_conv_merged(x: torch.Tensor, W: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor,
+                        stride: Sequence[int], padding: Sequence[int] | str, dilation: Sequence[int]) -> torch.Tensor:
+    """:func:`tucker2_conv` with the core and spatial factor already merged into the rank-space
+    kernel ``W`` (R_o, R_i, *kernel_size)."""
     n, c_in = x.shape[:2]
     spatial = x.shape[2:]
     z = _mix(U_in.transpose(-1, -2), x.reshape(n, U_in.shape[0], -1))  # (n, R_i/t, t*P)
-    r_in = core.shape[1]
-    W = torch.tensordot(core, U_k, dims=([2], [1])).reshape(core.shape[0], r_in, *kernel_size)
+    r_in = W.shape[1]
     z = _conv_nd(z.reshape(n, r_in, *spatial), W, stride, padding, dilation)
     out_spatial = z.shape[2:]
     out = _mix(U_out, z.reshape(n, U_out.shape[1], -1))  # (n, C_out/t, t*P)

@@ -1,4 +1,4 @@
-"""Model zoo: CIFAR ResNets, Wide ResNets and LeNet-5, built by name with :func:`build_model`, and
+"""Model zoo: CIFAR ResNets, Wide ResNets, LeNet-5 and a small Vision Transformer, built by name with :func:`build_model`, and
 trained reference networks shipped with the package, loaded by name with :func:`pretrained`."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 from .lenet import LeNet5, lenet5
 from .pretrained import ModelCard, PretrainedError, model_card, pretrained, pretrained_names
 from .resnet_cifar import ResNetCIFAR, resnet20, resnet32, resnet56, resnet_cifar
+from .vit import VisionTransformer, vit_tiny
 from .wide_resnet import WideResNet, wide_resnet, wrn_16, wrn_28_10
 
 __all__ = [
@@ -26,7 +27,9 @@ __all__ = [
     "wrn_28_10",
     "wrn_16",
     "lenet5",
+    "vit_tiny",
     "ResNetCIFAR",
+    "VisionTransformer",
     "WideResNet",
     "LeNet5",
     "pretrained",
@@ -46,6 +49,7 @@ MODELS: Mapping[str, Callable[..., nn.Module]] = MappingProxyType(
         "wrn-16-4": partial(wrn_16, 4),
         "wrn-16-8": partial(wrn_16, 8),
         "lenet5": lenet5,
+        "vit-tiny": vit_tiny,
     }
 )
 
@@ -57,7 +61,7 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, **kwargs
     ----------
     name : str
         One of the keys of :data:`MODELS`: 'resnet20', 'resnet32', 'resnet56', 'wrn-28-10',
-        'wrn-16-4', 'wrn-16-8', 'lenet5'; or any Wide ResNet as 'wrn-<depth>-<k>' (for example
+        'wrn-16-4', 'wrn-16-8', 'lenet5', 'vit-tiny'; or any Wide ResNet as 'wrn-<depth>-<k>' (for example
         'wrn-16-2', 'wrn-40-4'; depth = 6n + 4).
     in_channels : int, default 3
         Channels of the input image.

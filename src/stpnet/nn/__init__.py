@@ -6,6 +6,7 @@ from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
 from .convert import dense_counterpart, from_dense, to_dense, why_not_factorizable
 from .cost import PathCost
 from .embedding import FactorizedEmbedding
+from .fused import FusedLayer, FusedPaired, FusedSequential, FusedTucker2, fuse, fuse_layer
 from .linear import FactorizedLinear
 from .tensorize import Tensorization, channel_modes, factorize
 
@@ -17,6 +18,12 @@ __all__ = [
     "FactorizedConv3d",
     "FactorizedEmbedding",
     "UnpackedMultiheadAttention",
+    "FusedLayer",
+    "FusedSequential",
+    "FusedTucker2",
+    "FusedPaired",
+    "fuse",
+    "fuse_layer",
     "from_dense",
     "to_dense",
     "dense_counterpart",

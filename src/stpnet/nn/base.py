@@ -19,7 +19,7 @@ from .tensorize import LAYOUTS, Tensorization, channel_modes, default_layout
 
 __all__ = ["FactorizedLayer", "FORWARD_PATHS"]
 
-FORWARD_PATHS = ("auto", "rebuild", "contract")
+FORWARD_PATHS = ("auto", "rebuild", "contract", "measure")
 
 
 def _resolve_t(family: str, semi: bool, t: int | None) -> int:
@@ -225,14 +225,57 @@ class FactorizedLayer(nn.Module):
         return self._dense_macs(tuple(int(s) for s in input_shape))
 
     def choose_path(self, input_shape: Sequence[int], device_type: str | None = None) -> str:
-        """'rebuild' or 'contract': the forced path, or the cost model's choice."""
-        if self.forward_path != "auto":
+        """'rebuild' or 'contract': the forced path, the measured one (``forward_path='measure'``,
+        once an input of this shape has run), or the cost model's choice. Choices are remembered
+        per (input shape, device, dtype, ranks), so the cost model runs once per shape."""
+        if self.forward_path in ("rebuild", "contract"):
             return self.forward_path
         device_type = device_type or self.weight_tensor.device.type
-        return choose(self.path_costs(input_shape), device_type)
+        key = self._choice_key(input_shape, device_type)
+        choices = self.__dict__.setdefault("_path_choices", {})
+        if key not in choices:
+            analytic = choose(self.path_costs(input_shape), device_type)
+            if self.forward_path == "measure":
+                return analytic  # not measured yet (forward measures on the first real input)
+            choices[key] = analytic
+        return choices[key]
+
+    def _choice_key(self, input_shape: Sequence[int], device_type: str) -> tuple:
+        return (tuple(int(s) for s in input_shape), device_type, self.weight_tensor.dtype, tuple(self.rank))
+
+    @torch.no_grad()
+    def _measure_paths(self, x: torch.Tensor, repeats: int = 3) -> str:
+        """Time both paths on ``x`` (best of ``repeats`` after one warm-up call) and remember the faster."""
+        import time
+
+        timings = {}
+        for path in ("rebuild", "contract"):
+            run = (lambda: self._dense_forward(x, self.dense_weight())) if path == "rebuild" else \
+                (lambda: self._contract_forward(x))
+            run()
+            best = float("inf")
+            for _ in range(repeats):
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
+                start = time.perf_counter()
+                run()
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize(x.device)
+                best = min(best, time.perf_counter() - start)
+            timings[path] = best
+        choice = min(timings, key=timings.get)
+        self.__dict__.setdefault("_path_choices", {})[self._choice_key(x.shape, x.device.type)] = choice
+        return choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == 0 or self.choose_path(x.shape, x.device.type) == "rebuild":  # empty input: as torch does
+        if x.numel() == 0:  # empty input: as torch does
+            return self._dense_forward(x, self.weight)
+        if (self.forward_path == "measure" and not torch.jit.is_tracing() and not _compiling()
+                and self._choice_key(x.shape, x.device.type) not in self.__dict__.get("_path_choices", {})):
+            path = self._measure_paths(x)
+        else:
+            path = self.choose_path(x.shape, x.device.type)
+        if path == "rebuild":
             return self._dense_forward(x, self.weight)
         return self._contract_forward(x)
 

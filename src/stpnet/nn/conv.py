@@ -13,7 +13,7 @@ from ..functional.contract import paired_conv, sequential_conv, sequential_facto
 from .base import FactorizedLayer
 from .cost import PathCost, conv_output_size, narrow_penalty, prod
 
-__all__ = ["FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d"]
+__all__ = ["FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d", "explicit_padding", "prepare_conv_input"]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -25,6 +25,36 @@ def _tuple(value, dim: int, name: str) -> tuple[int, ...]:
     if len(value) != dim:
         raise ValueError(f"{name} must be an int or a tuple of {dim} ints, got {value}")
     return value
+
+
+def explicit_padding(padding, kernel_size: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, int]]:
+    """(before, after) padding per spatial dimension for an int tuple, 'valid' or 'same'."""
+    if padding == "valid":
+        return [(0, 0)] * len(kernel_size)
+    if padding == "same":
+        pads = []
+        for k, d in zip(kernel_size, dilation):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    return [(p, p) for p in padding]
+
+
+def prepare_conv_input(x: torch.Tensor, in_channels: int, padding, kernel_size: Sequence[int],
+                       dilation: Sequence[int], padding_mode: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Check a convolution's input, apply a non-zero padding mode or an asymmetric 'same' padding
+    explicitly, and return ``(x, padding)`` for the convolution op (symmetric, per dimension)."""
+    dim = len(kernel_size)
+    if x.ndim != dim + 2 or x.shape[1] != in_channels:
+        raise ValueError(f"expected input (N, {in_channels}, {', '.join(['*'] * dim)}), got {tuple(x.shape)}")
+    pads = explicit_padding(padding, kernel_size, dilation)
+    if padding_mode != "zeros":
+        flat = [p for pair in reversed(pads) for p in pair]
+        return F.pad(x, flat, mode=padding_mode), (0,) * dim
+    if all(a == b for a, b in pads):
+        return x, tuple(a for a, _ in pads)
+    flat = [p for pair in reversed(pads) for p in pair]  # asymmetric 'same': pad explicitly
+    return F.pad(x, flat), (0,) * dim
 
 
 class _FactorizedConvNd(FactorizedLayer):
@@ -86,29 +116,12 @@ class _FactorizedConvNd(FactorizedLayer):
 
     # ------------------------------------------------------------------ padding
     def _explicit_padding(self) -> list[tuple[int, int]]:
-        if self.padding == "valid":
-            return [(0, 0)] * self.dim
-        if self.padding == "same":
-            pads = []
-            for k, d in zip(self.kernel_size, self.dilation):
-                total = d * (k - 1)
-                pads.append((total // 2, total - total // 2))
-            return pads
-        return [(p, p) for p in self.padding]
+        return explicit_padding(self.padding, self.kernel_size, self.dilation)
 
     def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | str]:
         """Check the input; apply non-zero padding modes; return (x, padding for the conv op)."""
-        if x.ndim != self.dim + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input (N, {self.in_channels}, {', '.join(['*'] * self.dim)}), "
-                             f"got {tuple(x.shape)}")
-        pads = self._explicit_padding()
-        if self.padding_mode != "zeros":
-            flat = [p for pair in reversed(pads) for p in pair]
-            return F.pad(x, flat, mode=self.padding_mode), (0,) * self.dim
-        if all(a == b for a, b in pads):
-            return x, tuple(a for a, _ in pads)
-        flat = [p for pair in reversed(pads) for p in pair]  # asymmetric 'same': pad explicitly
-        return F.pad(x, flat), (0,) * self.dim
+        return prepare_conv_input(x, self.in_channels, self.padding, self.kernel_size, self.dilation,
+                                  self.padding_mode)
 
     # ------------------------------------------------------------------ forward paths
     def _dense_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -255,8 +268,10 @@ class FactorizedConv2d(_FactorizedConvNd):
         Tucker/STTu: 'tucker2'.
     in_modes, out_modes : sequence of int, optional
         Factorizations of the channel counts (default: balanced into ``n_modes`` factors).
-    forward_path : {'auto', 'rebuild', 'contract'}
-        'auto' picks, per input shape, the cheaper path by the cost model.
+    forward_path : {'auto', 'rebuild', 'contract', 'measure'}
+        'auto' picks, per input shape, the cheaper path by the cost model; 'measure' times both
+        paths on the first input of each shape (device, dtype) and keeps the faster, in the
+        spirit of ``torch.backends.cudnn.benchmark``; the others force a path.
     clip_ranks : bool, default False
         Lower ranks to what the tensorization can use (see :class:`FactorizedLinear`).
 

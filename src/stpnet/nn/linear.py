@@ -36,8 +36,10 @@ class FactorizedLinear(FactorizedLayer):
     in_modes, out_modes : sequence of int, optional
         Factorizations of the feature counts (default: balanced into ``n_modes`` factors).
     n_modes : int, default 3
-    forward_path : {'auto', 'rebuild', 'contract'}
-        'auto' lets the cost model choose per input shape.
+    forward_path : {'auto', 'rebuild', 'contract', 'measure'}
+        'auto' picks, per input shape, the cheaper path by the cost model; 'measure' times both
+        paths on the first input of each shape (device, dtype) and keeps the faster, in the
+        spirit of ``torch.backends.cudnn.benchmark``; the others force a path.
     clip_ranks : bool, default False
         Lower ranks to what the tensorization can use. The default keeps the nominal ranks, as the
         literature counts them (MATH.md section 8); clipping gives fewer parameters for the same

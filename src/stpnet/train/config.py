@@ -8,17 +8,22 @@ from dataclasses import asdict, dataclass, field, fields
 __all__ = ["TrainConfig"]
 
 SCHEDULES = ("cosine", "multistep", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of a training run (SGD with momentum, as in the CIFAR literature).
+    """Hyper-parameters of a training run (SGD with momentum, as in the CIFAR literature, or AdamW).
 
     Attributes
     ----------
     epochs, batch_size, lr, momentum, nesterov, weight_decay
-        SGD settings; weight decay applies to every parameter.
+        Optimizer settings; weight decay applies to every parameter (L2 in SGD, decoupled in
+        AdamW); ``momentum`` and ``nesterov`` are SGD's.
+    optimizer : {'sgd', 'adamw'}
+        SGD with (Nesterov) momentum, the CNN recipe; or AdamW (Loshchilov and Hutter 2019, betas
+        0.9 / 0.999), the usual choice for transformers.
     schedule : {'cosine', 'multistep', 'constant'}
         Learning-rate schedule, stepped every iteration (cosine) or at epoch ``milestones``
         (fractions of ``epochs``) with factor ``gamma``.
@@ -58,6 +63,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"
     schedule: str = "cosine"
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
@@ -79,6 +85,8 @@ class TrainConfig:
             object.__setattr__(self, "amp", "auto" if self.amp else "off")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES} (or a bool), got {self.amp!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("epochs", "batch_size", "eval_batch_size"):

@@ -21,7 +21,7 @@ from .metrics import MetricsLog
 __all__ = ["Trainer", "TrainingDivergedError", "amp_dtype", "resolve_amp", "evaluate", "lr_at", "default_device"]
 
 # settings that must match for a resumed run to continue the same run (epochs may grow)
-_RESUME_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones", "gamma",
+_RESUME_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "optimizer", "schedule", "milestones", "gamma",
                 "warmup_epochs", "label_smoothing", "grad_clip", "augment", "seed", "train_subset", "distill_alpha",
                 "distill_temperature")
 
@@ -210,8 +210,11 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                        nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
         scaler = _grad_scaler(self.amp and self.amp_dtype == torch.float16 and self.device.type == "cuda")
         start_epoch, step, history = self._restore(model, optimizer, scaler)
         train_model = model

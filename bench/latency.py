@@ -1,0 +1,186 @@
+"""Inference latency of compressed networks against dense: factorized, fused, TensorLy-Torch, ONNX Runtime.
+
+For each network (ResNet-20, ResNet-32, WRN-16-8; random weights: latency does not depend on
+their values), each of the six formats (t = 2 for the semi-tensor ones) and each whole-model
+factor (9x, 20x), it times in one process, forward only under ``no_grad``, ``--threads`` intra-op
+threads:
+
+- ``dense``: the network itself;
+- ``factorized``: ``stpnet.compress(dense, fmt, compression=X)`` in eval mode (cost-model path
+  choice per layer, merged cores cached);
+- ``fused``: :func:`stpnet.fuse` of it (fixed chains of standard ops);
+- ``tltorch``: TensorLy-Torch's ``FactorizedConv.from_conv`` on the same layers (Tucker and TT,
+  ``implementation='factorized'``), at the per-layer parameter fraction that gives about the same
+  whole-model compression, when tensorly-torch is installed (``pip install tensorly-torch``);
+- ``onnx``: the dense and the fused network exported with ``torch.onnx.export`` and run by ONNX
+  Runtime (CPU provider, the same thread count), with ``--onnx``.
+
+Models are timed round-robin (one call of each in turn, ``--repeats`` rounds, after warm-up) and
+the median is reported as a ratio to dense in the same rounds, so drifts of a shared machine hit
+all alike. Rows are appended to ``results/latency/runs.jsonl``; ``--report`` prints the table.
+
+Run (from the repository root; nothing else running):
+    .venv/bin/python bench/latency.py --onnx
+    .venv/bin/python bench/latency.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import stpnet
+from stpnet.compress import eligible_layers
+from stpnet.models import build_model
+
+from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "latency"
+FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str")
+SEMI = {"sttu", "stt", "str"}
+NETWORKS = ("resnet20", "resnet32", "wrn-16-8")
+
+
+def time_round_robin(models: dict[str, object], x: torch.Tensor, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each callable on ``x``, timed in interleaved rounds."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for model in models.values():
+                model(x)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def tltorch_version(dense: nn.Module, fmt: str, fraction: float) -> nn.Module | None:
+    """The network with every Conv2d but the first replaced by TensorLy-Torch's factorized conv."""
+    try:
+        import tltorch
+    except ImportError:
+        return None
+    model = copy.deepcopy(dense)
+    for name in eligible_layers(model):
+        layer = model.get_submodule(name)
+        if not isinstance(layer, nn.Conv2d):
+            continue
+        new = tltorch.FactorizedConv.from_conv(layer, rank=fraction, factorization=fmt, implementation="factorized",
+                                               decompose_weights=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model.eval()
+
+
+def onnx_session(model: nn.Module, x: torch.Tensor, threads: int):
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return lambda inp: session.run(None, {"x": inp.numpy()})
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    log = OUT / "runs.jsonl"
+    for net in args.networks:
+        torch.manual_seed(0)
+        dense = build_model(net).eval()
+        dense_params = params(dense)
+        for factor in args.factors:
+            for fmt in args.formats:
+                small, _ = stpnet.compress(dense, fmt, compression=factor, t=2 if fmt in SEMI else None)
+                small.eval()
+                fused = stpnet.fuse(small).eval()
+                candidates = {"dense": dense, "factorized": small, "fused": fused}
+                extra = {}
+                if fmt in ("tucker", "tt"):
+                    # tltorch's rank=float is the fraction of each layer's parameters to keep
+                    tl = tltorch_version(dense, fmt, 1.0 / factor)
+                    if tl is not None:
+                        candidates["tltorch"] = tl
+                        extra["tltorch_compression"] = dense_params / params(tl)
+                for batch in args.batches:
+                    x = torch.randn(batch, 3, 32, 32)
+                    models = dict(candidates)
+                    if args.onnx:
+                        models["onnx_dense"] = onnx_session(dense, x, args.threads)
+                        models["onnx_fused"] = onnx_session(fused, x, args.threads)
+                    seconds = time_round_robin(models, x, args.repeats)
+                    row = {"network": net, "format": fmt, "target": factor, "batch": batch,
+                           "compression": dense_params / params(small), "fused_params": params(fused),
+                           "params": params(small), "dense_params": dense_params, "seconds": seconds,
+                           "ratio": {k: v / seconds["onnx_dense" if k.startswith("onnx") else "dense"]
+                                     for k, v in seconds.items()},
+                           "threads": args.threads, "repeats": args.repeats, "cpu": cpu_model(),
+                           "torch": torch.__version__, **extra}
+                    with log.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"{net:>9} {fmt:>6} {factor:g}x b{batch:<3} " + "  ".join(
+                        f"{k} {v:.2f}" for k, v in row["ratio"].items() if k not in ("dense", "onnx_dense")),
+                        flush=True)
+
+
+def report(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest = {}
+    for r in rows:
+        latest[(r["network"], r["target"], r["batch"], r["format"])] = r
+    lines = ["time / dense (lower is better; < 1 is faster than dense); ONNX columns: / dense under ONNX Runtime",
+             "", "| network | target | batch | format | compression | dense ms | factorized | fused | tltorch | "
+             "onnx fused |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(latest, key=lambda k: (NETWORKS.index(k[0]) if k[0] in NETWORKS else 9, k[1], k[2],
+                                             FORMATS.index(k[3]))):
+        r = latest[key]
+        ratio = r["ratio"]
+        tl = f"{ratio['tltorch']:.2f} ({r['tltorch_compression']:.1f}x)" if "tltorch" in ratio else "-"
+        onnx = f"{ratio['onnx_fused']:.2f}" if "onnx_fused" in ratio else "-"
+        lines.append(f"| {r['network']} | {r['target']:g}x | {r['batch']} | {r['format']} | {r['compression']:.1f}x | "
+                     f"{r['seconds']['dense'] * 1e3:.2f} | {ratio['factorized']:.2f} | {ratio['fused']:.2f} | {tl} | "
+                     f"{onnx} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--networks", nargs="*", default=list(NETWORKS), choices=NETWORKS)
+    parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--factors", nargs="*", type=float, default=[9, 20])
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 32])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--onnx", action="store_true", help="also time dense and fused under ONNX Runtime")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        print(report(OUT / "runs.jsonl"))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Compress a trained Vision Transformer in all six formats, embeddings and attention included.
+
+1. Trains ``vit-tiny`` (``stpnet.models.vit_tiny``: 8x8 patches, width 128, 4 pre-norm blocks of
+   ``nn.TransformerEncoderLayer``, ``nn.Embedding`` positions; 0.56 M parameters) on CIFAR-10
+   (JPEG q75) through the ``stpnet train`` entry point: AdamW, cosine, bf16 on CPU. Resumable.
+2. Compresses it with ``stpnet.compress(..., compression=X)`` for X in 3, 5, 10 and every format
+   (t = 2 for the semi-tensor ones). The attention's packed q/k/v projection, its output
+   projection, both feed-forward Linears and the position embedding are factorized; the patch
+   embedding (first convolution) and the classifier stay dense, as by default. A semi-tensor row
+   and its classic row at the same X have the same parameter count (within the rank
+   granularity): each is the other's equal-parameter control.
+3. For each: test accuracy straight after compression (``plain``), after data-aware fitting
+   (``fit``: 100 L-BFGS iterations per layer on 512 training images), and after ``--ft-epochs``
+   of fine-tuning with the dense network as teacher (``ft``); parameters; forward latency at
+   batch 1 and 32 against dense, in the same process (median of ``--repeats``, 2 threads).
+
+Every finished step appends a JSON line to ``results/transformer/runs.jsonl``; a rerun skips what
+is there. ``--report`` prints the table.
+
+Run (from the repository root):
+    .venv/bin/python bench/transformer.py --time-limit 120
+    .venv/bin/python bench/transformer.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from stpnet.compress import compress
+from stpnet.data import load_dataset
+from stpnet.model_spec import ModelSpec
+from stpnet.pipeline import calibration_images, load_trained, normalized_like, train_spec
+from stpnet.train import TrainConfig, evaluate
+
+from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str")
+SEMI = {"sttu", "stt", "str"}
+TRAIN = ["--model", "vit-tiny", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05",
+         "--batch-size", "128", "--schedule", "cosine", "--warmup-epochs", "1", "--label-smoothing", "0.1",
+         "--amp", "bf16", "--seed", "0"]
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def latency(model: torch.nn.Module, batch: int, repeats: int) -> float:
+    """Median seconds of one forward pass on a random batch (eval, no_grad, after warm-up)."""
+    x = torch.randn(batch, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class Sweep:
+    def __init__(self, args):
+        self.args = args
+        self.out = ROOT / "results" / "transformer"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = self.out / "runs.jsonl"
+        rows = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()] if self.log.exists() else []
+        self.done = {(r["config"], r["step"]) for r in rows}
+        self.deadline = time.monotonic() + args.time_limit * 60 if args.time_limit else float("inf")
+        self.runs = Path(args.runs)
+        self.data = load_dataset(str(DATA))
+
+    def record(self, config: str, step: str, **values) -> None:
+        row = {"config": config, "step": step, "cpu": cpu_model(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, **values}
+        with self.log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done.add((config, step))
+        print(f"{config:>12} {step:<6} " + " ".join(f"{k}={v}" for k, v in values.items() if k != "ranks"), flush=True)
+
+    def accuracy(self, model) -> float:
+        d = self.data
+        return evaluate(model, d.test_x, d.test_y, d.mean, d.std, device=torch.device("cpu"))["accuracy"]
+
+    def dense(self):
+        run_dir = self.runs / "dense"
+        checkpoint = run_dir / "checkpoint.pt"
+        if ("dense", "train") not in self.done:
+            from stpnet.cli import main as cli
+
+            start = time.perf_counter()
+            cli(["train", *TRAIN, "--epochs", str(self.args.epochs), "--data", str(DATA), "--run-dir", str(run_dir),
+                 "--quiet"])
+            model, _, _ = load_trained(checkpoint)
+            self.record("dense", "train", test_accuracy=self.accuracy(model.float().eval()),
+                        params=sum(p.numel() for p in model.parameters()), epochs=self.args.epochs,
+                        seconds=round(time.perf_counter() - start, 1))
+        model, spec, state = load_trained(checkpoint)
+        self.data = normalized_like(self.data, state)
+        return model.float().eval(), spec
+
+    def run(self) -> None:
+        dense, spec = self.dense()
+        dense_params = sum(p.numel() for p in dense.parameters())
+        calibration = calibration_images(self.data, 512, 0)
+        if ("dense", "latency") not in self.done:
+            self.record("dense", "latency", b1=latency(dense, 1, self.args.repeats),
+                        b32=latency(dense, 32, self.args.repeats))
+        for factor in self.args.factors:
+            for fmt in FORMATS:
+                name = f"{fmt}-{factor:g}x"
+                if (name, "ft") in self.done:
+                    continue
+                if time.monotonic() > self.deadline:
+                    raise _OutOfTime
+                t = 2 if fmt in SEMI else None
+                start = time.perf_counter()
+                plain, report = compress(dense, fmt, compression=factor, t=t)
+                params = report.params
+                common = {"format": fmt, "target": factor, "params": params, "compression": dense_params / params}
+                if (name, "plain") not in self.done:
+                    self.record(name, "plain", test_accuracy=self.accuracy(plain), **common,
+                                seconds=round(time.perf_counter() - start, 1))
+                start = time.perf_counter()
+                fitted, report = compress(dense, fmt, compression=factor, t=t, calibration=calibration, fit_steps=100)
+                fit_seconds = time.perf_counter() - start
+                if (name, "fit") not in self.done:
+                    self.record(name, "fit", test_accuracy=self.accuracy(fitted), **common,
+                                seconds=round(fit_seconds, 1),
+                                ranks={k: list(v) for k, v in report.ranks.items()},
+                                b1=latency(fitted, 1, self.args.repeats), b32=latency(fitted, 32, self.args.repeats),
+                                dense_b1=latency(dense, 1, self.args.repeats),
+                                dense_b32=latency(dense, 32, self.args.repeats))
+                small_spec = ModelSpec(spec.name, 3, 10, fmt, t, None, report.ranks)
+                config = TrainConfig(epochs=self.args.ft_epochs, batch_size=128, lr=self.args.ft_lr, weight_decay=0.05,
+                                     optimizer="adamw", schedule="cosine", amp="bf16", seed=0, distill_alpha=0.9,
+                                     distill_temperature=4.0)
+                tuned, history = train_spec(small_spec, self.data, config, self.runs / name, model=fitted,
+                                            teacher=dense, device=torch.device("cpu"))
+                self.record(name, "ft", test_accuracy=self.accuracy(tuned.float().eval()), **common,
+                            epochs=self.args.ft_epochs, lr=self.args.ft_lr,
+                            seconds=round(fit_seconds + sum(r["epoch_time"] + r["eval_time"] for r in history), 1))
+
+
+def report(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    dense = next((r for r in rows if r["config"] == "dense" and r["step"] == "train"), None)
+    by = {}
+    for r in rows:
+        if r["config"] != "dense":
+            by.setdefault((r["target"], r["format"]), {})[r["step"]] = r
+    lines = [f"dense vit-tiny: {dense['test_accuracy']:.2%}, {dense['params']:,} parameters, {dense['epochs']} epochs"
+             if dense else "dense: not trained yet", "",
+             "| target | format | params | compression | plain | fit | fine-tuned | b1 / dense | b32 / dense | time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (target, fmt), steps in sorted(by.items(), key=lambda kv: (kv[0][0], FORMATS.index(kv[0][1]))):
+        any_row = next(iter(steps.values()))
+        cells = [f"{steps[s]['test_accuracy']:.2%}" if s in steps else "-" for s in ("plain", "fit", "ft")]
+        fit = steps.get("fit")
+        speed = [f"{fit[k] / fit['dense_' + k]:.2f}" if fit else "-" for k in ("b1", "b32")]
+        seconds = sum(r.get("seconds", 0) for r in steps.values())
+        lines.append(f"| {target:g}x | {fmt} | {any_row['params']:,} | {any_row['compression']:.2f}x | "
+                     + " | ".join(cells + speed) + f" | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "transformer"), help="run directories")
+    parser.add_argument("--epochs", type=int, default=15, help="dense training epochs")
+    parser.add_argument("--factors", type=float, nargs="*", default=[3, 5, 10])
+    parser.add_argument("--ft-epochs", type=int, default=2)
+    parser.add_argument("--ft-lr", type=float, default=5e-4)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--time-limit", type=float, help="minutes; stop after the configuration that crosses it")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        print(report(ROOT / "results" / "transformer" / "runs.jsonl"))
+        return
+    try:
+        Sweep(args).run()
+    except _OutOfTime:
+        print("time limit reached; rerun the same command to continue", flush=True)
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

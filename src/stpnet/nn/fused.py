@@ -1,0 +1,184 @@
+"""The deployment form of factorized layers: a fixed chain of standard ops on pre-merged factors.
+
+A factorized layer (:class:`FactorizedLayer`) keeps its cores as trained and decides per call,
+through a cost model, whether to rebuild the dense weight or to contract; in inference it caches
+the merged cores. :func:`fuse` turns each one into a small module that holds the merged
+operators once and always runs the contraction chain:
+
+* sequential / ring (TT/STT, TR/STR): 1x1 (``A``) -> k x k in the rank space, its kernel shared by
+  the ``a * t`` groups (``S``) -> 1x1 (``B``); for a Linear, ``A`` then ``B``
+  (:func:`stpnet.functional.contract.sequential_factors`);
+* Tucker-2 (Tucker/STTu): 1x1 (``U_in ⊗ I_t``) -> k x k with the core and spatial factor merged
+  -> 1x1 (``U_out ⊗ I_t``), the Kronecker factors applied as reshapes;
+* paired (TT-matrix): the cores contracted one at a time, as in the layer.
+
+The fused model computes the same function (to float rounding), exports through ``torch.jit.trace``
+and ONNX, and stays compressed: its parameter count is that of the merged operators, close to the
+factorized one (reported by :func:`fuse`), never the dense one. It has no Python cost model and no
+cache checks per call. To train again, keep the factorized model; fusing is the last step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..functional.contract import (SequentialFactors, paired_conv, paired_linear, sequential_conv,
+                                   sequential_factors, sequential_linear, tucker2_conv_merged, tucker2_linear)
+from .base import FactorizedLayer
+from .conv import prepare_conv_input
+from .embedding import FactorizedEmbedding
+
+__all__ = ["FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "fuse", "fuse_layer"]
+
+
+class FusedLayer(nn.Module):
+    """Base of the fused layers: the geometry of the replaced Conv/Linear and its bias.
+
+    ``kernel_size`` is empty for a Linear. Convolutions keep ``stride``, ``padding``,
+    ``dilation`` and ``padding_mode`` as the torch layer has them.
+    """
+
+    def __init__(self, layer: FactorizedLayer):
+        super().__init__()
+        self.in_features, self.out_features = layer.tensorization.in_features, layer.tensorization.out_features
+        self.kernel_size: tuple[int, ...] = tuple(layer.tensorization.kernel_size)
+        self.format_name = layer.format_name
+        if self.kernel_size:
+            self.in_channels, self.out_channels = self.in_features, self.out_features
+            self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+            self.padding_mode = layer.padding_mode
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, format={self.format_name!r}"
+
+    def _apply_conv(self, x: torch.Tensor, run) -> torch.Tensor:
+        x, padding = prepare_conv_input(x, self.in_channels, self.padding, self.kernel_size, self.dilation,
+                                        self.padding_mode)
+        y = run(x, padding)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype).reshape(1, -1, *([1] * len(self.kernel_size)))
+        return y
+
+    def _apply_linear(self, x: torch.Tensor, run) -> torch.Tensor:
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        y = run(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+class FusedSequential(FusedLayer):
+    """A sequential / ring (TT/STT, TR/STR) layer as ``A`` -> (shared k x k ``S``) -> ``B``."""
+
+    def __init__(self, layer: FactorizedLayer):
+        super().__init__(layer)
+        w = layer.weight_tensor
+        with torch.no_grad():
+            f = sequential_factors(w.factors, w.t, len(layer.tensorization.in_modes), has_kernel=bool(self.kernel_size))
+        self.A = nn.Parameter(f.A.detach().clone())
+        self.S = None if f.S is None else nn.Parameter(f.S.detach().clone())
+        self.B = nn.Parameter(f.B.detach().clone())
+        self.rank_in, self.ring, self.t = f.rank_in, f.ring, f.t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = SequentialFactors(self.A, self.S, self.B, self.rank_in, self.ring, self.t)
+        if self.kernel_size:
+            return self._apply_conv(x, lambda z, pad: sequential_conv(z, f, self.kernel_size, self.stride, pad,
+                                                                      self.dilation))
+        return self._apply_linear(x, lambda z: sequential_linear(z, f))
+
+
+class FusedTucker2(FusedLayer):
+    """A Tucker-2 / STTu layer as ``U_in`` -> merged k x k core -> ``U_out``."""
+
+    def __init__(self, layer: FactorizedLayer):
+        super().__init__(layer)
+        w = layer.weight_tensor
+        with torch.no_grad():
+            if self.kernel_size:
+                core = torch.tensordot(w.core, w.factors[2], dims=([2], [1]))
+                core = core.reshape(w.core.shape[0], w.core.shape[1], *self.kernel_size)
+            else:
+                core = w.core
+        self.core = nn.Parameter(core.detach().clone())
+        self.U_out = nn.Parameter(w.factors[0].detach().clone())
+        self.U_in = nn.Parameter(w.factors[1].detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size:
+            return self._apply_conv(x, lambda z, pad: tucker2_conv_merged(z, self.core, self.U_out, self.U_in,
+                                                                          self.stride, pad, self.dilation))
+        return self._apply_linear(x, lambda z: tucker2_linear(z, self.core, self.U_out, self.U_in))
+
+
+class FusedPaired(FusedLayer):
+    """A paired (TT-matrix) layer: its cores, contracted one at a time."""
+
+    def __init__(self, layer: FactorizedLayer):
+        super().__init__(layer)
+        w = layer.weight_tensor
+        self.cores = nn.ParameterList([nn.Parameter(c.detach().clone()) for c in w.factors])
+        self.in_modes = tuple(layer.tensorization.in_modes)
+        self.out_modes = tuple(layer.tensorization.out_modes)
+        self.t = w.t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cores = list(self.cores)
+        if self.kernel_size:
+            return self._apply_conv(x, lambda z, pad: paired_conv(z, cores, self.in_modes, self.out_modes, self.t,
+                                                                  self.kernel_size, self.stride, pad, self.dilation))
+        return self._apply_linear(x, lambda z: paired_linear(z, cores, self.in_modes, self.out_modes, self.t))
+
+
+_FUSED_BY_LAYOUT = {"sequential": FusedSequential, "ring": FusedSequential, "tucker2": FusedTucker2,
+                    "paired": FusedPaired}
+
+
+def fuse_layer(layer: FactorizedLayer) -> nn.Module:
+    """The fused form of one factorized Conv/Linear (an embedding is returned as it is: its lookup
+    already has a single path)."""
+    if isinstance(layer, FactorizedEmbedding):
+        return layer
+    if not isinstance(layer, FactorizedLayer):
+        raise ValueError(f"fuse_layer expects a factorized layer, got {type(layer).__name__}")
+    cls = _FUSED_BY_LAYOUT[layer.tensorization.layout]
+    return cls(layer).to(device=layer.weight_tensor.device).train(layer.training)
+
+
+def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replace every factorized Conv/Linear of ``model`` by its fused deployment form.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model with factorized layers (for example from :func:`stpnet.compress`).
+    inplace : bool, default False
+        Modify ``model`` itself instead of a deep copy.
+
+    Returns
+    -------
+    nn.Module
+        The same function, as fixed chains of standard ops (see the module docstring); shared
+        layers stay shared. Compare ``sum(p.numel() for p in fused.parameters())`` with the
+        factorized count: the merged operators hold about as many parameters as the cores.
+    """
+    if isinstance(model, FactorizedLayer):
+        return fuse_layer(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    aliases: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, FactorizedLayer) and not isinstance(module, FactorizedEmbedding):
+            aliases.setdefault(id(module), []).append(name)
+    for names in aliases.values():
+        fused = fuse_layer(model.get_submodule(names[0]))
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, fused)
+    return model

@@ -1,0 +1,164 @@
+"""The fused deployment form: same function as the factorized layer (and as the dense op on the
+rebuilt weight), every format, layout and layer kind; whole networks; TorchScript and ONNX export."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stpnet
+from stpnet.models import resnet20
+from stpnet.nn import (FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear, FusedLayer,
+                       fuse, fuse_layer)
+
+COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
+          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _layer(kind: str, combo, seed: int = 0):
+    fmt, layout, t = combo
+    torch.manual_seed(seed)
+    kw = dict(format=fmt, rank=4, t=t, layout=layout, dtype=torch.float64, forward_path="rebuild")
+    if kind == "linear":
+        return FactorizedLinear(12, 16, **kw), torch.randn(3, 5, 12, dtype=torch.float64)
+    if kind == "conv1d":
+        return FactorizedConv1d(8, 16, 3, 2, 1, padding_mode="reflect", **kw), torch.randn(2, 8, 11, dtype=torch.float64)
+    if kind == "conv2d":
+        return (FactorizedConv2d(8, 16, 3, 1, "same", dilation=2, bias=False, **kw),
+                torch.randn(2, 8, 9, 9, dtype=torch.float64))
+    if kind == "conv2d-strided":
+        return FactorizedConv2d(8, 16, 3, 2, 1, **kw), torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    return FactorizedConv3d(8, 16, 3, 1, 1, **kw), torch.randn(2, 8, 5, 5, 5, dtype=torch.float64)
+
+
+def _dense(layer, x):
+    w = layer.dense_weight()
+    if isinstance(layer, FactorizedLinear):
+        return F.linear(x, w, layer.bias)
+    return layer._dense_forward(x, w)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=[f"{f}-{lay}" for f, lay, _ in COMBOS])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv2d-strided", "conv3d"])
+def test_fused_layer_computes_the_same_function(combo, kind):
+    layer, x = _layer(kind, combo)
+    fused = fuse_layer(layer)
+    assert isinstance(fused, FusedLayer)
+    with torch.no_grad():
+        expected = _dense(layer, x)
+        got = fused(x)
+    assert got.shape == expected.shape
+    assert float((got - expected).norm() / expected.norm()) < 1e-12
+    # it stays compressed: about the factorized parameter count, far from the dense one
+    n_fused = sum(p.numel() for p in fused.parameters())
+    assert n_fused < 2 * layer.num_params + 64
+    # and it is still a module that trains
+    fused(x).square().sum().backward()
+    assert all(p.grad is not None for p in fused.parameters())
+
+
+def test_fuse_a_whole_network_keeps_outputs_and_sharing():
+    torch.manual_seed(1)
+    dense = resnet20().eval()
+    small, report = stpnet.compress(dense, "stt", compression=9)
+    fused = fuse(small.eval())
+    assert not any(isinstance(m, stpnet.nn.FactorizedLayer) for m in fused.modules())
+    assert any(isinstance(m, FusedLayer) for m in fused.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), small(x), rtol=1e-4, atol=1e-5)
+    n_fused = sum(p.numel() for p in fused.parameters())
+    assert n_fused < report.dense_params / 4  # still compressed
+    shared = FactorizedLinear(8, 8, format="tt", rank=2)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    out = fuse(model)
+    assert out[0] is out[2]
+
+
+def test_fuse_rejects_what_is_not_factorized():
+    with pytest.raises(ValueError, match="expects a factorized layer"):
+        fuse_layer(nn.Linear(4, 4))
+
+
+def _small_net(combo):
+    fmt, layout, t = combo
+    torch.manual_seed(2)
+    return nn.Sequential(
+        FactorizedConv2d(4, 8, 3, 1, 1, format=fmt, rank=4, t=t, layout=layout), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), FactorizedLinear(8, 6, format=fmt, rank=4, t=t, layout=layout)).eval()
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=[f"{f}-{lay}" for f, lay, _ in COMBOS])
+def test_fused_network_exports_to_torchscript_and_onnx(combo):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    net = fuse(_small_net(combo))
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated in favour of torch.export
+        expected = net(x)
+        traced = torch.jit.trace(net, x)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
+    onnx_bytes = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), onnx_bytes, dynamo=False, input_names=["x"], output_names=["y"])
+    session = ort.InferenceSession(onnx_bytes.getvalue(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), expected, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- path choice
+def test_path_choice_is_remembered_per_shape_and_ranks():
+    layer = FactorizedConv2d(8, 16, 3, 1, 1, format="stt", rank=4)
+    calls = []
+    original = layer.path_costs
+
+    def counting(shape):
+        calls.append(tuple(shape))
+        return original(shape)
+
+    layer.path_costs = counting
+    x = torch.randn(2, 8, 6, 6)
+    for _ in range(3):
+        layer(x)
+    assert calls == [(2, 8, 6, 6)]  # the cost model ran once for this shape
+    layer(torch.randn(1, 8, 6, 6))
+    assert len(calls) == 2
+
+
+def test_measured_path_choice_times_both_paths_once_per_shape():
+    torch.manual_seed(3)
+    layer = FactorizedConv2d(8, 16, 3, 1, 1, format="str", rank=4, forward_path="measure").double()
+    reference = FactorizedConv2d(8, 16, 3, 1, 1, format="str", rank=4, forward_path="rebuild").double()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    measured = []
+    original = layer._measure_paths
+    layer._measure_paths = lambda inp: measured.append(tuple(inp.shape)) or original(inp)
+    for _ in range(3):
+        torch.testing.assert_close(layer(x), reference(x))
+    assert measured == [(2, 8, 6, 6)]
+    choice = layer.choose_path(x.shape)
+    assert choice in ("rebuild", "contract")
+    # gradients still flow in training after the choice
+    layer.train()
+    layer(x).sum().backward()
+    assert all(p.grad is not None for p in layer.weight_tensor.parameters())
