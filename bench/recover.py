@@ -9,14 +9,15 @@ test set:
 
 - ``plain``: straight after the decomposition (uniform rule: every layer the same compression);
 - ``bn``: plain, then BatchNorm recalibration on the calibration images;
-- ``recovered``: rank allocation (``allocation='weight'``) and data-aware fitting (100 L-BFGS
-  iterations per layer; the BatchNorm statistics stay the dense network's, which the fit
-  targets), with no gradient-descent epoch; ``recovered+bn``: then BatchNorm recalibration;
+- ``recovered``: the recipe's ranks (``--recipe``, see RECIPES: v2 uniform, v1 allocated by
+  weight error) and data-aware fitting (100 L-BFGS iterations per layer; the BatchNorm
+  statistics stay the dense network's, which the fit targets), with no gradient-descent epoch;
+  ``recovered+bn``: then BatchNorm recalibration;
 - ``ft1``, ``ft5``, ``ft15``: the recovered network fine-tuned N epochs with the dense network as
   teacher (distillation alpha 0.9, T 4), SGD Nesterov, cosine from ``--lr``, batch 128, bf16 on CPU.
 
-The ablation (``--ablation``) on STT 9x adds: uniform ranks + fit + BN, allocation + BN without
-fit, and 5 epochs of fine-tuning without the teacher.
+The ablation (``--ablation``) on STT 9x adds: rank allocation by weight error and by activation
+error, each fitted (against the recipe's ranks), and 5 epochs of fine-tuning without the teacher.
 
 Each fine-tuning run lives in its own run directory (a checkpoint per epoch), so an interrupted
 sweep resumes; every finished step appends one JSON line to ``results/recover/runs.jsonl`` and a
@@ -54,11 +55,19 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 SEMI = {"sttu": "tucker", "stt": "tt", "str": "tr"}
 
 
+#: How the ``recovered`` network is made and fine-tuned. v1: rank allocation by the largest
+#: normalised weight error, fine-tuning weight decay 5e-4. v2 (measured better, BENCHMARKS.md):
+#: uniform ranks, and no weight decay on the fine-tuned factors.
+RECIPES = {"v1": {"allocation": "weight", "ft_weight_decay": 5e-4},
+           "v2": {"allocation": "uniform", "ft_weight_decay": 0.0}}
+
+
 @dataclass(frozen=True)
 class Config:
     format: str
     compression: float
     seed: int = 0
+    recipe: str = "v2"
 
     @property
     def t(self) -> int | None:
@@ -66,16 +75,21 @@ class Config:
 
     @property
     def name(self) -> str:
-        return f"{self.format}-{self.compression:g}x-s{self.seed}"
+        suffix = "" if self.recipe == "v1" else f"-{self.recipe}"  # v1 rows predate recipes
+        return f"{self.format}-{self.compression:g}x-s{self.seed}{suffix}"
+
+    @property
+    def settings(self) -> dict:
+        return RECIPES[self.recipe]
 
 
-def plan(seeds: int) -> list[tuple[Config, tuple[int, ...]]]:
+def plan(seeds: int, recipe: str) -> list[tuple[Config, tuple[int, ...]]]:
     """(configuration, fine-tuning epochs) in the order that makes a partial sweep most useful."""
-    out = [(Config("stt", 9), (1, 5, 15)), (Config("tt", 9), (1, 5, 15))]
-    out += [(Config(f, 9), (1, 5)) for f in ("tucker", "sttu", "tr", "str")]
-    out += [(Config(f, 20), (1, 5)) for f in ("stt", "tt", "str", "tr")]
+    out = [(Config("stt", 9, 0, recipe), (1, 5, 15)), (Config("tt", 9, 0, recipe), (1, 5, 15))]
+    out += [(Config(f, 9, 0, recipe), (1, 5)) for f in ("tucker", "sttu", "tr", "str")]
+    out += [(Config(f, 20, 0, recipe), (1, 5)) for f in ("stt", "tt", "str", "tr")]
     for seed in range(1, seeds):
-        out += [(Config("stt", 9, seed), (1, 5, 15)), (Config("tt", 9, seed), (1, 5, 15))]
+        out += [(Config("stt", 9, seed, recipe), (1, 5, 15)), (Config("tt", 9, seed, recipe), (1, 5, 15))]
     return out
 
 
@@ -112,7 +126,7 @@ class Sweep:
 
     def record(self, config: Config, step: str, **values) -> None:
         row = {"config": config.name, "format": config.format, "target": config.compression, "t": config.t,
-               "seed": config.seed, "step": step, "source": self.source, "cpu": cpu_model(),
+               "seed": config.seed, "recipe": config.recipe, "step": step, "source": self.source, "cpu": cpu_model(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, **values}
         with self.log.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -146,10 +160,11 @@ class Sweep:
         self.record(config, "bn", test_accuracy=self.accuracy(small), params=params,
                     compression=self.dense_params / params, seconds=seconds + time.perf_counter() - start)
 
-    def recovered(self, config: Config, allocation="weight", fit_steps=None, step="recovered", bn=False):
+    def recovered(self, config: Config, allocation=None, fit_steps=None, step="recovered", bn=False):
         """The recovered network (cached in its run directory) and its spec; with ``bn`` also the
         accuracy after BatchNorm recalibration on top (step ``<step>+bn``, not cached)."""
         fit_steps = self.args.fit_steps if fit_steps is None else fit_steps
+        allocation = config.settings["allocation"] if allocation is None else allocation
         cache = self.runs / config.name / f"{step}.pt"
         small, report, seconds = None, None, 0.0
         if cache.exists():
@@ -186,7 +201,8 @@ class Sweep:
         small, spec = self.recovered(config)
         self.check_time()
         args = self.args
-        train_config = TrainConfig(epochs=epochs, batch_size=128, lr=args.lr, weight_decay=5e-4, schedule="cosine",
+        weight_decay = config.settings["ft_weight_decay"]
+        train_config = TrainConfig(epochs=epochs, batch_size=128, lr=args.lr, weight_decay=weight_decay, schedule="cosine",
                                    seed=config.seed, amp=args.amp, distill_alpha=0.9 if distill else 0.0,
                                    distill_temperature=4.0)
 
@@ -209,13 +225,16 @@ class Sweep:
         self.record(config, step, test_accuracy=self.accuracy(model), params=params,
                     compression=self.dense_params / params,
                     seconds=sum(r["epoch_time"] + r["eval_time"] for r in history), lr=args.lr, amp=args.amp,
+                    weight_decay=weight_decay,
                     last_epoch_test_accuracy_amp=history[-1]["test_accuracy"])
 
     def ablation(self) -> None:
-        config = Config("stt", 9)
-        self.recovered(config, allocation="uniform", step="uniform+fit", bn=True)
+        """STT 9x: what each component adds. Rank allocation by weight or by activation error
+        instead of uniform ranks (both fitted, no fine-tuning), and 5 epochs without the teacher."""
+        config = Config("stt", 9, 0, self.args.recipe)
+        self.recovered(config, allocation="weight", step="alloc-weight+fit")
         self.check_time()
-        self.recovered(config, allocation="weight", fit_steps=0, step="alloc+bn")
+        self.recovered(config, allocation="activation", step="alloc-activation+fit")
         self.check_time()
         self.fine_tune(config, 5, distill=False)
 
@@ -227,7 +246,7 @@ class Sweep:
 
     def run(self) -> None:
         self.dense_row()
-        for config, epochs in plan(self.args.seeds):
+        for config, epochs in plan(self.args.seeds, self.args.recipe):
             if self.args.only and not any(fnmatch.fnmatch(config.name, p) for p in self.args.only):
                 continue
             self.plain_and_bn(config)
@@ -248,15 +267,15 @@ def report(path: Path) -> str:
     for r in rows:
         if r["step"] == "dense":
             continue
-        key = (r["format"], r["target"])
+        key = (r["format"], r["target"], r.get("recipe", "v1"))
         by_config.setdefault(key, {}).setdefault(r["step"], []).append(r)
     lines = [f"dense ResNet-20: {dense:.2%}" if dense is not None else "dense: not measured", "",
              "params and compression: the allocated network that is fitted and fine-tuned (plain and bn use "
              "the uniform rule, within 2% of it); accuracy on the 10,000 test images; time: wall seconds of "
              "all steps on this machine's cores", "",
-             "| format | target | params | compression | " + " | ".join(steps) + " | time (s) |",
-             "|---|---|---|---|" + "---|" * len(steps) + "---|"]
-    for (fmt, target), by_step in sorted(by_config.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+             "| format | target | recipe | params | compression | " + " | ".join(steps) + " | time (s) |",
+             "|---|---|---|---|---|" + "---|" * len(steps) + "---|"]
+    for (fmt, target, recipe), by_step in sorted(by_config.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         any_row = (by_step.get("recovered") or next(iter(by_step.values())))[0]  # the network fine-tuned
         cells = []
         for s in steps:
@@ -270,11 +289,13 @@ def report(path: Path) -> str:
                 sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
                 cells.append(f"{mean:.2%} ± {sd:.2%} (n={len(values)})")
         seconds = sum(r.get("seconds", 0.0) for rs in by_step.values() for r in rs)
-        lines.append(f"| {fmt} | {target:g}x | {any_row['params']:,} | {any_row['compression']:.2f}x | "
+        lines.append(f"| {fmt} | {target:g}x | {recipe} | {any_row['params']:,} | {any_row['compression']:.2f}x | "
                      + " | ".join(cells) + f" | {seconds:.0f} |")
-    extra = [r for r in rows if r["step"] in ("uniform+fit", "uniform+fit+bn", "alloc+bn", "ft5-nodistill")]
+    extra = [r for r in rows if r["step"] in ("uniform+fit", "uniform+fit+bn", "alloc+bn", "alloc-weight+fit",
+                                              "alloc-activation+fit", "ft5-nodistill")]
     if extra:
-        lines += ["", "Ablation (STT 9x): " + "; ".join(f"{r['step']} {r['test_accuracy']:.2%}" for r in extra)]
+        lines += ["", "Ablation (STT 9x): " + "; ".join(f"{r['step']} ({r.get('recipe', 'v1')}) "
+                                                         f"{r['test_accuracy']:.2%}" for r in extra)]
     return "\n".join(lines)
 
 
@@ -288,6 +309,7 @@ def main() -> None:
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--fit-steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="v2", help="see RECIPES")
     parser.add_argument("--amp", default="bf16", choices=("auto", "bf16", "fp16", "off"))
     parser.add_argument("--time-limit", type=float, help="minutes; stop after the step that crosses it")
     parser.add_argument("--report", action="store_true", help="print the table from results/recover/runs.jsonl")

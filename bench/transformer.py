@@ -100,8 +100,9 @@ class Sweep:
             from stpnet.cli import main as cli
 
             start = time.perf_counter()
-            cli(["train", *TRAIN, "--epochs", str(self.args.epochs), "--data", str(DATA), "--run-dir", str(run_dir),
-                 "--quiet"])
+            if cli(["train", *TRAIN, "--epochs", str(self.args.epochs), "--data", str(DATA), "--run-dir", str(run_dir),
+                    "--quiet"]) != 0:
+                raise SystemExit("training the dense ViT failed (see the message above)")
             model, _, _ = load_trained(checkpoint)
             self.record("dense", "train", test_accuracy=self.accuracy(model.float().eval()),
                         params=sum(p.numel() for p in model.parameters()), epochs=self.args.epochs,

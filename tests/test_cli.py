@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -85,6 +86,24 @@ def test_compress_hits_the_target(dense_run, cifar_dir, tmp_path, capsys):
     assert run("report", tmp_path / "checkpoint.pt", "--latency", 1) == 0
     out = capsys.readouterr().out
     assert "| **model** |" in out and "inference latency, batch 1" in out
+
+
+def test_export_a_compressed_checkpoint(dense_run, cifar_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    assert run("compress", dense_run / "checkpoint.pt", "--data", cifar_dir, "--format", "str", "--compression",
+               4, "--epochs", 0, "--run-dir", tmp_path / "c", "--quiet") == 0
+    capsys.readouterr()
+    assert run("export", tmp_path / "c" / "checkpoint.pt", "--output", tmp_path / "m.onnx", "--batch", 2) == 0
+    out = capsys.readouterr().out
+    assert "onnx" in out and "fused" in out and "max |difference|" in out
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    assert run("export", tmp_path / "c" / "checkpoint.pt", "--output", tmp_path / "m.pt", "--no-fuse") == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated in favour of torch.export
+        loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    assert loaded(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    assert run("export", tmp_path / "c" / "checkpoint.pt", "--output", tmp_path / "m.txt") == 2
+    assert "export writes .onnx, .pt, .ts files" in capsys.readouterr().err
 
 
 def test_decompose(tmp_path, capsys):

@@ -354,6 +354,23 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import torch
+
+    from .export import export
+    from .pipeline import load_trained
+
+    model, spec, _ = load_trained(args.checkpoint)
+    size = args.input_size or (28 if spec.name == "lenet5" else 32)
+    example = torch.randn(args.batch, spec.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    result = export(model.float(), args.output, example, fuse_layers=not args.no_fuse)
+    check = ("not checked (onnxruntime is not installed)" if result.max_abs_difference is None
+             else f"max |difference| {result.max_abs_difference:.2e} against PyTorch")
+    print(f"wrote {result.path} ({result.format}, {result.params:,} parameters, "
+          f"{'fused' if not args.no_fuse else 'as trained'}); {check}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_compression_demo, run_demo
 
@@ -450,6 +467,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--latency", type=int, nargs="*", help="batch sizes to time inference at (e.g. 1 128)")
     p.set_defaults(run=_cmd_report)
+
+    p = sub.add_parser("export", help="write a checkpoint as ONNX or TorchScript, fused for deployment",
+                       description="Export a checkpoint (or a shipped network) to ONNX (.onnx) or TorchScript "
+                                   "(.pt/.ts). Factorized layers are fused first (stpnet.fuse): fixed chains of "
+                                   "standard ops on the compressed factors. The export is checked against "
+                                   "PyTorch on a random batch (ONNX Runtime for ONNX).")
+    p.add_argument("checkpoint", help="checkpoint.pt, or a shipped network such as resnet20-cifar10")
+    p.add_argument("--output", required=True, help="the file to write: .onnx, .pt or .ts")
+    p.add_argument("--no-fuse", action="store_true", help="export the factorized layers as they are")
+    p.add_argument("--input-size", type=int, help="image side (default: 32; 28 for LeNet-5)")
+    p.add_argument("--batch", type=int, default=1, help="batch of the example input (the ONNX batch is dynamic)")
+    p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("demo", help="compress the shipped trained ResNet-20 ~9x and recover its accuracy",
                        description="Compress the shipped trained ResNet-20 about 9x in TT, STT and STR, recover "
