@@ -9,15 +9,17 @@ threads:
 - ``factorized``: ``stpnet.compress(dense, fmt, compression=X)`` in eval mode (cost-model path
   choice per layer, merged cores cached);
 - ``fused``: :func:`stpnet.fuse` of it (fixed chains of standard ops);
+- ``fused_for_batch``: ``stpnet.fuse(small, example=x)`` for the batch timed: a layer whose path
+  choice is 'rebuild' at that size stays factorized (rebuilt once in eval), the others are fused;
 - ``tltorch``: TensorLy-Torch's ``FactorizedConv.from_conv`` on the same layers (Tucker and TT,
   ``implementation='factorized'``), at the per-layer parameter fraction that gives about the same
   whole-model compression, when tensorly-torch is installed (``pip install tensorly-torch``);
 - ``onnx``: the dense and the fused network exported with ``torch.onnx.export`` and run by ONNX
   Runtime (CPU provider, the same thread count), with ``--onnx``.
 
-Models are timed round-robin (one call of each in turn, ``--repeats`` rounds, after warm-up) and
-the median is reported as a ratio to dense in the same rounds, so drifts of a shared machine hit
-all alike. Rows are appended to ``results/latency/runs.jsonl``; ``--report`` prints the table.
+Models are timed in alternating blocks (3 rounds; in each, every model runs a warm-up and then
+``--repeats / 3`` timed calls), and the median is reported as a ratio to dense from the same
+rounds, so drifts of a shared machine hit all alike. Rows are appended to ``results/latency/runs.jsonl``; ``--report`` prints the table.
 
 Run (from the repository root; nothing else running):
     .venv/bin/python bench/latency.py --onnx
@@ -51,18 +53,25 @@ SEMI = {"sttu", "stt", "str"}
 NETWORKS = ("resnet20", "resnet32", "wrn-16-8")
 
 
-def time_round_robin(models: dict[str, object], x: torch.Tensor, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each callable on ``x``, timed in interleaved rounds."""
+def time_in_blocks(models: dict[str, object], x: torch.Tensor, repeats: int, rounds: int = 3,
+                   warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each callable on ``x``.
+
+    Each round times every model in turn, in a block of ``repeats // rounds`` calls after
+    ``warmup`` untimed ones: models alternate, so a drift of a shared machine hits all alike, while
+    each block runs with its own kernels warm (alternating single calls measured up to 5x slower
+    for the dense network at batch 1, its oneDNN primitives evicted by the other models')."""
+    per_block = max(1, repeats // rounds)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        for _ in range(warmup):
-            for model in models.values():
-                model(x)
-        for _ in range(repeats):
+        for _ in range(rounds):
             for name, model in models.items():
-                start = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - start)
+                for _ in range(warmup):
+                    model(x)
+                for _ in range(per_block):
+                    start = time.perf_counter()
+                    model(x)
+                    times[name].append(time.perf_counter() - start)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -127,10 +136,12 @@ def run(args) -> None:
                 for batch in args.batches:
                     x = torch.randn(batch, 3, 32, 32)
                     models = dict(candidates)
+                    # fused for this batch size: layers whose path choice is 'rebuild' at it stay factorized
+                    models["fused_for_batch"] = stpnet.fuse(small, example=x).eval()
                     if args.onnx:
                         models["onnx_dense"] = onnx_session(dense, x, args.threads)
                         models["onnx_fused"] = onnx_session(fused, x, args.threads)
-                    seconds = time_round_robin(models, x, args.repeats)
+                    seconds = time_in_blocks(models, x, args.repeats)
                     row = {"network": net, "format": fmt, "target": factor, "batch": batch,
                            "compression": dense_params / params(small), "fused_params": params(fused),
                            "params": params(small), "dense_params": dense_params, "seconds": seconds,
@@ -151,8 +162,8 @@ def report(path: Path) -> str:
     for r in rows:
         latest[(r["network"], r["target"], r["batch"], r["format"])] = r
     lines = ["time / dense (lower is better; < 1 is faster than dense); ONNX columns: / dense under ONNX Runtime",
-             "", "| network | target | batch | format | compression | dense ms | factorized | fused | tltorch | "
-             "onnx fused |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| network | target | batch | format | compression | dense ms | factorized | fused | fused for batch | "
+             "tltorch | onnx fused |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(latest, key=lambda k: (NETWORKS.index(k[0]) if k[0] in NETWORKS else 9, k[1], k[2],
                                              FORMATS.index(k[3]))):
         r = latest[key]
@@ -160,8 +171,8 @@ def report(path: Path) -> str:
         tl = f"{ratio['tltorch']:.2f} ({r['tltorch_compression']:.1f}x)" if "tltorch" in ratio else "-"
         onnx = f"{ratio['onnx_fused']:.2f}" if "onnx_fused" in ratio else "-"
         lines.append(f"| {r['network']} | {r['target']:g}x | {r['batch']} | {r['format']} | {r['compression']:.1f}x | "
-                     f"{r['seconds']['dense'] * 1e3:.2f} | {ratio['factorized']:.2f} | {ratio['fused']:.2f} | {tl} | "
-                     f"{onnx} |")
+                     f"{r['seconds']['dense'] * 1e3:.2f} | {ratio['factorized']:.2f} | {ratio['fused']:.2f} | "
+                     f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} |")
     return "\n".join(lines)
 
 
@@ -172,7 +183,7 @@ def main() -> None:
     parser.add_argument("--factors", nargs="*", type=float, default=[9, 20])
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 32])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--onnx", action="store_true", help="also time dense and fused under ONNX Runtime")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()

@@ -179,7 +179,7 @@ def report(path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=str(ROOT / "runs" / "transformer"), help="run directories")
-    parser.add_argument("--epochs", type=int, default=15, help="dense training epochs")
+    parser.add_argument("--epochs", type=int, default=12, help="dense training epochs")
     parser.add_argument("--factors", type=float, nargs="*", default=[3, 5, 10])
     parser.add_argument("--ft-epochs", type=int, default=2)
     parser.add_argument("--ft-lr", type=float, default=5e-4)

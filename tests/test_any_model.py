@@ -407,3 +407,12 @@ def test_token_model_compresses_with_allocation_and_fit():
     assert all(f.error_after <= f.error_before for f in report.fit.layers)
     with torch.no_grad():
         assert small.eval()(tokens).shape == (32, 5)
+
+
+def test_a_target_the_format_cannot_reach_warns():
+    """STT with t=2 cannot hold a whole 64-channel conv: asked for 1.2x, it gives more and says so."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 3), nn.Conv2d(64, 64, 3), nn.Flatten(),
+                          nn.Linear(64 * 16, 4))
+    with pytest.warns(UserWarning, match=r"compression 1.2x asked, .*x given"):
+        _, report = stpnet.compress(model, "stt", compression=1.2, t=2)
+    assert report.compression > 1.32

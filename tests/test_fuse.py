@@ -162,3 +162,16 @@ def test_measured_path_choice_times_both_paths_once_per_shape():
     layer.train()
     layer(x).sum().backward()
     assert all(p.grad is not None for p in layer.weight_tensor.parameters())
+
+
+def test_fuse_with_an_example_keeps_layers_that_prefer_rebuilding():
+    torch.manual_seed(4)
+    model = nn.Sequential(FactorizedConv2d(8, 16, 3, 1, 1, format="str", rank=8, forward_path="rebuild"),
+                          FactorizedConv2d(16, 16, 3, 1, 1, format="stt", rank=4, forward_path="contract")).eval()
+    x = torch.randn(4, 8, 8, 8)
+    fused = fuse(model, example=x)
+    assert isinstance(fused[0], stpnet.nn.FactorizedLayer) and fused[0].forward_path == "rebuild"
+    assert isinstance(fused[1], FusedLayer)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+    assert all(isinstance(m, FusedLayer) for m in fuse(model)) is True

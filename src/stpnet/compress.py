@@ -637,4 +637,10 @@ def _rank_plan_for_target(model, layers, dense_params, format, t, layout, n_mode
         else:
             hi = mid
     (plan_lo, f_lo), (plan_hi, f_hi) = model_factor(lo), model_factor(hi)
-    return plan_hi if abs(f_hi - target) <= abs(f_lo - target) else plan_lo
+    plan, achieved = (plan_hi, f_hi) if abs(f_hi - target) <= abs(f_lo - target) else (plan_lo, f_lo)
+    if achieved > 1.1 * target:
+        ts = sorted(set(t.values())) if isinstance(t, Mapping) else [t]
+        warnings.warn(f"compression {target}x asked, {achieved:.1f}x given: with {format} (t={'/'.join(map(str, ts))}) "
+                      "even the largest ranks the layers' tensorizations allow hold fewer parameters than the target "
+                      "leaves; use a classic format or a smaller t for more parameters", stacklevel=3)
+    return plan

@@ -151,22 +151,29 @@ def fuse_layer(layer: FactorizedLayer) -> nn.Module:
     return cls(layer).to(device=layer.weight_tensor.device).train(layer.training)
 
 
-def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def fuse(model: nn.Module, *, example: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:
     """Replace every factorized Conv/Linear of ``model`` by its fused deployment form.
 
     Parameters
     ----------
     model : nn.Module
         A model with factorized layers (for example from :func:`stpnet.compress`).
+    example : torch.Tensor, optional
+        An input batch of the size the model will serve. With it, a layer whose own path choice
+        (its cost model, or its measurement with ``forward_path='measure'``) prefers rebuilding
+        the dense weight at that size is kept as a factorized layer forced to ``'rebuild'``: in
+        eval mode it rebuilds once and reuses the weight, so it runs like a dense layer while
+        storing only its factors (its runtime memory holds the dense weight). Without it, every
+        layer becomes a contraction chain (the form to export: nothing dense is ever built).
     inplace : bool, default False
         Modify ``model`` itself instead of a deep copy.
 
     Returns
     -------
     nn.Module
-        The same function, as fixed chains of standard ops (see the module docstring); shared
-        layers stay shared. Compare ``sum(p.numel() for p in fused.parameters())`` with the
-        factorized count: the merged operators hold about as many parameters as the cores.
+        The same function (see the module docstring); shared layers stay shared. Compare
+        ``sum(p.numel() for p in fused.parameters())`` with the factorized count: the merged
+        operators hold about as many parameters as the cores.
     """
     if isinstance(model, FactorizedLayer):
         return fuse_layer(model)
@@ -176,9 +183,41 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, FactorizedLayer) and not isinstance(module, FactorizedEmbedding):
             aliases.setdefault(id(module), []).append(name)
+    rebuild = _layers_preferring_rebuild(model, example) if example is not None else set()
     for names in aliases.values():
-        fused = fuse_layer(model.get_submodule(names[0]))
+        layer = model.get_submodule(names[0])
+        if id(layer) in rebuild:
+            layer.forward_path = "rebuild"
+            continue
+        fused = fuse_layer(layer)
         for name in names:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, fused)
     return model
+
+
+@torch.no_grad()
+def _layers_preferring_rebuild(model: nn.Module, example: torch.Tensor) -> set[int]:
+    """ids of the factorized layers whose path choice on ``example``'s activations is 'rebuild'."""
+    chosen: set[int] = set()
+
+    def hook(layer, args, output):
+        x = args[0]
+        if layer.forward_path == "measure":
+            path = layer._measure_paths(x)
+        else:
+            path = layer.choose_path(x.shape, x.device.type)
+        if path == "rebuild":
+            chosen.add(id(layer))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, FactorizedLayer) and not isinstance(m, FactorizedEmbedding)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return chosen
