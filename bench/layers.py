@@ -80,7 +80,7 @@ def measure(spec: dict, queue) -> None:
            "params": sum(p.numel() for p in layer.parameters())}
     if spec["kind"] == "stpnet":
         shape = tuple(x.shape)
-        out["macs"] = layer.flops(shape)
+        out["macs"] = layer.macs(shape)
         out["chosen"] = layer.choose_path(shape)
     elif spec["kind"] == "dense":
         out["macs"] = spec["batch"] * spec["channels"] ** 2 * 9 * spec["spatial"] ** 2

@@ -242,15 +242,15 @@ def test_resnet32_compression_factors_match_math_table(fmt, layout, t, rank, exp
 def test_reporting_and_cost_model():
     layer = FactorizedConv2d(256, 256, 3, padding=1, bias=False, format="stt", layout="sequential", rank=14, t=2)
     shape = (32, 256, 32, 32)
-    assert layer.dense_flops(shape) == 32 * 256 * 256 * 9 * 32 * 32
+    assert layer.dense_macs(shape) == 32 * 256 * 256 * 9 * 32 * 32
     assert layer.dense_params == 256 * 256 * 9
     assert layer.compression_ratio == pytest.approx(layer.dense_params / layer.num_params)
     costs = layer.path_costs(shape)
     assert costs["contract"].macs * 20 < costs["rebuild"].macs
     assert layer.choose_path(shape) == "contract"
-    assert layer.flops(shape) == costs["contract"].macs
+    assert layer.macs(shape) == costs["contract"].macs
     layer.forward_path = "rebuild"
-    assert layer.choose_path(shape) == "rebuild" and layer.flops(shape) == costs["rebuild"].macs
+    assert layer.choose_path(shape) == "rebuild" and layer.macs(shape) == costs["rebuild"].macs
     # a single tiny input: rebuilding the weight costs more than the conv itself
     tiny = FactorizedConv2d(16, 16, 3, format="tt", layout="paired", rank=4)
     costs = tiny.path_costs((1, 16, 4, 4))
@@ -264,7 +264,7 @@ def test_rebuild_cost_is_the_reconstruction_of_the_weight(fmt, t):
     to rebuild, much slower than contracting: ResNet-20 TR R14 at batch 1 ran 16x the dense time)."""
     layer = FactorizedConv2d(64, 64, 3, padding=1, bias=False, format=fmt, rank=14, t=t)
     shape = (1, 64, 8, 8)
-    assert layer.path_costs(shape)["rebuild"].macs == layer.dense_flops(shape) + layer.weight_tensor.reconstruction_macs()
+    assert layer.path_costs(shape)["rebuild"].macs == layer.dense_macs(shape) + layer.weight_tensor.reconstruction_macs()
     if fmt in ("tr", "str"):
         assert layer.choose_path(shape) == "contract"
 
@@ -371,3 +371,15 @@ def test_eval_inference_caches_merged_factors_until_they_change(fmt, path, monke
     # with gradients on, nothing is cached: the output still depends on the factors
     out = layer(x)
     assert out.requires_grad
+
+
+def test_renamed_methods_keep_deprecated_aliases():
+    layer = FactorizedConv2d(8, 16, 3, padding=1, format="stt", rank=4, t=2)
+    shape = (2, 8, 6, 6)
+    assert layer.format == layer.weight_tensor.format == "stt"
+    with pytest.warns(DeprecationWarning, match="use .format"):
+        assert layer.format_name == "stt"
+    with pytest.warns(DeprecationWarning, match="use macs"):
+        assert layer.flops(shape) == layer.macs(shape)
+    with pytest.warns(DeprecationWarning, match="use dense_macs"):
+        assert layer.dense_flops(shape) == layer.dense_macs(shape)

@@ -270,9 +270,9 @@ def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
         shape = shapes.get(name)
         if isinstance(m, FactorizedLayer):
             kind = type(m).__name__.replace("Factorized", "")
-            rows.append(LayerReport(name, kind, m.format_name, m.rank, m.t, m.dense_params, m.num_params,
-                                    None if shape is None else m.dense_flops(shape),
-                                    None if shape is None else m.flops(shape)))
+            rows.append(LayerReport(name, kind, m.format, m.rank, m.t, m.dense_params, m.num_params,
+                                    None if shape is None else m.dense_macs(shape),
+                                    None if shape is None else m.macs(shape)))
         elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)):
             n = sum(p.numel() for p in m.parameters())
             macs = None if shape is None else _dense_macs(m, shape)

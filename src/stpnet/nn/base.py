@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -128,7 +129,6 @@ class FactorizedLayer(nn.Module):
         cls, t, tz = layer_tensorization(format, t, layout, in_features, out_features, kernel_size,
                                          in_modes, out_modes, n_modes)
         self.tensorization = tz
-        self.format_name = cls.semi_name if t > 1 else cls.family
         self.forward_path = forward_path
         if weight is None:
             shape = tz.tensor_shape
@@ -168,6 +168,18 @@ class FactorizedLayer(nn.Module):
         return cls.validate_rank(shape, rank, t, clip=clip)
 
     # ------------------------------------------------------------------- reporting
+    @property
+    def format(self) -> str:
+        """The format name, as the factorized tensor reports it ('stt' for TT with t > 1, ...)."""
+        return self.weight_tensor.format
+
+    @property
+    def format_name(self) -> str:
+        """Deprecated alias of :attr:`format`."""
+        warnings.warn("FactorizedLayer.format_name is deprecated: use .format (the name its weight_tensor uses)",
+                      DeprecationWarning, stacklevel=2)
+        return self.format
+
     @property
     def rank(self) -> tuple[int, ...]:
         return self.weight_tensor.rank
@@ -215,14 +227,25 @@ class FactorizedLayer(nn.Module):
         """Estimated multiply-adds and activation memory of each forward path for an input shape."""
         return self._path_costs(tuple(int(s) for s in input_shape))
 
-    def flops(self, input_shape: Sequence[int], path: str | None = None) -> int:
+    def macs(self, input_shape: Sequence[int], path: str | None = None) -> int:
         """Forward multiply-adds for ``input_shape`` on ``path`` (default: the one that would run)."""
         costs = self.path_costs(input_shape)
         return costs[path or self.choose_path(input_shape)].macs
 
-    def dense_flops(self, input_shape: Sequence[int]) -> int:
+    def dense_macs(self, input_shape: Sequence[int]) -> int:
         """Forward multiply-adds of the dense layer on ``input_shape``."""
         return self._dense_macs(tuple(int(s) for s in input_shape))
+
+    def flops(self, input_shape: Sequence[int], path: str | None = None) -> int:
+        """Deprecated alias of :meth:`macs` (it always returned multiply-adds)."""
+        warnings.warn("FactorizedLayer.flops() is deprecated: it counts multiply-adds; use macs()", DeprecationWarning,
+                      stacklevel=2)
+        return self.macs(input_shape, path)
+
+    def dense_flops(self, input_shape: Sequence[int]) -> int:
+        """Deprecated alias of :meth:`dense_macs`."""
+        warnings.warn("FactorizedLayer.dense_flops() is deprecated: use dense_macs()", DeprecationWarning, stacklevel=2)
+        return self.dense_macs(input_shape)
 
     def choose_path(self, input_shape: Sequence[int], device_type: str | None = None) -> str:
         """'rebuild' or 'contract': the forced path, the measured one (``forward_path='measure'``,

@@ -111,7 +111,7 @@ class _FactorizedConvNd(FactorizedLayer):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, format={self.format_name!r}, layout={self.tensorization.layout!r}, "
+                f"padding={self.padding}, format={self.format!r}, layout={self.tensorization.layout!r}, "
                 f"rank={self.rank}, t={self.t}, bias={self.bias is not None}")
 
     # ------------------------------------------------------------------ padding

@@ -85,7 +85,7 @@ class FactorizedEmbedding(FactorizedLayer):
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
-                f"format={self.format_name!r}, layout={self.tensorization.layout!r}, rank={self.rank}, t={self.t}")
+                f"format={self.format!r}, layout={self.tensorization.layout!r}, rank={self.rank}, t={self.t}")
 
     def dense_weight(self) -> torch.Tensor:
         """The table (num_embeddings, embedding_dim), rebuilt from the factors (differentiable)."""

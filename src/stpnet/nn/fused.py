@@ -45,7 +45,7 @@ class FusedLayer(nn.Module):
         super().__init__()
         self.in_features, self.out_features = layer.tensorization.in_features, layer.tensorization.out_features
         self.kernel_size: tuple[int, ...] = tuple(layer.tensorization.kernel_size)
-        self.format_name = layer.format_name
+        self.format = layer.format
         if self.kernel_size:
             self.in_channels, self.out_channels = self.in_features, self.out_features
             self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
@@ -53,7 +53,7 @@ class FusedLayer(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, format={self.format_name!r}"
+        return f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, format={self.format!r}"
 
     def _apply_conv(self, x: torch.Tensor, run) -> torch.Tensor:
         x, padding = prepare_conv_input(x, self.in_channels, self.padding, self.kernel_size, self.dilation,
