@@ -90,3 +90,23 @@ def test_tol_is_honoured_at_extreme_scales(fmt):
         X = base * scale
         result = stpnet.decompose(X, fmt, tol=0.3, t=t)
         assert stpnet.relative_error(X.double(), result) <= 0.3 + 1e-4, (fmt, scale)
+
+
+@pytest.mark.parametrize("entry", ["layer", "compress", "decompose", "tensorization", "embedding"])
+def test_unknown_format_or_layout_raises_at_every_entry_point(entry):
+    import stpnet
+    from stpnet.nn import FactorizedEmbedding, FactorizedLinear, Tensorization
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    calls = {
+        "layer": [lambda: FactorizedLinear(8, 8, format="cp2", rank=2),
+                  lambda: FactorizedLinear(8, 8, format="tt", rank=2, layout="ring")],
+        "compress": [lambda: stpnet.compress(model, "hosvd", rank=2),
+                     lambda: stpnet.compress(model, "tt", rank=2, layout="zigzag")],
+        "decompose": [lambda: stpnet.decompose(torch.randn(4, 4, 4), "ht", rank=2)],
+        "tensorization": [lambda: Tensorization("zigzag", (2, 4), (2, 4))],
+        "embedding": [lambda: FactorizedEmbedding(10, 8, format="tr", rank=2, layout="paired")],
+    }[entry]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"(valid|one of|available)"):
+            call()

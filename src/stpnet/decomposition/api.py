@@ -172,6 +172,8 @@ def decompose(
                           callback=callback)
     elif cls is TTTensor:
         result = stt_svd(X, caps, t, tol=tol, svd=svd, generator=generator)
+    elif cls is not TRTensor:
+        raise ValueError(f"no decomposition fit for {cls.__name__}; decompose fits Tucker, TT and TR families")
     else:
         result = str_svd(X, caps, t, tol=tol, svd=svd, generator=generator)
         if n_iter:

@@ -92,6 +92,11 @@ class Tensorization:
     out_modes: tuple[int, ...]
     kernel_size: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        valid = sorted({name for names in LAYOUTS.values() for name in names})
+        if self.layout not in valid:
+            raise ValueError(f"unknown layout {self.layout!r}; valid layouts: {', '.join(valid)}")
+
     @property
     def in_features(self) -> int:
         return math.prod(self.in_modes)
