@@ -358,7 +358,7 @@ def compress(
     layout : str, optional
         Tensorization layout (see :class:`stpnet.nn.FactorizedConv2d`).
     init : {'decompose', 'random'}
-        'decompose' fits each layer to the trained weights (decompositions of MATH.md); 'random'
+        'decompose' fits each layer to the trained weights (:func:`stpnet.decompose`); 'random'
         starts fresh with the variance-preserving initialisation.
     n_iter : int
         Refinement sweeps for 'decompose' (HOOI / ALS).

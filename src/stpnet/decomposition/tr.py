@@ -1,4 +1,5 @@
-"""TR-SVD, STR-SVD and TR/STR alternating least squares (MATH.md section 6)."""
+"""TR-SVD and TR alternating least squares (Zhao et al. 2016, "Tensor ring decomposition"), and the
+semi-tensor ring through the identity STR_t(X; R) = TR(X'; R/t), ``X'`` re-tensorized as for STT."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def tr_als(
     """Alternating least squares for TR / STR, with restarts when it stalls.
 
     Each step solves for one core with the others fixed (a linear least-squares problem). STR is
-    refined as the TR of the re-tensorized tensor (MATH.md section 6), which is the same problem.
+    refined as the TR of the re-tensorized tensor (STR_t(X; R) = TR(X'; R/t)), which is the same problem.
 
     ALS can stall in a "swamp" far from the optimum, so a run whose error stops improving (less
     than ``stall`` relative progress over 10 sweeps) above ``tol`` is restarted from random cores,

@@ -1,4 +1,6 @@
-"""TT-SVD and STT-SVD (MATH.md section 5)."""
+"""TT-SVD (Oseledets 2011, "Tensor-train decomposition") and STT-SVD: TT-SVD with ranks R/t of the
+re-tensorized tensor ``X'[(i_1, u), ..., j] = X[..., j*t + u]``, its first core unpacked
+(Zhao et al. 2021)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""ST-HOSVD and HOOI for Tucker / STTu (MATH.md section 4)."""
+"""ST-HOSVD and HOOI for Tucker / STTu.
+
+HOSVD and HOOI are De Lathauwer et al. (2000); the semi-tensor variant takes, for mode n, the
+leading R_n/t_n left singular vectors of the mode-n unfolding with its rows ``p*t + u`` regrouped as
+rows ``p`` and columns ``(u, rest)``, so that ``U_n ⊗ I_t`` is the factor (Zhao et al. 2021)."""
 
 from __future__ import annotations
 

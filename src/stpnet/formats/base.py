@@ -40,7 +40,7 @@ class FactorizedTensor(nn.Module):
     @property
     @abstractmethod
     def factors(self) -> list[torch.Tensor]:
-        """The factor tensors, with the sizes given in MATH.md."""
+        """The factor tensors (their sizes are given in each format's class docstring)."""
 
     @property
     @abstractmethod

@@ -1,6 +1,6 @@
 """What TT/STT and TR/STR share: 3-way cores linked in a chain (TT) or ring (TR), the STP
 factor ``t`` carried by the first core's trailing rank, and the exact conversion to the classic
-format of the re-tensorized tensor (MATH.md sections 5 and 6)."""
+format of the re-tensorized tensor ``X'[(i_1, u), ..., j] = X[i_1, ..., j*t + u]``."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class CoreTensor(FactorizedTensor):
         """The exact classic format (t = 1) with ranks R/t of the re-tensorized tensor.
 
         Its shape is (I_1*t, I_2, ..., I_{N-1}, I_N/t) and its entries are
-        ``X'[(i_1, u), ..., j] = X[i_1, ..., j*t + u]`` (MATH.md sections 5 and 6).
+        ``X'[(i_1, u), ..., j] = X[i_1, ..., j*t + u]``.
         """
         cores = [G.detach().clone() for G in self.cores]
         cores[0] = first_core_to_classic(cores[0], self._t)

@@ -1,4 +1,7 @@
-"""Tensor ring (TR), and semi-tensor ring (STR) when t > 1 (MATH.md section 6)."""
+"""Tensor ring (TR), and semi-tensor ring (STR) when t > 1.
+
+STR (Zhao et al. 2021): ``X[i_1, ..., j*t+u] = sum G_1[a, i_1, b_1*t+u] G_2[b_1, i_2, b_2] ... G_N[b_{N-1}, j, a]``
+with G_1 (R_0/t, I_1, R_1), G_k (R_{k-1}/t, I_k, R_k/t), G_N (R_{N-1}/t, I_N/t, R_0/t)."""
 
 from __future__ import annotations
 
@@ -130,7 +133,7 @@ class TRTensor(CoreTensor):
 
     @staticmethod
     def param_count(shape: Sequence[int], rank: Sequence[int], t: int = 1) -> int:
-        """MATH.md: R_0 I_1 R_1 / t + sum_mid I_k R_{k-1} R_k / t^2 + I_N R_{N-1} R_0 / t^3."""
+        """R_0 I_1 R_1 / t + sum_mid I_k R_{k-1} R_k / t^2 + I_N R_{N-1} R_0 / t^3 (TR: t = 1)."""
         shape, R = tuple(shape), tuple(rank)
         n = R[0] * shape[0] * R[1] // t
         for k in range(1, len(shape) - 1):

@@ -1,4 +1,8 @@
-"""Tensor train (TT), and semi-tensor train (STT) when t > 1 (MATH.md section 5)."""
+"""Tensor train (TT), and semi-tensor train (STT) when t > 1.
+
+STT (Zhao et al. 2021): ``X[i_1, ..., i_{N-1}, j*t+u] = sum_b G_1[i_1, b_1*t+u] G_2[b_1, i_2, b_2] ...
+G_N[b_{N-1}, j]`` with G_1 (I_1, R_1), G_k (R_{k-1}/t, I_k, R_k/t), G_N (R_{N-1}/t, I_N/t): the copy index u
+is created by the first link, carried through every core and emitted in the last mode."""
 
 from __future__ import annotations
 
@@ -136,7 +140,7 @@ class TTTensor(CoreTensor):
 
     @staticmethod
     def param_count(shape: Sequence[int], rank: Sequence[int], t: int = 1) -> int:
-        """MATH.md: I_1 R_1 + sum_{k=2}^{N-1} I_k R_{k-1} R_k / t^2 + I_N R_{N-1} / t^2."""
+        """I_1 R_1 + sum_{k=2}^{N-1} I_k R_{k-1} R_k / t^2 + I_N R_{N-1} / t^2 (TT: without the t^2)."""
         shape, R = tuple(shape), tuple(rank)
         n = shape[0] * R[0]
         for k in range(1, len(shape) - 1):

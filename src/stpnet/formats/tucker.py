@@ -1,4 +1,8 @@
-"""Tucker, and semi-tensor Tucker (STTu) when any t_n > 1 (MATH.md section 4)."""
+"""Tucker, and semi-tensor Tucker (STTu) when any t_n > 1.
+
+STTu (Zhao et al. 2021): ``X = G ⋉_1 U_1 ... ⋉_N U_N`` with the full core G (R_1 x ... x R_N) and
+U_n (I_n/t_n x R_n/t_n); the semi-tensor mode product applies ``U_n ⊗ I_{t_n}`` without building it:
+``Y[..., j*t+u, ...] = sum_p U[j, p] X[..., p*t+u, ...]``."""
 
 from __future__ import annotations
 
@@ -127,7 +131,7 @@ class TuckerTensor(FactorizedTensor):
 
     @staticmethod
     def param_count(shape: Sequence[int], rank: Sequence[int], t: int | Sequence[int] = 1) -> int:
-        """MATH.md: prod_n R_n + sum_n I_n R_n / t_n^2."""
+        """prod_n R_n + sum_n I_n R_n / t_n^2 (Tucker: t_n = 1)."""
         ts = (t,) * len(shape) if isinstance(t, int) else tuple(t)
         return math.prod(rank) + sum(I * R // (tk * tk) for I, R, tk in zip(shape, rank, ts))
 

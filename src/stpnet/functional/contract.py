@@ -4,7 +4,7 @@ Every STP link is a reshape: the copy index ``u`` of a semi-tensor format rides 
 fastest part of a channel dimension, or as the depth dimension of a 5-D view, so no Kronecker
 product and no channel permutation of the activations is ever built.
 
-Layouts (MATH.md section 8):
+Layouts (index convention: row-major, a dimension of size P*t splits as ``p*t + u``):
 
 * ``sequential`` / ``ring`` (TT/STT, TR/STR): modes [I_1..I_d, K, O_1..O_e]. The input-side
   cores are merged into one C_in x (r_d * a * t) matrix, the spatial core runs as a k x k

@@ -9,7 +9,7 @@ only those slices, so a batch of N tokens costs N times a chain of small product
 the table nor an N x C_in one-hot is ever formed. The output-side factors are merged once (a
 (C_out/t) x (r a) matrix), as in the contraction paths of :mod:`stpnet.functional.contract`.
 
-The layouts are those of the factorized Linear (MATH.md section 8): sequential / ring
+The layouts are those of the factorized Linear: sequential / ring
 (TT/STT, TR/STR), paired (TT-matrix), Tucker-2 (Tucker/STTu). With t > 1 the copy index ``u`` of
 the semi-tensor product is the fastest part of the input index (first input mode) and of the
 output index (last output mode), exactly as in the Linear's contraction.

@@ -1,6 +1,6 @@
 """Dense reconstruction of each format from its factors: pure functions with autograd.
 
-Index conventions follow MATH.md: row-major, and a dimension of size P*t splits as ``p*t + u``.
+Index conventions: row-major, and a dimension of size P*t splits as ``p*t + u``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The identity that turns STT/STR into TT/TR (MATH.md sections 5 and 6).
+"""The identity that turns STT/STR into TT/TR : an STT (STR) with ranks R is exactly the TT (TR)
+with ranks R/t of the re-tensorized ``X'[(i_1, u), i_2, ..., j] = X[i_1, ..., i_{N-1}, j*t + u]``,
+the first core unpacked as ``G_1[i_1, b*t + u] = H_1[(i_1, u), b]``.
 
 STT_t(X; R) is the TT with ranks R/t of the re-tensorized
 

@@ -42,7 +42,7 @@ class FactorizedLinear(FactorizedLayer):
         spirit of ``torch.backends.cudnn.benchmark``; the others force a path.
     clip_ranks : bool, default False
         Lower ranks to what the tensorization can use. The default keeps the nominal ranks, as the
-        literature counts them (MATH.md section 8); clipping gives fewer parameters for the same
+        literature counts them (Zhao et al. 2021 count a rank-R layer this way); clipping gives fewer parameters for the same
         function class with TT and Tucker.
 
     Examples

@@ -1,5 +1,7 @@
 """Tensorization of layer weights: channel counts factored into modes, and the layouts of
-MATH.md section 8 that map a dense weight to the factorized tensor and back."""
+that map a dense weight to the factorized tensor and back: ``sequential`` [I_1..I_d, (K,) O_1..O_e],
+``ring`` the same modes closed into a ring, ``paired`` [(K,) I_1 O_1, ..., I_d O_d] (the TT-matrix
+of Novikov et al. 2015 and Garipov et al. 2016), ``tucker2`` (C_out, C_in, K)."""
 
 from __future__ import annotations
 
