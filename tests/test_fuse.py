@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stpnet
+from stpnet.functional.contract import conv1x1_mix
 from stpnet.models import resnet20
 from stpnet.nn import (FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear, FusedLayer,
                        fuse, fuse_layer)
@@ -62,6 +63,10 @@ def test_fused_layer_computes_the_same_function(combo, kind):
         got = fused(x)
     assert got.shape == expected.shape
     assert float((got - expected).norm() / expected.norm()) < 1e-12
+    fused.mix = conv1x1_mix  # the 1x1 stages as conv1d, as exported to ONNX
+    with torch.no_grad():
+        assert float((fused(x) - expected).norm() / expected.norm()) < 1e-12
+    del fused.mix
     # it stays compressed: about the factorized parameter count, far from the dense one
     n_fused = sum(p.numel() for p in fused.parameters())
     assert n_fused < 2 * layer.num_params + 64

@@ -33,6 +33,7 @@ __all__ = [
     "sequential_linear",
     "tucker2_conv",
     "tucker2_conv_merged",
+    "conv1x1_mix",
     "tucker2_linear",
     "paired_conv",
     "paired_linear",
@@ -86,6 +87,12 @@ def _mix(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(W.unsqueeze(0).expand(x.shape[0], -1, -1), x)
 
 
+def conv1x1_mix(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``W`` (m, c) applied to every sample of ``x`` (n, c, P) as a 1x1 ``conv1d``: the same result
+    as the batched product, as the op that inference runtimes (oneDNN, ONNX Runtime) optimise best."""
+    return F.conv1d(x, W.unsqueeze(-1))
+
+
 def _conv_nd(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
     dim = weight.ndim - 2
     conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
@@ -99,6 +106,7 @@ def sequential_conv(
     stride: Sequence[int],
     padding: Sequence[int] | str,
     dilation: Sequence[int],
+    mix=_mix,
 ) -> torch.Tensor:
     """Convolution with a sequential / ring factorized kernel: 1x1 -> k x k (grouped) -> 1x1.
 
@@ -109,7 +117,7 @@ def sequential_conv(
     spatial = x.shape[2:]
     r, a, t = f.rank_in, f.ring, f.t
     g = a * t
-    z = _mix(f.A.transpose(-1, -2), x.reshape(n, c_in, -1))  # (n, r*a*t, P_in), channels (b, a, u)
+    z = mix(f.A.transpose(-1, -2), x.reshape(n, c_in, -1))  # (n, r*a*t, P_in), channels (b, a, u)
     r_out = f.S.shape[0]
     S = f.S.reshape(r_out, r, *kernel_size)
     if g == 1:
@@ -125,7 +133,7 @@ def sequential_conv(
         z = _conv_nd(z.reshape(n, r, g, *spatial), S.unsqueeze(2), (1, *stride), pad, (1, *dilation))
     out_spatial = z.shape[-len(spatial):]
     z = z.reshape(n, r_out * a, -1)  # rows (b', a), columns (u, P)
-    out = _mix(f.B, z)  # (n, C_out/t, t*P)
+    out = mix(f.B, z)  # (n, C_out/t, t*P)
     return out.reshape(n, -1, *out_spatial)
 
 
@@ -156,16 +164,17 @@ def tucker2_conv(
 
 
 def tucker2_conv_merged(x: torch.Tensor, W: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor,
-                        stride: Sequence[int], padding: Sequence[int] | str, dilation: Sequence[int]) -> torch.Tensor:
+                        stride: Sequence[int], padding: Sequence[int] | str, dilation: Sequence[int],
+                        mix=_mix) -> torch.Tensor:
     """:func:`tucker2_conv` with the core and spatial factor already merged into the rank-space
     kernel ``W`` (R_o, R_i, *kernel_size)."""
     n, c_in = x.shape[:2]
     spatial = x.shape[2:]
-    z = _mix(U_in.transpose(-1, -2), x.reshape(n, U_in.shape[0], -1))  # (n, R_i/t, t*P)
+    z = mix(U_in.transpose(-1, -2), x.reshape(n, U_in.shape[0], -1))  # (n, R_i/t, t*P)
     r_in = W.shape[1]
     z = _conv_nd(z.reshape(n, r_in, *spatial), W, stride, padding, dilation)
     out_spatial = z.shape[2:]
-    out = _mix(U_out, z.reshape(n, U_out.shape[1], -1))  # (n, C_out/t, t*P)
+    out = mix(U_out, z.reshape(n, U_out.shape[1], -1))  # (n, C_out/t, t*P)
     return out.reshape(n, -1, *out_spatial)
 
 

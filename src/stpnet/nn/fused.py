@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from ..functional.contract import (SequentialFactors, paired_conv, paired_linear, sequential_conv,
+from ..functional.contract import (SequentialFactors, _mix, paired_conv, paired_linear, sequential_conv,
                                    sequential_factors, sequential_linear, tucker2_conv_merged, tucker2_linear)
 from .base import FactorizedLayer
 from .conv import prepare_conv_input
@@ -40,6 +40,11 @@ class FusedLayer(nn.Module):
     ``kernel_size`` is empty for a Linear. Convolutions keep ``stride``, ``padding``,
     ``dilation`` and ``padding_mode`` as the torch layer has them.
     """
+
+    #: How the 1x1 stages apply a factor: a batched product with the factor broadcast (faster in
+    #: PyTorch at batch 32), or :func:`stpnet.functional.contract.conv1x1_mix`, a 1x1 conv1d, which
+    #: :func:`stpnet.export.export` sets for ONNX (ONNX Runtime ran it 5-30% faster; BENCHMARKS.md).
+    mix = staticmethod(_mix)
 
     def __init__(self, layer: FactorizedLayer):
         super().__init__()
@@ -90,7 +95,7 @@ class FusedSequential(FusedLayer):
         f = SequentialFactors(self.A, self.S, self.B, self.rank_in, self.ring, self.t)
         if self.kernel_size:
             return self._apply_conv(x, lambda z, pad: sequential_conv(z, f, self.kernel_size, self.stride, pad,
-                                                                      self.dilation))
+                                                                      self.dilation, mix=self.mix))
         return self._apply_linear(x, lambda z: sequential_linear(z, f))
 
 
@@ -113,7 +118,8 @@ class FusedTucker2(FusedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_size:
             return self._apply_conv(x, lambda z, pad: tucker2_conv_merged(z, self.core, self.U_out, self.U_in,
-                                                                          self.stride, pad, self.dilation))
+                                                                          self.stride, pad, self.dilation,
+                                                                          mix=self.mix))
         return self._apply_linear(x, lambda z: tucker2_linear(z, self.core, self.U_out, self.U_in))
 
 
