@@ -22,7 +22,9 @@ from .progress import ProgressBar
 
 __all__ = ["main", "build_parser"]
 
-FORMAT_CHOICES = ("tucker", "sttu", "tt", "stt", "tr", "str")
+from .formats import FORMATS
+
+FORMAT_CHOICES = tuple(FORMATS)
 
 
 # ---------------------------------------------------------------------------- arguments

@@ -422,7 +422,7 @@ def compress(
         raise ValueError(f"{' and '.join(needs_data)} need calibration inputs (calibration=a few hundred "
                          "preprocessed training images)")
     format_cls, semi = format_class(format)
-    requested_t = _resolve_t(format_cls.family, semi, t)
+    requested_t = _resolve_t(format_cls, semi, t)
     dense_params = sum(p.numel() for p in model.parameters())
     reference = model
     if not inplace:

@@ -17,6 +17,7 @@ from typing import TextIO
 import torch
 
 from .compress import compress, model_report
+from .formats import format_class
 from .model_spec import ModelSpec
 from .progress import ProgressBar
 
@@ -78,7 +79,7 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
     calibration = calibration_images(data, calibration_size, seed)
     out_dir = Path(out_dir)
     for fmt in formats:
-        t = 2 if fmt in ("sttu", "stt", "str") else None
+        t = 2 if format_class(fmt)[1] else None
         start = time.perf_counter()
         plain, _ = compress_model(dense, fmt, compression=compression, t=t)
         plain_accuracy = accuracy(plain)

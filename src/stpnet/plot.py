@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from .formats import FORMATS
+
 __all__ = ["plot_accuracy_vs_compression"]
 
 _COLOURS = {"dense": "black", "tucker": "tab:green", "tt": "tab:blue", "tr": "tab:red"}
-_FAMILY = {"dense": "dense", "tucker": "tucker", "sttu": "tucker", "tt": "tt", "stt": "tt", "tr": "tr", "str": "tr"}
+_FAMILY = {"dense": "dense", **{name: cls.family for name, (cls, _) in FORMATS.items()}}
 
 
 def plot_accuracy_vs_compression(points: Iterable[Mapping], path: str | Path, title: str = "") -> Path:
@@ -36,7 +38,7 @@ def plot_accuracy_vs_compression(points: Iterable[Mapping], path: str | Path, ti
         fmt = p["format"]
         family = _FAMILY.get(fmt, fmt)
         colour = _COLOURS.get(family, "tab:purple")
-        semi = fmt in ("sttu", "stt", "str")
+        semi = fmt in FORMATS and FORMATS[fmt][1]
         label = fmt if fmt not in seen else None
         seen.add(fmt)
         ax.errorbar(p["compression"], 100 * p["accuracy"], yerr=100 * p.get("error", 0) or None, fmt="o",

@@ -23,13 +23,13 @@ __all__ = ["FactorizedLayer", "FORWARD_PATHS"]
 FORWARD_PATHS = ("auto", "rebuild", "contract", "measure")
 
 
-def _resolve_t(family: str, semi: bool, t: int | None) -> int:
+def _resolve_t(cls, semi: bool, t: int | None) -> int:
     if t is None:
         return 2 if semi else 1
     t = check_positive_int(t, "t")
     if t > 1 and not semi:
-        raise ValueError(f"format {family!r} is the classic format (t = 1); for t={t} use the "
-                         f"semi-tensor name ({ {'tt': 'stt', 'tr': 'str', 'tucker': 'sttu'}[family]!r})")
+        raise ValueError(f"format {cls.family!r} is the classic format (t = 1); for t={t} use the "
+                         f"semi-tensor name ({cls.semi_name!r})")
     return t
 
 
@@ -38,7 +38,7 @@ def layer_tensorization(format: str, t: int | None, layout: str | None, c_in: in
     """Resolve a layer's format class, t and tensorization from its constructor arguments."""
     cls, semi = format_class(format)
     family = cls.family
-    t = _resolve_t(family, semi, t)
+    t = _resolve_t(cls, semi, t)
     layout = default_layout(family) if layout is None else layout
     if layout not in LAYOUTS[family]:
         raise ValueError(f"layout {layout!r} is not available for {format!r}; valid: "
