@@ -120,21 +120,23 @@ class Sweep:
                         b32=latency(dense, 32, self.args.repeats))
         for factor in self.args.factors:
             for fmt in FORMATS:
-                name = f"{fmt}-{factor:g}x"
+                name = f"{fmt}-{factor:g}x" + ("" if self.args.attention == "packed" else f"-{self.args.attention}")
                 if (name, "ft") in self.done:
                     continue
                 if time.monotonic() > self.deadline:
                     raise _OutOfTime
                 t = 2 if fmt in SEMI else None
                 start = time.perf_counter()
-                plain, report = compress(dense, fmt, compression=factor, t=t)
+                plain, report = compress(dense, fmt, compression=factor, t=t, attention=self.args.attention)
                 params = report.params
-                common = {"format": fmt, "target": factor, "params": params, "compression": dense_params / params}
+                common = {"format": fmt, "target": factor, "params": params, "compression": dense_params / params,
+                          "attention": self.args.attention}
                 if (name, "plain") not in self.done:
                     self.record(name, "plain", test_accuracy=self.accuracy(plain), **common,
                                 seconds=round(time.perf_counter() - start, 1))
                 start = time.perf_counter()
-                fitted, report = compress(dense, fmt, compression=factor, t=t, calibration=calibration, fit_steps=100)
+                fitted, report = compress(dense, fmt, compression=factor, t=t, calibration=calibration, fit_steps=100,
+                                          attention=self.args.attention)
                 fit_seconds = time.perf_counter() - start
                 if (name, "fit") not in self.done:
                     self.record(name, "fit", test_accuracy=self.accuracy(fitted), **common,
@@ -160,12 +162,14 @@ def report(path: Path) -> str:
     by = {}
     for r in rows:
         if r["config"] != "dense":
-            by.setdefault((r["target"], r["format"]), {})[r["step"]] = r
+            by.setdefault((r["target"], r["format"] + ("" if r.get("attention", "packed") == "packed"
+                                                       else f" ({r['attention']})")), {})[r["step"]] = r
     lines = [f"dense vit-tiny: {dense['test_accuracy']:.2%}, {dense['params']:,} parameters, {dense['epochs']} epochs"
              if dense else "dense: not trained yet", "",
              "| target | format | params | compression | plain | fit | fine-tuned | b1 / dense | b32 / dense | time (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for (target, fmt), steps in sorted(by.items(), key=lambda kv: (kv[0][0], FORMATS.index(kv[0][1]))):
+    for (target, fmt), steps in sorted(by.items(), key=lambda kv: (kv[0][0], FORMATS.index(kv[0][1].split()[0]),
+                                                                  kv[0][1])):
         any_row = next(iter(steps.values()))
         cells = [f"{steps[s]['test_accuracy']:.2%}" if s in steps else "-" for s in ("plain", "fit", "ft")]
         fit = steps.get("fit")
@@ -184,6 +188,8 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=int, default=2)
     parser.add_argument("--ft-lr", type=float, default=5e-4)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--attention", choices=("packed", "separate"), default="packed",
+                        help="q/k/v projection as one factorized matrix or three (rows get a '-separate' suffix)")
     parser.add_argument("--time-limit", type=float, help="minutes; stop after the configuration that crosses it")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()

@@ -175,6 +175,20 @@ def test_compressed_attention_at_full_rank_matches_dense(format):
     assert rel(small(x, mask), dense(x, mask)) < 1e-10
 
 
+def test_attention_projections_packed_or_separate():
+    torch.manual_seed(9)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), 1,
+                                  enable_nested_tensor=False).double().eval()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    for attention, names in (("packed", {"in_proj"}), ("separate", {"q_proj", "k_proj", "v_proj"})):
+        small, report = stpnet.compress(model, "tt", rank=64, keep_classifier=False, attention=attention)
+        projections = {r.name.rsplit(".", 1)[1] for r in report.layers if ".self_attn." in r.name and r.format != "dense"}
+        assert projections == names | {"out_proj"}
+        assert rel(small(x), model(x)) < 1e-10
+    with pytest.raises(ValueError, match="attention must be"):
+        stpnet.compress(model, "tt", rank=4, attention="fused")
+
+
 # ----------------------------------------------------------------------------- embedding
 @pytest.mark.parametrize("combo", COMBOS, ids=[f"{f}-{lay}" for f, lay, _ in COMBOS])
 def test_embedding_lookup_matches_a_gather_of_the_rebuilt_table(combo):

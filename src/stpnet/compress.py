@@ -337,13 +337,16 @@ def compress(
     calibration: torch.Tensor | None = None,
     fit_steps: int = 0,
     recalibrate_bn: bool = False,
+    attention: str = "packed",
 ) -> tuple[nn.Module, CompressionReport]:
-    """Replace the eligible Conv/Linear layers of ``model`` with factorized layers.
+    """Replace the eligible Conv/Linear/Embedding layers of ``model`` with factorized layers.
 
     Parameters
     ----------
     model : nn.Module
-        Any model; its Conv1d/2d/3d (groups = 1) and Linear layers are candidates.
+        Any model; its Conv1d/2d/3d (groups = 1), Linear (and subclasses keeping its forward) and
+        Embedding layers are candidates, and the projections of every ``nn.MultiheadAttention``
+        (rewritten as :class:`stpnet.nn.UnpackedMultiheadAttention`, the same function).
     format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
     rank : int or mapping, optional
         One rank for every replaced layer, or a mapping from layer name to its ranks (then exactly
@@ -382,6 +385,10 @@ def compress(
         dense network's activations on ``calibration``, layer by layer in execution order
         (:func:`stpnet.recovery.fit_to_activations`); 100 is a good value (about a minute for
         ResNet-20 on 512 images, 2 CPU cores).
+    attention : {'packed', 'separate'}
+        How an attention's query/key/value projection is factorized: one (3E x E) matrix, run once
+        in self-attention (``'in_proj'``), or three (E x E) matrices (``'q_proj'``, ``'k_proj'``,
+        ``'v_proj'``).
     recalibrate_bn : bool
         Re-estimate BatchNorm running statistics on ``calibration`` at the end
         (:func:`stpnet.recovery.recalibrate_batchnorm`). It recovers much of a plain
@@ -414,6 +421,8 @@ def compress(
     if allocation != "uniform" and (compression is None or init != "decompose"):
         raise ValueError(f"allocation={allocation!r} shares a compression target among trained layers; it needs "
                          "compression=... and init='decompose'")
+    if attention not in ("packed", "separate"):
+        raise ValueError(f"attention must be 'packed' or 'separate', got {attention!r}")
     if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0:
         raise ValueError(f"fit_steps must be an int >= 0, got {fit_steps!r}")
     needs_data = [what for what, on in (("fit_steps > 0", fit_steps > 0), ("recalibrate_bn", recalibrate_bn),
@@ -431,8 +440,8 @@ def compress(
         reference = copy.deepcopy(model)  # the dense activations to fit to
     if fit_steps > 0 and _attention_modules(reference):
         reference = copy.deepcopy(reference)
-        _unpack_attention(reference)  # the same module names as the compressed model
-    unpacked, refused = _unpack_attention(model)
+        _unpack_attention(reference, attention == "packed")  # the same module names as the compressed model
+    unpacked, refused = _unpack_attention(model, attention == "packed")
     if isinstance(rank, Mapping):
         names = list(rank)
         for name in names:
@@ -512,7 +521,7 @@ def _attention_modules(model: nn.Module) -> list[str]:
             and type(m).forward is nn.MultiheadAttention.forward]
 
 
-def _unpack_attention(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def _unpack_attention(model: nn.Module, packed: bool = True) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Replace every ``nn.MultiheadAttention`` of ``model`` (in place) by the equivalent
     :class:`stpnet.nn.UnpackedMultiheadAttention`, whose projections are Linear children.
 
@@ -521,7 +530,7 @@ def _unpack_attention(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str,
     for name in _attention_modules(model):
         module = model.get_submodule(name)
         try:
-            new = UnpackedMultiheadAttention.from_torch(module)
+            new = UnpackedMultiheadAttention.from_torch(module, packed=packed and module._qkv_same_embed_dim)
         except ValueError as error:
             refused[name] = str(error)
             continue
