@@ -206,3 +206,19 @@ def test_reconstruction_macs_equal_counted_multiply_adds(shape, t, r, family):
     with FlopCounterMode(display=False) as counter:
         X.to_tensor()
     assert X.reconstruction_macs() == counter.get_total_flops() // 2 > 0
+
+
+def test_the_abstract_base_is_enforced():
+    from stpnet.formats import FactorizedTensor
+
+    with pytest.raises(TypeError):
+        FactorizedTensor()
+
+    class Incomplete(FactorizedTensor):
+        family, semi_name = "x", "sx"
+
+        def to_tensor(self):
+            return torch.zeros(1)
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()

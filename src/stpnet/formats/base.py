@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
-from typing import ClassVar
+from abc import ABCMeta, abstractmethod
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -12,11 +12,12 @@ from torch import nn
 __all__ = ["FactorizedTensor"]
 
 
-class FactorizedTensor(nn.Module):
+class FactorizedTensor(nn.Module, metaclass=ABCMeta):
     """A tensor held as factors (nn.Parameters) of one decomposition family.
 
     Subclasses hold one family each (Tucker, TT, TR); ``t = 1`` is the classic format and
-    ``t > 1`` its semi-tensor variant, in the same class.
+    ``t > 1`` its semi-tensor variant, in the same class. The abstract methods are enforced: a
+    subclass that misses one cannot be instantiated.
 
     Attributes
     ----------
@@ -28,6 +29,23 @@ class FactorizedTensor(nn.Module):
 
     family: ClassVar[str]
     semi_name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def validate_rank(cls, shape: Sequence[int], rank, t=1, clip: bool = True) -> tuple[int, ...]:
+        """Check ``rank`` for a tensor of ``shape`` (ValueError saying what is valid) and return the
+        full rank tuple; with ``clip``, lowered to what the shape can use."""
+
+    @staticmethod
+    @abstractmethod
+    def param_count(shape: Sequence[int], rank: Sequence[int], t=1) -> int:
+        """Parameters of the format for ``shape`` at ``rank`` (validated ranks)."""
+
+    @classmethod
+    @abstractmethod
+    def random(cls, shape: Sequence[int], rank, t=1, *, std: float = 1.0, dtype=None, device=None,
+               generator=None, clip: bool = True) -> "FactorizedTensor":
+        """A random tensor of the format whose dense entries have root-mean-square ``std``."""
 
     @abstractmethod
     def to_tensor(self) -> torch.Tensor:
