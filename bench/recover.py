@@ -56,8 +56,8 @@ SEMI = {"sttu": "tucker", "stt": "tt", "str": "tr"}
 
 
 #: How the ``recovered`` network is made and fine-tuned. v1: rank allocation by the largest
-#: normalised weight error, fine-tuning weight decay 5e-4. v2 (measured better, BENCHMARKS.md):
-#: uniform ranks, and no weight decay on the fine-tuned factors.
+#: normalised weight error, fine-tuning weight decay 5e-4. v2: uniform ranks (which recovered more
+#: before fine-tuning in a first look), and no weight decay on the fine-tuned factors.
 RECIPES = {"v1": {"allocation": "weight", "ft_weight_decay": 5e-4},
            "v2": {"allocation": "uniform", "ft_weight_decay": 0.0}}
 

@@ -313,8 +313,7 @@ def dense_checkpoint(cifar_dir, tmp_path_factory):
 def test_cli_recover_and_distill_writes_a_checkpoint_that_evaluates(dense_checkpoint, cifar_dir, tmp_path, capsys):
     run = tmp_path / "small"
     assert main(["compress", str(dense_checkpoint), "--data", str(cifar_dir), "--format", "stt", "--compression", "4",
-                 "--recover", "--allocation", "weight", "--fit-steps", "3", "--bn-recalibrate",
-                 "--calibration-images", "32", "--distill",
+                 "--recover", "--fit-steps", "3", "--bn-recalibrate", "--calibration-images", "32", "--distill",
                  "--epochs", "1",
                  "--batch-size", "40", "--run-dir", str(run), "--quiet"]) == 0
     out = capsys.readouterr().out

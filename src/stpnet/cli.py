@@ -213,6 +213,7 @@ def _cmd_compress(args) -> int:
     data = normalized_like(data, state)
     allocation, fit_steps, bn = args.allocation, args.fit_steps, args.bn_recalibrate
     if args.recover:  # the recommended recovery, each part overridable
+        allocation = "weight" if allocation is None else allocation
         fit_steps = 100 if fit_steps is None else fit_steps
     allocation = allocation or "uniform"
     if allocation != "uniform" and args.compression is None:
@@ -390,7 +391,7 @@ def _cmd_demo(args) -> int:
         print()
         pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
         _print_table(["network", "parameters", "compression", "straight after compression",
-                      "after fitting (no epoch)", "after 1 distilled epoch", "time (s)"],
+                      "after allocation + fit (no epoch)", "after 1 distilled epoch", "time (s)"],
                      [[r["format"], f"{r['params']:,}", f"{r['compression']:.2f}x", pct(r["plain"]),
                        pct(r["recovered"]), f"{r['accuracy']:.2%}", f"{r['seconds']:.1f}"] for r in rows])
     if plot:
@@ -422,12 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_factorization(p, required=True)
     p.add_argument("--n-iter", type=int, default=0, help="refinement sweeps (HOOI / ALS) of the fit")
     rec = p.add_argument_group("recovery", "keep the trained network's accuracy (--recover turns on the "
-                               "recommended set: --fit-steps 100, uniform ranks; with --epochs N also "
-                               "consider --distill and --weight-decay 0)")
-    rec.add_argument("--recover", action="store_true", help="fit the layers to the dense activations")
+                               "recommended set for fine-tuning afterwards: --allocation weight --fit-steps 100)")
+    rec.add_argument("--recover", action="store_true", help="allocate ranks and fit the layers to the dense "
+                                                            "activations")
     rec.add_argument("--allocation", choices=("uniform", "weight", "activation"), default=None,
-                     help="how --compression is shared among layers (default uniform: on ResNet-20 it "
-                          "recovered better than either allocation, BENCHMARKS.md)")
+                     help="how --compression is shared among layers (default uniform; weight with --recover: "
+                          "on ResNet-20 uniform ranks recovered more without fine-tuning, weight-allocated "
+                          "ones more after it, BENCHMARKS.md)")
     rec.add_argument("--fit-steps", type=int, default=None,
                      help="L-BFGS iterations per layer fitting the dense activations (default 0; 100 with --recover)")
     rec.add_argument("--bn-recalibrate", action="store_true",

@@ -1,7 +1,7 @@
 """The demo jobs, on the embedded CIFAR-10 subset.
 
 * :func:`run_compression_demo` (the default ``stpnet demo``): load the shipped trained ResNet-20,
-  compress it about 9x in several formats, recover each (fitting every layer to the dense
+  compress it about 9x in several formats, recover each (rank allocation, fitting to the dense
   activations, a short fine-tune with the dense network as teacher) and
   report the accuracy straight after compression and after recovery.
 * :func:`run_demo` (``stpnet demo --from-scratch``): train ResNet-20 dense, TT and STT from scratch.
@@ -38,18 +38,18 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
     """Compress the shipped trained ResNet-20 in each format and recover its accuracy.
 
     For each format: compress to ``compression`` (whole model) with the uniform rule and measure
-    the test accuracy straight away; then fit every layer to the dense activations (``fit_steps``
-    L-BFGS iterations per layer on ``calibration_size`` training images); then fine-tune
-    ``fine_tune_epochs`` epochs on the embedded training images with the dense network as teacher
-    (SGD lr 0.01, cosine, no weight decay, distillation alpha 0.9, T 4). Accuracies are on the
-    embedded 1,000-image test subset.
+    the test accuracy straight away; then compress again with rank allocation (by weight error)
+    and fit every layer to the dense activations (``fit_steps`` L-BFGS iterations per layer on
+    ``calibration_size`` training images); then fine-tune ``fine_tune_epochs`` epochs on the
+    embedded training images with the dense network as teacher (SGD lr 0.01, cosine, weight decay
+    5e-4, distillation alpha 0.9, T 4). Accuracies are on the embedded 1,000-image test subset.
 
     Returns
     -------
     (rows, plot_path)
         One dict per network: format, params, compression, ``plain`` (accuracy straight after
-        compression; the dense row has its own accuracy), ``recovered`` (after fitting, no
-        epoch), ``accuracy`` (final), ``seconds`` (compression, recovery and fine-tuning). The
+        compression; the dense row has its own accuracy), ``recovered`` (after allocation and
+        fitting, no epoch), ``accuracy`` (final), ``seconds`` (compression, recovery and fine-tuning). The
         plot path is None if matplotlib is missing.
     """
     from .compress import compress as compress_model
@@ -84,14 +84,14 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
         plain, _ = compress_model(dense, fmt, compression=compression, t=t)
         plain_accuracy = accuracy(plain)
         say(f"{fmt}: straight after compression {plain_accuracy:.2%}; recovering")
-        small, report = compress_model(dense, fmt, compression=compression, t=t, calibration=calibration,
-                                       fit_steps=fit_steps)
+        small, report = compress_model(dense, fmt, compression=compression, t=t, allocation="weight",
+                                       calibration=calibration, fit_steps=fit_steps)
         recovered = accuracy(small)
-        say(f"{fmt}: after fitting to the dense activations {recovered:.2%}")
+        say(f"{fmt}: after rank allocation and fitting {recovered:.2%}")
         spec = ModelSpec(DEMO_MODEL, 3, data.num_classes, fmt, t, None, report.ranks)
         final = recovered
         if fine_tune_epochs > 0:
-            config = TrainConfig(epochs=fine_tune_epochs, batch_size=128, lr=0.01, weight_decay=0.0,
+            config = TrainConfig(epochs=fine_tune_epochs, batch_size=128, lr=0.01, weight_decay=5e-4,
                                  schedule="cosine", seed=seed, distill_alpha=0.9, distill_temperature=4.0)
             bar = ProgressBar(fine_tune_epochs, progress) if progress is not None else None
             small, history = train_spec(spec, data, config, out_dir / fmt, model=small, device="cpu",
