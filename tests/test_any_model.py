@@ -20,12 +20,7 @@ COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1)
 FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

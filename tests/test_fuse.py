@@ -21,12 +21,7 @@ COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1)
           ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(kind: str, combo, seed: int = 0):

@@ -45,7 +45,7 @@ def prepare_conv_input(x: torch.Tensor, in_channels: int, padding, kernel_size: 
     """Check a convolution's input, apply a non-zero padding mode or an asymmetric 'same' padding
     explicitly, and return ``(x, padding)`` for the convolution op (symmetric, per dimension)."""
     dim = len(kernel_size)
-    if x.ndim != dim + 2 or x.shape[1] != in_channels:
+    if not torch.jit.is_tracing() and (x.ndim != dim + 2 or x.shape[1] != in_channels):  # traced: shapes are fixed
         raise ValueError(f"expected input (N, {in_channels}, {', '.join(['*'] * dim)}), got {tuple(x.shape)}")
     pads = explicit_padding(padding, kernel_size, dilation)
     if padding_mode != "zeros":

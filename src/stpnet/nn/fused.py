@@ -69,7 +69,7 @@ class FusedLayer(nn.Module):
         return y
 
     def _apply_linear(self, x: torch.Tensor, run) -> torch.Tensor:
-        if x.ndim < 1 or x.shape[-1] != self.in_features:
+        if not torch.jit.is_tracing() and (x.ndim < 1 or x.shape[-1] != self.in_features):
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         lead = x.shape[:-1]
         y = run(x.reshape(-1, self.in_features))
