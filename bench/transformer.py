@@ -72,7 +72,7 @@ def latency(model: torch.nn.Module, batch: int, repeats: int) -> float:
 class Sweep:
     def __init__(self, args):
         self.args = args
-        self.out = ROOT / "results" / "transformer"
+        self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = self.out / "runs.jsonl"
         rows = [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()] if self.log.exists() else []
@@ -100,8 +100,9 @@ class Sweep:
             from stpnet.cli import main as cli
 
             start = time.perf_counter()
-            if cli(["train", *TRAIN, "--epochs", str(self.args.epochs), "--data", str(DATA), "--run-dir", str(run_dir),
-                    "--quiet"]) != 0:
+            subset = ["--train-subset", str(self.args.train_subset)] if self.args.train_subset else []
+            if cli(["train", *TRAIN, *subset, "--epochs", str(self.args.epochs), "--data", str(DATA), "--run-dir",
+                    str(run_dir), "--quiet"]) != 0:
                 raise SystemExit("training the dense ViT failed (see the message above)")
             model, _, _ = load_trained(checkpoint)
             self.record("dense", "train", test_accuracy=self.accuracy(model.float().eval()),
@@ -119,7 +120,7 @@ class Sweep:
             self.record("dense", "latency", b1=latency(dense, 1, self.args.repeats),
                         b32=latency(dense, 32, self.args.repeats))
         for factor in self.args.factors:
-            for fmt in FORMATS:
+            for fmt in self.args.formats:
                 name = f"{fmt}-{factor:g}x" + ("" if self.args.attention == "packed" else f"-{self.args.attention}")
                 if (name, "ft") in self.done:
                     continue
@@ -148,7 +149,7 @@ class Sweep:
                 small_spec = ModelSpec(spec.name, 3, 10, fmt, t, None, report.ranks)
                 config = TrainConfig(epochs=self.args.ft_epochs, batch_size=128, lr=self.args.ft_lr, weight_decay=0.05,
                                      optimizer="adamw", schedule="cosine", amp="bf16", seed=0, distill_alpha=0.9,
-                                     distill_temperature=4.0)
+                                     distill_temperature=4.0, train_subset=self.args.train_subset)
                 tuned, history = train_spec(small_spec, self.data, config, self.runs / name, model=fitted,
                                             teacher=dense, device=torch.device("cpu"))
                 self.record(name, "ft", test_accuracy=self.accuracy(tuned.float().eval()), **common,
@@ -191,10 +192,13 @@ def main() -> None:
     parser.add_argument("--attention", choices=("packed", "separate"), default="packed",
                         help="q/k/v projection as one factorized matrix or three (rows get a '-separate' suffix)")
     parser.add_argument("--time-limit", type=float, help="minutes; stop after the configuration that crosses it")
+    parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--train-subset", type=int, help="train and fine-tune on this many images (quick checks)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "transformer"), help="where runs.jsonl goes")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
-        print(report(ROOT / "results" / "transformer" / "runs.jsonl"))
+        print(report(Path(args.out) / "runs.jsonl"))
         return
     try:
         Sweep(args).run()
