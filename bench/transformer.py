@@ -12,7 +12,7 @@
 3. For each: test accuracy straight after compression (``plain``), after data-aware fitting
    (``fit``: 100 L-BFGS iterations per layer on 512 training images), and after ``--ft-epochs``
    of fine-tuning with the dense network as teacher (``ft``); parameters; forward latency at
-   batch 1 and 32 against dense, in the same process (median of ``--repeats``, 2 threads).
+   batch 1 and 32 against dense, in the same process (alternating blocks, median of ``--repeats``).
 
 Every finished step appends a JSON line to ``results/transformer/runs.jsonl``; a rerun skips what
 is there. ``--report`` prints the table.
@@ -40,6 +40,7 @@ from stpnet.pipeline import calibration_images, load_trained, normalized_like, t
 from stpnet.train import TrainConfig, evaluate
 
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
+from latency import time_in_blocks  # bench/latency.py
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -54,19 +55,13 @@ class _OutOfTime(Exception):
     pass
 
 
-def latency(model: torch.nn.Module, batch: int, repeats: int) -> float:
-    """Median seconds of one forward pass on a random batch (eval, no_grad, after warm-up)."""
+def latency_ratio(model: torch.nn.Module, dense: torch.nn.Module, batch: int, repeats: int) -> dict[str, float]:
+    """Median forward seconds of ``model`` and ``dense`` on one random batch, timed in alternating
+    blocks in the same process (``latency.time_in_blocks``)."""
     x = torch.randn(batch, 3, 32, 32)
     model.eval()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    dense.eval()
+    return time_in_blocks({"small": model, "dense": dense}, x, repeats)
 
 
 class Sweep:
@@ -112,13 +107,17 @@ class Sweep:
         self.data = normalized_like(self.data, state)
         return model.float().eval(), spec
 
+    def latencies(self, model, dense) -> dict[str, float]:
+        out = {}
+        for batch in (1, 32):
+            seconds = latency_ratio(model, dense, batch, self.args.repeats)
+            out[f"b{batch}"], out[f"dense_b{batch}"] = seconds["small"], seconds["dense"]
+        return out
+
     def run(self) -> None:
         dense, spec = self.dense()
         dense_params = sum(p.numel() for p in dense.parameters())
         calibration = calibration_images(self.data, 512, 0)
-        if ("dense", "latency") not in self.done:
-            self.record("dense", "latency", b1=latency(dense, 1, self.args.repeats),
-                        b32=latency(dense, 32, self.args.repeats))
         for factor in self.args.factors:
             for fmt in self.args.formats:
                 name = f"{fmt}-{factor:g}x" + ("" if self.args.attention == "packed" else f"-{self.args.attention}")
@@ -142,10 +141,7 @@ class Sweep:
                 if (name, "fit") not in self.done:
                     self.record(name, "fit", test_accuracy=self.accuracy(fitted), **common,
                                 seconds=round(fit_seconds, 1),
-                                ranks={k: list(v) for k, v in report.ranks.items()},
-                                b1=latency(fitted, 1, self.args.repeats), b32=latency(fitted, 32, self.args.repeats),
-                                dense_b1=latency(dense, 1, self.args.repeats),
-                                dense_b32=latency(dense, 32, self.args.repeats))
+                                ranks={k: list(v) for k, v in report.ranks.items()}, **self.latencies(fitted, dense))
                 small_spec = ModelSpec(spec.name, 3, 10, fmt, t, None, report.ranks)
                 config = TrainConfig(epochs=self.args.ft_epochs, batch_size=128, lr=self.args.ft_lr, weight_decay=0.05,
                                      optimizer="adamw", schedule="cosine", amp="bf16", seed=0, distill_alpha=0.9,
