@@ -16,6 +16,7 @@ from torch import nn
 
 from .formats import format_class
 from .nn.base import FactorizedLayer, _resolve_t, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
+from .nn._replace import replace_modules, set_submodule
 from .nn.attention import UnpackedMultiheadAttention
 from .nn.convert import FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry, to_dense, why_not_factorizable
 
@@ -309,12 +310,6 @@ def _plan_ranks(layers: dict[str, nn.Module], format: str, t, layout, n_modes, f
     return plan, total
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def compress(
     model: nn.Module,
     format: str = "stt",
@@ -462,7 +457,7 @@ def compress(
         if not any(n.startswith(name + ".") for n in names):
             why = sorted({eligibility.pop(c) or "tied" for c in [n for n in eligibility if n.startswith(name + ".")]})
             eligibility[name] = f"none of its projections is selected ({'; '.join(why)})"
-            _set_module(model, name, original)
+            set_submodule(model, name, original)
     tied = _tied_layers(model, names)
     if tied and isinstance(rank, Mapping):
         raise ValueError(f"layers {tied} share their weight with another module (tied parameters); factorizing "
@@ -483,9 +478,6 @@ def compress(
         warnings.warn("; ".join(f"{note.name}: {note.reason}" for note in adjusted), stacklevel=2)
     skipped = [LayerNote(n, type(model.get_submodule(n)).__name__, "weight tied to another module" if n in tied
                          else reason) for n, reason in eligibility.items() if n not in layers]
-    aliases: dict[int, list[str]] = {}
-    for alias, module in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(module), []).append(alias)
     clip = init == "decompose"
     if compression is not None and allocation != "uniform":
         plan = allocate_ranks(model, format, compression, t=layer_t, layout=layout, n_modes=n_modes, criterion=allocation,
@@ -496,15 +488,17 @@ def compress(
         plan = {n: tuple(r) if isinstance(r, (list, tuple)) else r for n, r in rank.items()}
     else:
         plan = {n: rank for n in names}
-    for name, dense in layers.items():
+    name_of = {id(m): n for n, m in layers.items()}
+
+    def factorized(dense: nn.Module) -> FactorizedLayer:
+        name = name_of[id(dense)]
         cls = FACTORIZED_COUNTERPARTS[dense_counterpart(dense)]
         if init == "decompose":
-            new = cls.from_dense(dense, format, rank=plan[name], t=layer_t[name], layout=layout, n_modes=n_modes,
-                                 n_iter=n_iter, forward_path=forward_path)
-        else:
-            new = _fresh_like(cls, dense, format, plan[name], layer_t[name], layout, n_modes, forward_path)
-        for alias in aliases[id(dense)]:  # a module used in several places stays one shared module
-            _set_module(model, alias, new)
+            return cls.from_dense(dense, format, rank=plan[name], t=layer_t[name], layout=layout, n_modes=n_modes,
+                                  n_iter=n_iter, forward_path=forward_path)
+        return _fresh_like(cls, dense, format, plan[name], layer_t[name], layout, n_modes, forward_path)
+
+    replace_modules(model, lambda m: id(m) in name_of, factorized)  # a shared module stays one shared module
     fit = None
     if fit_steps > 0:
         fit = fit_to_activations(model, reference, calibration, steps=fit_steps)
@@ -534,7 +528,7 @@ def _unpack_attention(model: nn.Module, packed: bool = True) -> tuple[dict[str, 
         except ValueError as error:
             refused[name] = str(error)
             continue
-        _set_module(model, name, new)
+        set_submodule(model, name, new)
         unpacked[name] = module
     return unpacked, refused
 
@@ -600,15 +594,7 @@ def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         return to_dense(model)
     if not inplace:
         model = copy.deepcopy(model)
-    aliases: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, FactorizedLayer):
-            aliases.setdefault(id(module), []).append(name)
-    for names in aliases.values():
-        dense = to_dense(model.get_submodule(names[0]))
-        for name in names:  # a shared layer stays shared
-            _set_module(model, name, dense)
-    return model
+    return replace_modules(model, lambda m: isinstance(m, FactorizedLayer), to_dense)
 
 
 def _fresh_like(cls, dense: nn.Module, format, rank, t, layout, n_modes, forward_path) -> FactorizedLayer:

@@ -290,15 +290,19 @@ class FactorizedLayer(nn.Module):
         self.__dict__.setdefault("_path_choices", {})[self._choice_key(x.shape, x.device.type)] = choice
         return choice
 
+    def path_for(self, x: torch.Tensor) -> str:
+        """The path a forward call on ``x`` takes: measured now if ``forward_path='measure'`` and
+        this shape has not been timed yet (never while tracing or compiling), else
+        :meth:`choose_path`."""
+        if (self.forward_path == "measure" and not torch.jit.is_tracing() and not _compiling()
+                and self._choice_key(x.shape, x.device.type) not in self.__dict__.get("_path_choices", {})):
+            return self._measure_paths(x)
+        return self.choose_path(x.shape, x.device.type)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:  # empty input: as torch does
             return self._dense_forward(x, self.weight)
-        if (self.forward_path == "measure" and not torch.jit.is_tracing() and not _compiling()
-                and self._choice_key(x.shape, x.device.type) not in self.__dict__.get("_path_choices", {})):
-            path = self._measure_paths(x)
-        else:
-            path = self.choose_path(x.shape, x.device.type)
-        if path == "rebuild":
+        if self.path_for(x) == "rebuild":
             return self._dense_forward(x, self.weight)
         return self._contract_forward(x)
 

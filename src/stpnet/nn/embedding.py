@@ -112,11 +112,7 @@ class FactorizedEmbedding(FactorizedLayer):
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"embedding index out of range: indices must lie in [0, {self.num_embeddings}), got "
                              f"values from {int(flat.min())} to {int(flat.max())}")
-        if flat.numel() == 0:
-            rows = self.weight_tensor.factors[0].new_zeros(0, self.embedding_dim) if self.tensorization.layout != \
-                "tucker2" else self.weight_tensor.core.new_zeros(0, self.embedding_dim)
-        else:
-            rows = self._lookup(flat)
+        rows = self._lookup(flat) if flat.numel() else self.weight_tensor.factors[0].new_zeros(0, self.embedding_dim)
         if self.padding_idx is not None:
             rows = rows * (flat != self.padding_idx).unsqueeze(1).to(rows.dtype)
         return rows.reshape(*indices.shape, self.embedding_dim)

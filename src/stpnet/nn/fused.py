@@ -29,6 +29,7 @@ from ..functional.contract import (SequentialFactors, _mix, paired_conv, paired_
                                    sequential_factors, sequential_linear, tucker2_conv_merged, tucker2_linear)
 from .base import FactorizedLayer
 from .conv import prepare_conv_input
+from ._replace import replace_modules
 from .embedding import FactorizedEmbedding
 
 __all__ = ["FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "fuse", "fuse_layer"]
@@ -185,21 +186,19 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, inplace: bool
         return fuse_layer(model)
     if not inplace:
         model = copy.deepcopy(model)
-    aliases: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, FactorizedLayer) and not isinstance(module, FactorizedEmbedding):
-            aliases.setdefault(id(module), []).append(name)
     rebuild = _layers_preferring_rebuild(model, example) if example is not None else set()
-    for names in aliases.values():
-        layer = model.get_submodule(names[0])
+
+    def build(layer: FactorizedLayer) -> nn.Module:
         if id(layer) in rebuild:
             layer.forward_path = "rebuild"
-            continue
-        fused = fuse_layer(layer)
-        for name in names:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, fused)
-    return model
+            return layer
+        return fuse_layer(layer)
+
+    return replace_modules(model, _fusable, build)
+
+
+def _fusable(module: nn.Module) -> bool:
+    return isinstance(module, FactorizedLayer) and not isinstance(module, FactorizedEmbedding)
 
 
 @torch.no_grad()
@@ -208,16 +207,10 @@ def _layers_preferring_rebuild(model: nn.Module, example: torch.Tensor) -> set[i
     chosen: set[int] = set()
 
     def hook(layer, args, output):
-        x = args[0]
-        if layer.forward_path == "measure":
-            path = layer._measure_paths(x)
-        else:
-            path = layer.choose_path(x.shape, x.device.type)
-        if path == "rebuild":
+        if layer.path_for(args[0]) == "rebuild":
             chosen.add(id(layer))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, FactorizedLayer) and not isinstance(m, FactorizedEmbedding)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _fusable(m)]
     was_training = model.training
     try:
         model.eval()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..nn.base import FactorizedLayer
-from ..nn.conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
+from ..nn.conv import _FactorizedConvNd
 from ._calibration import check_images, forward_with_hooks, iterate_images, modes_restored
 
 __all__ = ["LayerFit", "FitReport", "fit_to_activations", "activation_errors", "factorized_layer_order"]
@@ -242,7 +242,7 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
                     Y = _capture(dense, reference, images, batch_size, "output")
                 else:
                     Y = torch.cat([reference(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)])
-            channel_dim = 1 if isinstance(layer, (FactorizedConv1d, FactorizedConv2d, FactorizedConv3d)) else -1
+            channel_dim = 1 if isinstance(layer, _FactorizedConvNd) else -1
             weights = _channel_weights(Y, weighting, channel_dim)
             before = _relative_error(layer, X, Y, batch_size, weights)
             saved = {k: v.detach().clone() for k, v in layer.state_dict().items()}
