@@ -44,7 +44,7 @@ class FusedLayer(nn.Module):
 
     #: How the 1x1 stages apply a factor: a batched product with the factor broadcast (faster in
     #: PyTorch at batch 32), or :func:`stpnet.functional.contract.conv1x1_mix`, a 1x1 conv1d, which
-    #: :func:`stpnet.export.export` sets for ONNX (ONNX Runtime ran it 5-30% faster; BENCHMARKS.md).
+    #: :func:`stpnet.export.export` sets for ONNX (faster under ONNX Runtime; BENCHMARKS.md, latency).
     mix = staticmethod(_mix)
 
     def __init__(self, layer: FactorizedLayer):
