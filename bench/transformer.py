@@ -114,6 +114,18 @@ class Sweep:
             out[f"b{batch}"], out[f"dense_b{batch}"] = seconds["small"], seconds["dense"]
         return out
 
+    def latency_row(self, dense, name: str, fmt: str, factor: float, dense_params: int) -> None:
+        """Time the compressed network's structure (latency does not depend on the factor values, so
+        the plain compression stands in for the fitted one) in its own step, for runs that were
+        made with ``--no-latency`` while another job shared the machine."""
+        if (name, "latency") in self.done:
+            return
+        small, report = compress(dense, fmt, compression=factor, t=2 if fmt in SEMI else None,
+                                 attention=self.args.attention)
+        self.record(name, "latency", format=fmt, target=factor, params=report.params,
+                    compression=dense_params / report.params, attention=self.args.attention,
+                    **self.latencies(small, dense))
+
     def run(self) -> None:
         dense, spec = self.dense()
         dense_params = sum(p.numel() for p in dense.parameters())
@@ -121,6 +133,9 @@ class Sweep:
         for factor in self.args.factors:
             for fmt in self.args.formats:
                 name = f"{fmt}-{factor:g}x" + ("" if self.args.attention == "packed" else f"-{self.args.attention}")
+                if self.args.latency_only:
+                    self.latency_row(dense, name, fmt, factor, dense_params)
+                    continue
                 if (name, "ft") in self.done:
                     continue
                 if time.monotonic() > self.deadline:
@@ -141,7 +156,8 @@ class Sweep:
                 if (name, "fit") not in self.done:
                     self.record(name, "fit", test_accuracy=self.accuracy(fitted), **common,
                                 seconds=round(fit_seconds, 1),
-                                ranks={k: list(v) for k, v in report.ranks.items()}, **self.latencies(fitted, dense))
+                                ranks={k: list(v) for k, v in report.ranks.items()},
+                                **({} if self.args.no_latency else self.latencies(fitted, dense)))
                 small_spec = ModelSpec(spec.name, 3, 10, fmt, t, None, report.ranks)
                 config = TrainConfig(epochs=self.args.ft_epochs, batch_size=128, lr=self.args.ft_lr, weight_decay=0.05,
                                      optimizer="adamw", schedule="cosine", amp="bf16", seed=0, distill_alpha=0.9,
@@ -169,8 +185,8 @@ def report(path: Path) -> str:
                                                                   kv[0][1])):
         any_row = next(iter(steps.values()))
         cells = [f"{steps[s]['test_accuracy']:.2%}" if s in steps else "-" for s in ("plain", "fit", "ft")]
-        fit = steps.get("fit")
-        speed = [f"{fit[k] / fit['dense_' + k]:.2f}" if fit else "-" for k in ("b1", "b32")]
+        timed = steps.get("latency") or (steps["fit"] if "b1" in steps.get("fit", {}) else None)
+        speed = [f"{timed[k] / timed['dense_' + k]:.2f}" if timed else "-" for k in ("b1", "b32")]
         seconds = sum(r.get("seconds", 0) for r in steps.values())
         lines.append(f"| {target:g}x | {fmt} | {any_row['params']:,} | {any_row['compression']:.2f}x | "
                      + " | ".join(cells + speed) + f" | {seconds:.0f} |")
@@ -191,6 +207,10 @@ def main() -> None:
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--train-subset", type=int, help="train and fine-tune on this many images (quick checks)")
     parser.add_argument("--out", default=str(ROOT / "results" / "transformer"), help="where runs.jsonl goes")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the timing (for runs that share the machine); time later with --latency-only")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only time each configuration (a 'latency' step); run with nothing else on the machine")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:

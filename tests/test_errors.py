@@ -177,7 +177,7 @@ def test_non_float_numpy_dtype():
 
 # ----------------------------------------------------------------------- format and rank rule
 
-@pytest.mark.parametrize("name", ["ttt", "cp", "tensor_train", ""])
+@pytest.mark.parametrize("name", ["ttt", "ht", "tensor_train", ""])
 def test_unknown_format(name):
     with pytest.raises(ValueError, match=rf"unknown format '{name}'; valid formats: tucker, sttu, tt, stt, tr, str"):
         decompose(_x(4, 6, 8), name, rank=2)

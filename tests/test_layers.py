@@ -283,7 +283,7 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="padding='same' needs stride 1"):
         FactorizedConv2d(8, 8, 3, stride=2, padding="same", format="tt", rank=4)
     with pytest.raises(ValueError, match="unknown format"):
-        FactorizedConv2d(8, 8, 3, format="cp", rank=4)
+        FactorizedConv2d(8, 8, 3, format="ht", rank=4)
 
 
 def test_from_dense_dispatches_on_layer_type():

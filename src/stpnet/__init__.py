@@ -18,7 +18,7 @@ decomposition" and "On the best rank-1 and rank-(R1, ..., RN) approximation of h
 
 from .compress import CompressionReport, compress, decompress, model_report
 from .decomposition import InsufficientMemoryError, decompose, relative_error
-from .formats import FORMATS, FactorizedTensor, TRTensor, TTTensor, TuckerTensor
+from .formats import FORMATS, CPTensor, FactorizedTensor, TRTensor, TTTensor, TuckerTensor
 from .stp import mode_product, rstp, stp, swap_matrix
 from . import nn
 from .nn.fused import fuse
@@ -42,6 +42,7 @@ __all__ = [
     "TuckerTensor",
     "TTTensor",
     "TRTensor",
+    "CPTensor",
     "FORMATS",
     "nn",
 ]

@@ -23,6 +23,7 @@ from .progress import ProgressBar
 __all__ = ["main", "build_parser"]
 
 from .formats import FORMATS
+from .nn.layouts import LAYOUTS
 
 FORMAT_CHOICES = tuple(FORMATS)
 
@@ -43,7 +44,7 @@ def _add_factorization(p: argparse.ArgumentParser, required: bool) -> None:
     group.add_argument("--rank", type=int, help="one rank for every factorized layer")
     group.add_argument("--compression", type=float, help="target compression factor of the whole model")
     p.add_argument("--t", type=int, help="STP factor (default 1 classic, 2 semi-tensor)")
-    p.add_argument("--layout", choices=("sequential", "paired", "ring", "tucker2"), help="tensorization layout")
+    p.add_argument("--layout", choices=tuple(LAYOUTS), help="tensorization layout (each format lists the ones it supports)")
 
 
 def _add_training(p: argparse.ArgumentParser, default_epochs: int, default_lr: float = 0.1) -> None:

@@ -9,7 +9,7 @@ from .formats import FORMATS
 
 __all__ = ["plot_accuracy_vs_compression"]
 
-_COLOURS = {"dense": "black", "tucker": "tab:green", "tt": "tab:blue", "tr": "tab:red"}
+_COLOURS = {"dense": "black", "tucker": "tab:green", "tt": "tab:blue", "tr": "tab:red", "cp": "tab:orange"}
 _FAMILY = {"dense": "dense", **{name: cls.family for name, (cls, _) in FORMATS.items()}}
 
 

@@ -1,6 +1,7 @@
 """Decompositions: pure functions from a dense tensor to a factorized one."""
 
 from .api import decompose, relative_error
+from .cp import cp_als, mttkrp
 from .memory import InsufficientMemoryError
 from .ranks import ranks_for_budget
 from .svd import truncated_svd
@@ -21,4 +22,6 @@ __all__ = [
     "tr_svd",
     "str_svd",
     "tr_als",
+    "cp_als",
+    "mttkrp",
 ]

@@ -9,34 +9,12 @@ import torch
 
 from .._arrays import ArrayLike, as_tensor
 from .._validate import check_finite_tensor, check_positive_int
-from ..formats import FactorizedTensor, TRTensor, TTTensor, TuckerTensor, format_class
-from .memory import check_memory, svd_bytes
+from ..formats import FORMATS, FactorizedTensor, format_class
+from .memory import check_memory
 from .ranks import ranks_for_budget
 from .svd import SVD_METHODS
-from .tr import str_svd, tr_als
-from .tt import stt_svd
-from .tucker import hooi, st_hosvd
 
 __all__ = ["decompose", "relative_error"]
-
-
-def _estimate_bytes(cls, shape: tuple[int, ...], t, rank, n_iter: int, itemsize: int, svd: str) -> int:
-    numel = math.prod(shape)
-    randomized = svd == "randomized"
-    if cls is TuckerTensor:
-        peak = max(
-            svd_bytes(size // tk, numel // size * tk, itemsize,
-                      None if rank is None else rank[k] // tk, randomized)
-            for k, (size, tk) in enumerate(zip(shape, t))
-        )
-        return 2 * numel * itemsize + peak
-    dims = TTTensor.classic_shape(shape, t)
-    cap = None if rank is None else (rank[0] * rank[1] // (t * t) if cls is TRTensor else rank[0] // t)
-    peak = svd_bytes(dims[0], numel // dims[0], itemsize, cap, randomized)
-    if cls is TRTensor and n_iter > 0:
-        r2 = max(rank) ** 2 // (t * t) if rank is not None else min(dims[0], numel // dims[0])
-        peak = max(peak, itemsize * (2 * numel + 2 * r2 * (numel // min(dims))))
-    return 2 * numel * itemsize + peak
 
 
 def decompose(
@@ -54,13 +32,15 @@ def decompose(
     max_memory: int | None = None,
     callback: Callable[[int, float], None] | None = None,
 ) -> FactorizedTensor:
-    """Decompose a tensor into one of the six formats.
+    """Decompose a tensor into one of the registered formats (:data:`stpnet.FORMATS`).
 
     Parameters
     ----------
     X : torch.Tensor or numpy.ndarray
         float32 or float64, on any device; finite and non-empty.
-    format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
+    format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str', 'cp'}
+        The fit is the format's own (:meth:`FactorizedTensor.fit`): ST-HOSVD for Tucker/STTu,
+        (S)TT-SVD, (S)TR-SVD, and ALS from an SVD start for CP.
     rank : int or sequence of int, optional
         Upper bounds, as in TensorLy: a rank larger than the data allows is lowered to the largest
         valid one, and the result reports its actual ranks. Lengths: Tucker N, TT N-1 (or N+1 with
@@ -76,7 +56,7 @@ def decompose(
         Parameter budget: the largest uniform rank that fits. Not combined with rank or tol.
     n_iter : int, default 0
         Refinement sweeps after the SVD fit: HOOI for Tucker/STTu, ALS for TR/STR. TT-SVD is
-        quasi-optimal and has none.
+        quasi-optimal and has none. CP's fit is ALS itself: ``n_iter`` sweeps, 100 when 0.
     n_restarts : int, default 3
         ALS restarts from random cores when a run stalls above ``tol`` (only with ``tol``).
     svd : {'exact', 'randomized'}
@@ -92,7 +72,8 @@ def decompose(
     Returns
     -------
     FactorizedTensor
-        A :class:`TuckerTensor`, :class:`TTTensor` or :class:`TRTensor` on X's device and dtype.
+        The format's class (:class:`TuckerTensor`, :class:`TTTensor`, :class:`TRTensor`,
+        :class:`CPTensor`) on X's device and dtype.
 
     Raises
     ------
@@ -120,9 +101,14 @@ def decompose(
         raise ValueError(f"unknown svd method {svd!r}; valid: {', '.join(SVD_METHODS)}")
     if n_iter < 0 or n_restarts < 0:
         raise ValueError(f"n_iter and n_restarts must be >= 0, got {n_iter} and {n_restarts}")
-    if n_iter and cls is TTTensor:
-        raise ValueError("n_iter: TT/STT has no refinement (TT-SVD is quasi-optimal); refinement "
-                         "exists for tucker/sttu (HOOI) and tr/str (ALS)")
+    if n_iter and cls.refinement is None:
+        def names(c):
+            return "/".join(n for n in (c.family, c.semi_name) if n)
+
+        refined = " and ".join(f"{names(c)} ({c.refinement})" for c in dict.fromkeys(c for c, _ in FORMATS.values())
+                               if c.refinement)
+        raise ValueError(f"n_iter: {names(cls).upper()} has no refinement (its SVD fit is quasi-optimal); "
+                         f"refinement exists for {refined}")
     if tol is not None and not (0 <= tol < 1):
         raise ValueError(f"tol is a relative error and must be in [0, 1), got {tol}")
     if rank is None and tol is None and max_params is None:
@@ -133,12 +119,8 @@ def decompose(
     shape = tuple(X.shape)
     if t is None:
         t = 2 if semi else 1
-    if cls is TuckerTensor:
-        t = TuckerTensor.validate_t(shape, t)
-        is_semi = any(v > 1 for v in t)
-    else:
-        t = check_positive_int(t, "t")
-        is_semi = t > 1
+    t = cls.resolve_t(shape, t)
+    is_semi = any(v > 1 for v in t) if isinstance(t, tuple) else t > 1
     if is_semi and not semi:
         raise ValueError(f"format {format!r} is the classic format (t = 1); for t={t} use "
                          f"{cls.semi_name!r}")
@@ -151,7 +133,7 @@ def decompose(
         cls.validate_rank(shape, t, t)  # order and t checks
         caps = None
 
-    check_memory(_estimate_bytes(cls, shape, t, caps, n_iter, X.element_size(), svd), X.device,
+    check_memory(cls.fit_bytes(shape, t, caps, n_iter, X.element_size(), svd), X.device,
                  max_memory, f"decomposing a {shape} tensor as {format}")
     generator = torch.Generator(device=X.device).manual_seed(seed)
     # Fit X / 2^e with 2^e near max|X| (exact in floating point), then scale one factor back: sums
@@ -165,24 +147,10 @@ def decompose(
         scale = 2.0 ** math.floor(math.log2(peak))
         X = X / scale if scale != 1.0 else X
 
-    if cls is TuckerTensor:
-        result = st_hosvd(X, caps, t, tol=tol, svd=svd, generator=generator)
-        if n_iter:
-            result = hooi(X, result, n_iter=n_iter, tol=1e-12, svd=svd, generator=generator,
-                          callback=callback)
-    elif cls is TTTensor:
-        result = stt_svd(X, caps, t, tol=tol, svd=svd, generator=generator)
-    elif cls is not TRTensor:
-        raise ValueError(f"no decomposition fit for {cls.__name__}; decompose fits Tucker, TT and TR families")
-    else:
-        result = str_svd(X, caps, t, tol=tol, svd=svd, generator=generator)
-        if n_iter:
-            # restarts need a target: without tol a stall cannot be told from convergence
-            result = tr_als(X, result, n_iter=n_iter, tol=tol or 0.0, n_restarts=n_restarts if tol else 0,
-                            generator=generator, callback=callback)
+    result = cls.fit(X, caps, t, tol=tol, svd=svd, generator=generator, n_iter=n_iter, n_restarts=n_restarts,
+                     callback=callback)
     if scale != 1.0:
-        with torch.no_grad():
-            (result.core if cls is TuckerTensor else result.factors[-1]).mul_(scale)
+        result.scale_(scale)
     return result
 
 

@@ -4,31 +4,120 @@ from __future__ import annotations
 
 import math
 from abc import ABCMeta, abstractmethod
-from typing import ClassVar, Sequence
+from types import MappingProxyType
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["FactorizedTensor"]
+from .._validate import check_positive_int
+
+__all__ = ["FactorizedTensor", "FORMATS", "format_class"]
+
+# Format name -> (class, whether the name denotes the semi-tensor variant). Filled once, by the
+# class statements of the format modules (FactorizedTensor.__init_subclass__); read through FORMATS.
+_REGISTRY: dict[str, tuple[type["FactorizedTensor"], bool]] = {}
+
+#: Every registered format name -> (class, whether the name is the semi-tensor variant), in
+#: registration order: 'tucker', 'sttu', 'tt', 'stt', 'tr', 'str', 'cp'.
+FORMATS = MappingProxyType(_REGISTRY)
 
 
-class FactorizedTensor(nn.Module, metaclass=ABCMeta):
+def format_class(name: str) -> tuple[type["FactorizedTensor"], bool]:
+    """Look up a format name: ``(class, is_semi_tensor_name)``; ValueError listing the valid names."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown format {name!r}; valid formats: {', '.join(_REGISTRY)}")
+    return _REGISTRY[key]
+
+
+class _FormatMeta(ABCMeta):
+    """Registers each concrete format class (one that sets ``family`` and implements every
+    abstract method) in :data:`FORMATS` when its class statement runs."""
+
+    def __new__(mcs, name, bases, namespace, **kwargs):
+        cls = super().__new__(mcs, name, bases, namespace, **kwargs)
+        if "family" in namespace and not cls.__abstractmethods__:
+            if not cls.layouts:
+                raise TypeError(f"format class {name} must declare the layer layouts it supports (layouts = ...)")
+            for format_name, semi in ((cls.family, False), (cls.semi_name, True)):
+                if format_name is None:
+                    continue
+                taken = _REGISTRY.get(format_name)
+                if taken is not None and taken[0].__qualname__ != cls.__qualname__:
+                    raise TypeError(f"format name {format_name!r} is taken by {taken[0].__name__}")
+                _REGISTRY[format_name] = (cls, semi)
+        return cls
+
+
+class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
     """A tensor held as factors (nn.Parameters) of one decomposition family.
 
-    Subclasses hold one family each (Tucker, TT, TR); ``t = 1`` is the classic format and
+    Subclasses hold one family each (Tucker, TT, TR, CP); ``t = 1`` is the classic format and
     ``t > 1`` its semi-tensor variant, in the same class. The abstract methods are enforced: a
     subclass that misses one cannot be instantiated.
+
+    A concrete subclass that sets ``family`` in its class body is a *format*: defining it
+    registers its names in :data:`FORMATS`, and every entry point (:func:`stpnet.decompose`, the layers,
+    :func:`stpnet.compress`, the CLI, the plots) reads that registry. A format declares its
+    names, the layer layouts it supports, its rank rules, parameter count, random init,
+    reconstruction and its decomposition fit (:meth:`fit`, with :meth:`fit_bytes`).
 
     Attributes
     ----------
     family : str
-        The classic format name ('tucker', 'tt' or 'tr').
-    semi_name : str
-        The semi-tensor format name ('sttu', 'stt' or 'str').
+        The classic (t = 1) format name ('tucker', 'tt', 'tr', 'cp').
+    semi_name : str or None
+        The semi-tensor (t > 1) format name ('sttu', 'stt', 'str'); None for a format without
+        a semi-tensor variant.
+    layouts : tuple of str
+        Names of the layer layouts (:mod:`stpnet.nn.layouts`) the format supports; the first is
+        the layers' default.
+    refinement : str or None
+        The iterative refinement ``decompose(..., n_iter=...)`` runs after the initial fit
+        ('HOOI', 'ALS'), or None if the format has none.
     """
 
     family: ClassVar[str]
-    semi_name: ClassVar[str]
+    semi_name: ClassVar[str | None] = None
+    layouts: ClassVar[tuple[str, ...]] = ()
+    refinement: ClassVar[str | None] = None
+
+    @classmethod
+    def format_name(cls, t) -> str:
+        """The format name for STP factor(s) ``t``: ``family`` for t = 1, ``semi_name`` above."""
+        semi = any(v > 1 for v in t) if isinstance(t, tuple) else t > 1
+        if semi and cls.semi_name is None:
+            raise ValueError(f"format {cls.family!r} has no semi-tensor variant; t must be 1, got {t}")
+        return cls.semi_name if semi else cls.family
+
+    @classmethod
+    def resolve_t(cls, shape: Sequence[int], t) -> int | tuple[int, ...]:
+        """Check the STP factor for a tensor of ``shape``: one positive int (Tucker overrides this
+        with one per mode)."""
+        t = check_positive_int(t, "t")
+        if t > 1 and cls.semi_name is None:
+            raise ValueError(f"format {cls.family!r} has no semi-tensor variant; t must be 1, got {t}")
+        return t
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, X: torch.Tensor, rank: tuple[int, ...] | None, t, *, tol: float | None, svd: str,
+            generator: torch.Generator, n_iter: int = 0, n_restarts: int = 0,
+            callback: Callable[[int, float], None] | None = None) -> "FactorizedTensor":
+        """Decompose the dense ``X`` (finite, scaled to max|X| about 1) at validated ranks ``rank``
+        (caps) or tolerance ``tol``: the format's fit, then ``n_iter`` sweeps of its refinement.
+        Called by :func:`stpnet.decompose`, which does the input checks."""
+
+    @classmethod
+    @abstractmethod
+    def fit_bytes(cls, shape: tuple[int, ...], t, rank: tuple[int, ...] | None, n_iter: int, itemsize: int,
+                  svd: str) -> int:
+        """Estimated peak bytes of :meth:`fit` (the memory check of :func:`stpnet.decompose`)."""
+
+    @abstractmethod
+    def scale_(self, factor: float) -> None:
+        """Multiply the tensor by ``factor`` in place (through one factor)."""
 
     @classmethod
     @abstractmethod
@@ -84,7 +173,7 @@ class FactorizedTensor(nn.Module, metaclass=ABCMeta):
     @property
     def format(self) -> str:
         """Format name: ``family`` when ``t == 1``, otherwise ``semi_name``."""
-        return self.semi_name if self.is_semi_tensor else self.family
+        return self.format_name(self.t)
 
     @property
     def num_params(self) -> int:

@@ -13,6 +13,9 @@ Layouts (index convention: row-major, a dimension of size P*t splits as ``p*t + 
 * ``paired`` (TT/STT): modes [K, I_1 O_1, ..., I_d O_d]: the spatial core filters each input
   channel, then the channel cores are contracted one at a time.
 * ``tucker2`` (Tucker/STTu): 1x1 (U_in ⊗ I_t)^T, the core as a k x k convolution, 1x1 (U_out ⊗ I_t).
+* ``cp`` (CP): modes [I_1..I_d, K, O_1..O_e] as a sum of R rank-one terms: 1x1 (Khatri-Rao of
+  the input factors), a depthwise k x k convolution (one filter per rank-one term), 1x1
+  (Khatri-Rao of the output factors): the CP convolution of Lebedev et al. (2015).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .reconstruct import _chain
+from .reconstruct import _chain, khatri_rao
 from .retensorize import first_core_to_classic
 
 __all__ = [
@@ -37,6 +40,10 @@ __all__ = [
     "tucker2_linear",
     "paired_conv",
     "paired_linear",
+    "CPFactors",
+    "cp_factors",
+    "cp_conv",
+    "cp_linear",
 ]
 
 
@@ -244,3 +251,43 @@ def paired_conv(x: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: Sequen
     # (N, O_1..o', u, P) -> channels o_1..o' then u fastest
     state = state.reshape(n, -1, t, P)
     return state.reshape(n, -1, *out_spatial)
+
+
+class CPFactors(NamedTuple):
+    """The three small operators of a CP layer.
+
+    A : (C_in, R), the Khatri-Rao product of the input-side factors
+    S : (R, K) spatial filters, one per rank-one term, or None for a linear layer
+    B : (C_out, R), the Khatri-Rao product of the output-side factors
+    """
+
+    A: torch.Tensor
+    S: torch.Tensor | None
+    B: torch.Tensor
+
+
+def cp_factors(factors: Sequence[torch.Tensor], n_in: int, has_kernel: bool) -> CPFactors:
+    """Merge CP factors of modes [I_1..I_d, (K,) O_1..O_e] into A, S, B."""
+    A = khatri_rao(factors[:n_in])
+    S = factors[n_in].transpose(0, 1) if has_kernel else None
+    B = khatri_rao(factors[n_in + int(has_kernel):])
+    return CPFactors(A, S, B)
+
+
+def cp_linear(x: torch.Tensor, f: CPFactors) -> torch.Tensor:
+    """Linear map with a CP matrix ``B A^T``; ``x`` is (N, C_in)."""
+    return (x @ f.A) @ f.B.transpose(0, 1)
+
+
+def cp_conv(x: torch.Tensor, f: CPFactors, kernel_size: Sequence[int], stride, padding, dilation,
+            mix=_mix) -> torch.Tensor:
+    """Convolution with a CP kernel: 1x1 (A^T) -> depthwise k x k (S) -> 1x1 (B)."""
+    n, c_in = x.shape[:2]
+    spatial = x.shape[2:]
+    R = f.A.shape[1]
+    z = mix(f.A.transpose(0, 1), x.reshape(n, c_in, -1)).reshape(n, R, *spatial)
+    dim = len(kernel_size)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
+    z = conv(z, f.S.reshape(R, 1, *kernel_size), None, stride, padding, dilation, R)
+    out_spatial = z.shape[2:]
+    return mix(f.B, z.reshape(n, R, -1)).reshape(n, -1, *out_spatial)

@@ -24,7 +24,7 @@ import torch
 from .reconstruct import _chain
 from .retensorize import first_core_to_classic
 
-__all__ = ["digits", "sequential_output_factor", "sequential_lookup", "paired_lookup", "tucker2_lookup"]
+__all__ = ["digits", "sequential_output_factor", "sequential_lookup", "paired_lookup", "tucker2_lookup", "cp_lookup"]
 
 
 def digits(indices: torch.Tensor, modes: Sequence[int]) -> list[torch.Tensor]:
@@ -94,3 +94,15 @@ def tucker2_lookup(indices: torch.Tensor, core: torch.Tensor, U_out: torch.Tenso
     z[torch.arange(n, device=indices.device), :, u] = U_in[p]  # (U_in ⊗ I_t)^T e_i
     z = z.reshape(n, -1) @ core.transpose(-1, -2)  # (n, R_o)
     return (U_out @ z.reshape(n, U_out.shape[1], -1)).reshape(n, -1)
+
+
+def cp_lookup(indices: torch.Tensor, factors: Sequence[torch.Tensor], in_modes: Sequence[int],
+              B: torch.Tensor) -> torch.Tensor:
+    """Columns ``indices`` (N,) of a CP matrix of modes [I_1..I_d, O_1..O_e], as rows (N, C_out):
+    the Hadamard product of the input factors' rows picked by the index digits, times ``B^T``
+    (``B`` the Khatri-Rao product of the output factors)."""
+    parts = digits(indices, in_modes)
+    z = factors[0][parts[0]]
+    for k in range(1, len(in_modes)):
+        z = z * factors[k][parts[k]]
+    return z @ B.transpose(0, 1)

@@ -13,8 +13,8 @@ import torch
 from ..stp import _mode_product
 from .retensorize import copy_index_to_last_mode, first_core_to_classic
 
-__all__ = ["tucker_to_tensor", "tt_to_tensor", "tr_to_tensor", "tucker_reconstruction_macs",
-           "chain_reconstruction_macs"]
+__all__ = ["tucker_to_tensor", "tt_to_tensor", "tr_to_tensor", "cp_to_tensor", "khatri_rao",
+           "tucker_reconstruction_macs", "chain_reconstruction_macs", "cp_reconstruction_macs"]
 
 
 def tucker_to_tensor(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -86,3 +86,28 @@ def chain_reconstruction_macs(core_shapes: Sequence[Sequence[int]], t: int = 1) 
         macs += rows * int(r_in) * int(n) * int(r_out)
         rows *= int(n)
     return macs
+
+
+def khatri_rao(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Column-wise Kronecker product of matrices (I_k, R), row-major: row ``(i_1, ..., i_n)`` of the
+    result is ``prod_k A_k[i_k, :]`` (the first factor's index varies slowest); (prod I_k, R)."""
+    M = factors[0]
+    for A in factors[1:]:
+        M = (M.unsqueeze(1) * A.unsqueeze(0)).reshape(-1, A.shape[-1])
+    return M
+
+
+def cp_to_tensor(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Dense tensor of a CP (canonical polyadic) decomposition with factors A_n (I_n, R):
+    ``X[i_1, ..., i_N] = sum_r A_1[i_1, r] ... A_N[i_N, r]`` (Hitchcock 1927; Kolda & Bader 2009)."""
+    shape = [A.shape[0] for A in factors]
+    return (khatri_rao(factors[:-1]) @ factors[-1].transpose(0, 1)).reshape(shape)
+
+
+def cp_reconstruction_macs(shape: Sequence[int], rank: int) -> int:
+    """Multiply-adds :func:`cp_to_tensor` spends: the Khatri-Rao steps, then one product."""
+    macs, rows = 0, int(shape[0])
+    for size in shape[1:-1]:
+        rows *= int(size)
+        macs += rows * rank
+    return macs + rows * int(shape[-1]) * rank

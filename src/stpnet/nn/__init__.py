@@ -6,7 +6,8 @@ from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
 from .convert import dense_counterpart, from_dense, to_dense, why_not_factorizable
 from .cost import PathCost
 from .embedding import FactorizedEmbedding
-from .fused import FusedLayer, FusedPaired, FusedSequential, FusedTucker2, fuse, fuse_layer
+from .fused import FusedCP, FusedLayer, FusedPaired, FusedSequential, FusedTucker2, fuse, fuse_layer
+from .layouts import LAYOUTS, Layout, layout_named
 from .linear import FactorizedLinear
 from .tensorize import Tensorization, channel_modes, factorize
 
@@ -22,6 +23,10 @@ __all__ = [
     "FusedSequential",
     "FusedTucker2",
     "FusedPaired",
+    "FusedCP",
+    "Layout",
+    "LAYOUTS",
+    "layout_named",
     "fuse",
     "fuse_layer",
     "from_dense",

@@ -16,7 +16,8 @@ from ..decomposition.ranks import ranks_for_budget
 from ..formats import FactorizedTensor, format_class
 from .cost import PathCost, choose
 from .init import kaiming_std, rescale_to_std
-from .tensorize import LAYOUTS, Tensorization, channel_modes, default_layout
+from .layouts import Layout, layout_named, layouts_of
+from .tensorize import Tensorization
 
 __all__ = ["FactorizedLayer", "FORWARD_PATHS"]
 
@@ -28,54 +29,37 @@ def _resolve_t(cls, semi: bool, t: int | None) -> int:
         return 2 if semi else 1
     t = check_positive_int(t, "t")
     if t > 1 and not semi:
+        if cls.semi_name is None:
+            raise ValueError(f"format {cls.family!r} has no semi-tensor variant; t must be 1, got {t}")
         raise ValueError(f"format {cls.family!r} is the classic format (t = 1); for t={t} use the "
                          f"semi-tensor name ({cls.semi_name!r})")
     return t
 
 
-def layer_tensorization(format: str, t: int | None, layout: str | None, c_in: int, c_out: int,
+def layer_tensorization(format: str, t: int | None, layout: str | Layout | None, c_in: int, c_out: int,
                         kernel_size: tuple[int, ...], in_modes, out_modes, n_modes: int):
     """Resolve a layer's format class, t and tensorization from its constructor arguments."""
     cls, semi = format_class(format)
-    family = cls.family
     t = _resolve_t(cls, semi, t)
-    layout = default_layout(family) if layout is None else layout
-    if layout not in LAYOUTS[family]:
-        raise ValueError(f"layout {layout!r} is not available for {format!r}; valid: "
-                         f"{', '.join(LAYOUTS[family])}")
-    if layout == "tucker2":
-        for name, c in (("in", c_in), ("out", c_out)):
-            if c % t:
-                raise ValueError(f"t={t} must divide the {name} channel count {c} for STTu; "
-                                 f"valid t: {[d for d in range(1, c + 1) if c % d == 0]}")
-        return cls, t, Tensorization(layout, (c_in,), (c_out,), tuple(kernel_size))
-    ins = tuple(in_modes) if in_modes is not None else channel_modes(c_in, n_modes)
-    outs = tuple(out_modes) if out_modes is not None else channel_modes(c_out, n_modes, t, True)
-    if math.prod(ins) != c_in or math.prod(outs) != c_out:
-        raise ValueError(f"in_modes {ins} and out_modes {outs} must multiply to the channel counts "
-                         f"{c_in} and {c_out}")
-    if outs[-1] % t:
-        raise ValueError(f"t={t} must divide the last output mode ({outs[-1]} of {outs}); "
-                         "reorder out_modes so a multiple of t comes last")
-    if layout == "paired":
-        d = max(len(ins), len(outs), 1 if kernel_size else 2)
-        ins = (1,) * (d - len(ins)) + ins
-        outs = (1,) * (d - len(outs)) + outs
+    valid = layouts_of(cls)
+    if layout is None:
+        layout = valid[0]
+    elif str(layout) not in {str(v) for v in valid}:
+        raise ValueError(f"layout {str(layout)!r} is not available for {format!r}; valid: "
+                         f"{', '.join(str(v) for v in valid)}")
+    layout = layout_named(str(layout))
+    ins, outs = layout.modes(c_in, c_out, bool(kernel_size), t, in_modes, out_modes, n_modes)
     return cls, t, Tensorization(layout, ins, outs, tuple(kernel_size))
 
 
 def tensor_t(tz: Tensorization, t: int) -> int | tuple[int, ...]:
     """The factorized tensor's t: one int, or per mode for Tucker-2 (the spatial mode has t = 1)."""
-    if tz.layout == "tucker2":
-        return (t, t) + ((1,) if tz.has_kernel else ())
-    return t
+    return tz.layout.tensor_t(tz, t)
 
 
 def uniform_rank(tz: Tensorization, R: int) -> int | tuple[int, ...]:
     """The rank specification for one rank R (Tucker-2 keeps the spatial mode at full rank)."""
-    if tz.layout == "tucker2" and tz.has_kernel:
-        return (R, R, tz.kernel_numel)
-    return R
+    return tz.layout.uniform_rank(tz, R)
 
 
 def ranks_for_compression(cls, tz: Tensorization, t, compression: float, clip: bool = True) -> tuple[int, ...]:
@@ -141,7 +125,7 @@ class FactorizedLayer(nn.Module):
             itemsize = torch.empty((), dtype=init_dtype).element_size()
             # factors, and the largest temporary of the init (an orthonormalised core), twice over
             check_memory(3 * itemsize * cls.param_count(shape, ranks, tt), torch.device(device or "cpu"), None,
-                         f"a {cls.semi_name if t > 1 else cls.family} weight of shape {shape} with ranks {ranks}",
+                         f"a {cls.format_name(tt)} weight of shape {shape} with ranks {ranks}",
                          advice="lower the rank or ask for a compression factor instead")
             weight = cls.random(shape, ranks, tt, std=kaiming_std(fan_in), dtype=init_dtype, device=device,
                                 clip=clip_ranks)
@@ -349,7 +333,6 @@ class FactorizedLayer(nn.Module):
             rank = ranks_for_compression(fcls, tz, tt, compression)
         elif rank is not None and (isinstance(rank, int) or hasattr(rank, "__index__")):
             rank = uniform_rank(tz, check_positive_int(rank, "rank"))
-        elif tol is not None and tz.layout == "tucker2" and tz.has_kernel:
-            rank = (shape[0], shape[1], tz.kernel_numel)  # tol truncates the channel modes only
-        name = fcls.semi_name if t > 1 else fcls.family
-        return decompose(X, name, rank=rank, t=tt, tol=tol, n_iter=n_iter), tz
+        elif tol is not None:
+            rank = tz.layout.tol_rank(tz)  # Tucker-2: tol truncates the channel modes only
+        return decompose(X, fcls.format_name(tt), rank=rank, t=tt, tol=tol, n_iter=n_iter), tz

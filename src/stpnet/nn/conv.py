@@ -1,4 +1,4 @@
-"""FactorizedConv1d/2d/3d: convolutions whose kernel is a Tucker/STTu, TT/STT or TR/STR tensor."""
+"""FactorizedConv1d/2d/3d: convolutions whose kernel is a factorized tensor of any registered format."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FactorizedTensor
-from ..functional.contract import paired_conv, sequential_conv, sequential_factors, tucker2_conv
 from .base import FactorizedLayer
 from .cost import PathCost, conv_output_size, narrow_penalty, prod
 
@@ -131,16 +130,7 @@ class _FactorizedConvNd(FactorizedLayer):
 
     def _contract_forward(self, x: torch.Tensor) -> torch.Tensor:
         x, padding = self._prepare(x)
-        tz, w = self.tensorization, self.weight_tensor
-        args = (self.kernel_size, self.stride, padding, self.dilation)
-        if tz.layout == "tucker2":
-            y = tucker2_conv(x, w.core, w.factors[0], w.factors[1], w.factors[2], *args)
-        elif tz.layout == "paired":
-            y = paired_conv(x, w.factors, tz.in_modes, tz.out_modes, w.t, *args)
-        else:
-            f = self._cached("sequential", lambda: sequential_factors(w.factors, w.t, len(tz.in_modes),
-                                                                       has_kernel=True))
-            y = sequential_conv(x, f, *args)
+        y = self.tensorization.layout.conv(self, x, padding)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype).reshape(1, -1, *([1] * self.dim))
         return y
@@ -159,40 +149,12 @@ class _FactorizedConvNd(FactorizedLayer):
 
     def _path_costs(self, input_shape: tuple[int, ...]) -> dict[str, PathCost]:
         n, p_in, p_out = self._sizes(input_shape)
-        tz, w = self.tensorization, self.weight_tensor
+        w = self.weight_tensor
         c_in, c_out, K = self.in_channels, self.out_channels, prod(self.kernel_size)
         weight_numel = c_in * c_out * K
         pen = narrow_penalty
-        if tz.layout == "tucker2":
-            t = w.t[0]
-            r_o, r_i = w.rank[0], w.rank[1]
-            stages = [(c_in * r_i // t * p_in, min(c_in, r_i)), (r_o * r_i * K * p_out, min(r_o, r_i)),
-                      (c_out * r_o // t * p_out, min(c_out, r_o))]
-            acts = n * (r_i * p_in + r_o * p_out + c_out * p_out)
-            rmax = max(w.rank)
-        else:
-            t = w.t
-            r = [R // t for R in w.rank]
-            rmax = max(r)
-            if tz.layout == "paired":
-                state = c_in * r[0] * t * p_out
-                stages, acts = [(c_in * r[0] * t * K * p_out, 1)], n * state
-                for k in range(len(tz.in_modes)):
-                    r_prev, r_next = r[k], (r[k + 1] if k + 1 < len(r) else 1)
-                    o_k = tz.out_modes[k] // (t if k == len(tz.in_modes) - 1 else 1)
-                    new_state = state // (tz.in_modes[k] * r_prev) * o_k * r_next
-                    stages.append((state * o_k * r_next, min(tz.in_modes[k] * r_prev, o_k * r_next)))
-                    acts += n * new_state
-                    state = new_state
-            else:
-                d = len(tz.in_modes)
-                a = r[0] if tz.layout == "ring" else 1
-                rb = r[d] if tz.layout == "ring" else r[d - 1]  # bond into the spatial core
-                ra = r[d + 1] if tz.layout == "ring" else r[d]  # bond out of it
-                stages = [(c_in * rb * a * t * p_in, min(c_in, rb * a * t)), (ra * rb * K * a * t * p_out, min(ra, rb)),
-                          (c_out * ra * a * p_out, min(c_out, ra * a))]
-                acts = n * (rb * a * t * p_in + ra * a * t * p_out + c_out * p_out)
-        per_call = (c_in * t + c_out) * rmax * rmax if tz.layout != "tucker2" else c_in * c_out
+        stages, acts, per_call = self.tensorization.layout.conv_cost(self, p_in, p_out)
+        acts = n * acts
         macs = n * sum(m for m, _ in stages) + per_call
         work = n * sum(m * pen(c) for m, c in stages) + per_call
         dense = n * weight_numel * p_out
@@ -255,7 +217,7 @@ class FactorizedConv2d(_FactorizedConvNd):
     ----------
     in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode
         As in :class:`torch.nn.Conv2d` (``groups`` must be 1).
-    format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
+    format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str', 'cp'}
     rank : int or sequence of int, optional
         Ranks of the kernel tensor; give ``rank`` or ``compression``.
     t : int, optional

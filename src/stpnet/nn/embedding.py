@@ -1,4 +1,4 @@
-"""FactorizedEmbedding: an embedding table held as a Tucker/STTu, TT/STT or TR/STR tensor."""
+"""FactorizedEmbedding: an embedding table held as a factorized tensor of any registered format."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ..formats import FactorizedTensor
-from ..functional.lookup import paired_lookup, sequential_lookup, sequential_output_factor, tucker2_lookup
 from .base import FactorizedLayer
 from .cost import PathCost
 
@@ -97,13 +96,7 @@ class FactorizedEmbedding(FactorizedLayer):
         return table
 
     def _lookup(self, flat: torch.Tensor) -> torch.Tensor:
-        tz, w = self.tensorization, self.weight_tensor
-        if tz.layout == "tucker2":
-            return tucker2_lookup(flat, w.core, w.factors[0], w.factors[1], w.t[0])
-        if tz.layout == "paired":
-            return paired_lookup(flat, w.factors, tz.in_modes, tz.out_modes, w.t)
-        B = self._cached("output_factor", lambda: sequential_output_factor(w.factors, len(tz.in_modes)))
-        return sequential_lookup(flat, w.factors, w.t, tz.in_modes, B)
+        return self.tensorization.layout.lookup(self, flat)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):

@@ -10,7 +10,8 @@ operators once and always runs the contraction chain:
   (:func:`stpnet.functional.contract.sequential_factors`);
 * Tucker-2 (Tucker/STTu): 1x1 (``U_in ⊗ I_t``) -> k x k with the core and spatial factor merged
   -> 1x1 (``U_out ⊗ I_t``), the Kronecker factors applied as reshapes;
-* paired (TT-matrix): the cores contracted one at a time, as in the layer.
+* paired (TT-matrix): the cores contracted one at a time, as in the layer;
+* cp (CP): 1x1 (Khatri-Rao of the input factors) -> depthwise k x k -> 1x1.
 
 The fused model computes the same function (to float rounding), exports through ``torch.jit.trace``
 and ONNX, and stays compressed: its parameter count is that of the merged operators, close to the
@@ -25,14 +26,15 @@ import copy
 import torch
 from torch import nn
 
-from ..functional.contract import (SequentialFactors, _mix, paired_conv, paired_linear, sequential_conv,
-                                   sequential_factors, sequential_linear, tucker2_conv_merged, tucker2_linear)
+from ..functional.contract import (CPFactors, SequentialFactors, _mix, cp_conv, cp_factors, cp_linear, paired_conv,
+                                   paired_linear, sequential_conv, sequential_factors, sequential_linear,
+                                   tucker2_conv_merged, tucker2_linear)
 from .base import FactorizedLayer
 from .conv import prepare_conv_input
 from ._replace import replace_modules
 from .embedding import FactorizedEmbedding
 
-__all__ = ["FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "fuse", "fuse_layer"]
+__all__ = ["FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "FusedCP", "fuse", "fuse_layer"]
 
 
 class FusedLayer(nn.Module):
@@ -143,8 +145,24 @@ class FusedPaired(FusedLayer):
         return self._apply_linear(x, lambda z: paired_linear(z, cores, self.in_modes, self.out_modes, self.t))
 
 
-_FUSED_BY_LAYOUT = {"sequential": FusedSequential, "ring": FusedSequential, "tucker2": FusedTucker2,
-                    "paired": FusedPaired}
+class FusedCP(FusedLayer):
+    """A CP layer as ``A`` (Khatri-Rao of the input factors) -> depthwise k x k ``S`` -> ``B``."""
+
+    def __init__(self, layer: FactorizedLayer):
+        super().__init__(layer)
+        w = layer.weight_tensor
+        with torch.no_grad():
+            f = cp_factors(w.factors, len(layer.tensorization.in_modes), has_kernel=bool(self.kernel_size))
+        self.A = nn.Parameter(f.A.detach().clone())
+        self.S = None if f.S is None else nn.Parameter(f.S.detach().clone())
+        self.B = nn.Parameter(f.B.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = CPFactors(self.A, self.S, self.B)
+        if self.kernel_size:
+            return self._apply_conv(x, lambda z, pad: cp_conv(z, f, self.kernel_size, self.stride, pad, self.dilation,
+                                                              mix=self.mix))
+        return self._apply_linear(x, lambda z: cp_linear(z, f))
 
 
 def fuse_layer(layer: FactorizedLayer) -> nn.Module:
@@ -154,8 +172,7 @@ def fuse_layer(layer: FactorizedLayer) -> nn.Module:
         return layer
     if not isinstance(layer, FactorizedLayer):
         raise ValueError(f"fuse_layer expects a factorized layer, got {type(layer).__name__}")
-    cls = _FUSED_BY_LAYOUT[layer.tensorization.layout]
-    return cls(layer).to(device=layer.weight_tensor.device).train(layer.training)
+    return layer.tensorization.layout.fuse(layer).to(device=layer.weight_tensor.device).train(layer.training)
 
 
 def fuse(model: nn.Module, *, example: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:

@@ -1,4 +1,4 @@
-"""FactorizedLinear: a Linear layer whose weight is a Tucker/STTu, TT/STT or TR/STR tensor."""
+"""FactorizedLinear: a Linear layer whose weight is a factorized tensor of any registered format."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FactorizedTensor
-from ..functional.contract import paired_linear, sequential_factors, sequential_linear, tucker2_linear
 from .base import FactorizedLayer
 from .cost import PathCost
 
@@ -23,7 +22,7 @@ class FactorizedLinear(FactorizedLayer):
     ----------
     in_features, out_features : int
     bias : bool, default True
-    format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
+    format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str', 'cp'}
     rank : int or sequence of int, optional
         Ranks of the factorized weight (upper bounds). Give ``rank`` or ``compression``.
     t : int, optional
@@ -32,7 +31,8 @@ class FactorizedLinear(FactorizedLayer):
         Target compression factor of the weight; the largest uniform rank that meets it is used.
     layout : str, optional
         TT/STT: 'sequential' (default; modes [I_1..I_d, O_1..O_e]) or 'paired' (TT-matrix,
-        [I_1 O_1, ..., I_d O_d]); TR/STR: 'ring'; Tucker/STTu: 'tucker2'.
+        [I_1 O_1, ..., I_d O_d]); TR/STR: 'ring'; Tucker/STTu: 'tucker2'; CP: 'cp'
+        (:mod:`stpnet.nn.layouts`).
     in_modes, out_modes : sequence of int, optional
         Factorizations of the feature counts (default: balanced into ``n_modes`` factors).
     n_modes : int, default 3
@@ -92,15 +92,7 @@ class FactorizedLinear(FactorizedLayer):
         self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        tz, w = self.tensorization, self.weight_tensor
-        if tz.layout == "tucker2":
-            y = tucker2_linear(x2, w.core, w.factors[0], w.factors[1])
-        elif tz.layout == "paired":
-            y = paired_linear(x2, w.factors, tz.in_modes, tz.out_modes, w.t)
-        else:
-            f = self._cached("sequential", lambda: sequential_factors(w.factors, w.t, len(tz.in_modes),
-                                                                       has_kernel=False))
-            y = sequential_linear(x2, f)
+        y = self.tensorization.layout.linear(self, x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
@@ -115,31 +107,12 @@ class FactorizedLinear(FactorizedLayer):
         n = 1
         for s in input_shape[:-1]:
             n *= s
-        tz, w = self.tensorization, self.weight_tensor
+        w = self.weight_tensor
         c_in, c_out = self.in_features, self.out_features
-        t = w.t if isinstance(w.t, int) else w.t[0]
-        ranks = [r // t for r in w.rank] if tz.layout != "tucker2" else list(w.rank)
-        rmax = max(ranks)
         rebuild = PathCost(macs=n * c_in * c_out + w.reconstruction_macs(), activations=n * c_out + c_in * c_out,
                            peak=max(n * c_out, c_in * c_out))
-        if tz.layout == "tucker2":
-            r_o, r_i = w.rank
-            macs = n * (c_in * r_i // t + r_o * r_i + c_out * r_o // t)
-            acts = n * (r_i + r_o + c_out)
-        elif tz.layout == "paired":
-            macs, acts, width = 0, 0, c_in
-            for k in range(len(tz.in_modes)):
-                r_prev = ranks[k - 1] if k else 1
-                r_next = ranks[k] if k < len(ranks) else 1
-                width = width // tz.in_modes[k] * tz.out_modes[k] * (r_next * t) // max(r_prev * (t if k else 1), 1)
-                macs += n * width * tz.in_modes[k] * r_prev
-                acts += n * width
-        else:
-            d = len(tz.in_modes)
-            a = ranks[0] if tz.layout == "ring" else 1
-            r = ranks[d] if tz.layout == "ring" else ranks[d - 1]
-            macs = n * (c_in * r * a * t + c_out * r * a) + (c_in * t + c_out) * r * a * rmax
-            acts = n * (r * a * t + c_out)
+        per_row, acts_per_row, per_call = self.tensorization.layout.linear_cost(self)
+        macs, acts = n * per_row + per_call, n * acts_per_row
         return {"rebuild": rebuild, "contract": PathCost(macs=macs, activations=acts, peak=acts)}
 
     @classmethod
