@@ -16,8 +16,8 @@ import stpnet
 from stpnet.nn import FactorizedConv2d, FactorizedEmbedding, FactorizedLinear, UnpackedMultiheadAttention
 
 COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
-          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2)]
-FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str")
+          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2), ("cp", "cp", 1)]
+FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str", "cp")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -162,7 +162,8 @@ def test_compressed_attention_at_full_rank_matches_dense(format):
             return self.attn(x, x, x, attn_mask=mask)[0]
 
     dense = Wrap().eval()
-    small, report = stpnet.compress(dense, format, rank=64, keep_classifier=False)
+    full = 256 if format == "cp" else 64  # CP is exact at rank prod(shape) / max(shape)
+    small, report = stpnet.compress(dense, format, rank=full, keep_classifier=False)
     names = {r.name for r in report.layers if r.format != "dense"}
     assert names == {"attn.in_proj", "attn.out_proj"}
     x = torch.randn(2, 5, 16, dtype=torch.float64)

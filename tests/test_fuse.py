@@ -18,7 +18,7 @@ from stpnet.nn import (FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, Fac
                        fuse, fuse_layer)
 
 COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
-          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2)]
+          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2), ("cp", "cp", 1)]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

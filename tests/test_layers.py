@@ -15,7 +15,7 @@ from torch import nn
 from stpnet.nn import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear
 
 COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
-          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2)]
+          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2), ("cp", "cp", 1)]
 IDS = [f"{f}-{lay}" for f, lay, _ in COMBOS]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
 
@@ -163,7 +163,7 @@ def test_from_dense_carries_over_configuration():
             assert layer(x).shape == same(x).shape and rel(layer(x), same(x)) < 1e-5
 
 
-@pytest.mark.parametrize("rule", [{"tol": 0.3}, {"compression": 8.0}])
+@pytest.mark.parametrize("rule", [{"tol": 0.3}, {"weight_compression": 8.0}])
 def test_from_dense_with_tolerance_or_compression(rule):
     dense = nn.Conv2d(32, 64, 3, padding=1)
     layer = FactorizedConv2d.from_dense(dense, "stt", t=2, **rule)
@@ -383,3 +383,9 @@ def test_renamed_methods_keep_deprecated_aliases():
         assert layer.flops(shape) == layer.macs(shape)
     with pytest.warns(DeprecationWarning, match="use dense_macs"):
         assert layer.dense_flops(shape) == layer.dense_macs(shape)
+    # a layer's compression= is its weight's factor, unlike compress(compression=) for the whole model
+    with pytest.warns(DeprecationWarning, match="name it weight_compression="):
+        old = FactorizedConv2d(8, 16, 3, format="stt", compression=4.0, t=2)
+    assert old.rank == FactorizedConv2d(8, 16, 3, format="stt", weight_compression=4.0, t=2).rank
+    with pytest.raises(ValueError, match="give weight_compression= only"):
+        FactorizedLinear(8, 8, format="tt", compression=2.0, weight_compression=2.0)

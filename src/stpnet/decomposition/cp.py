@@ -99,6 +99,8 @@ def cp_als(
     """
     X = X.detach()
     n = X.ndim
+    if rank >= math.prod(X.shape) // max(X.shape):
+        return CPTensor(_exact(X, rank))
     factors = _svd_start(X, rank, generator)
     norm_sq = float(X.pow(2).sum())
     err = math.inf
@@ -125,6 +127,26 @@ def cp_als(
         if err <= tol or previous - err < stall:
             break
     return CPTensor(factors)
+
+
+def _exact(X: torch.Tensor, rank: int) -> list[torch.Tensor]:
+    """An exact CP at any rank >= prod(shape) / max(shape): one rank-one term per fibre along the
+    largest mode (that fibre times indicator vectors of the other modes' indices); extra columns zero."""
+    big = max(range(X.ndim), key=lambda m: X.shape[m])
+    others = [m for m in range(X.ndim) if m != big]
+    P = math.prod(X.shape[m] for m in others)
+    fibres = X.movedim(big, -1).reshape(P, X.shape[big])  # row p: the fibre at the others' index p
+    index = torch.arange(P, device=X.device)
+    factors = [None] * X.ndim
+    factors[big] = torch.zeros(X.shape[big], rank, dtype=X.dtype, device=X.device)
+    factors[big][:, :P] = fibres.transpose(0, 1)
+    stride = P
+    for m in others:  # row-major digits of p over the other modes
+        stride //= X.shape[m]
+        A = torch.zeros(X.shape[m], rank, dtype=X.dtype, device=X.device)
+        A[(index // stride) % X.shape[m], index] = 1
+        factors[m] = A
+    return factors
 
 
 def _balance(factors: list[torch.Tensor]) -> None:

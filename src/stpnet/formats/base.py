@@ -84,7 +84,7 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
     refinement: ClassVar[str | None] = None
 
     @classmethod
-    def format_name(cls, t) -> str:
+    def name_for_t(cls, t) -> str:
         """The format name for STP factor(s) ``t``: ``family`` for t = 1, ``semi_name`` above."""
         semi = any(v > 1 for v in t) if isinstance(t, tuple) else t > 1
         if semi and cls.semi_name is None:
@@ -173,7 +173,7 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
     @property
     def format(self) -> str:
         """Format name: ``family`` when ``t == 1``, otherwise ``semi_name``."""
-        return self.format_name(self.t)
+        return self.name_for_t(self.t)
 
     @property
     def num_params(self) -> int:

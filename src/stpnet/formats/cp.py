@@ -136,13 +136,22 @@ class CPTensor(FactorizedTensor):
     @classmethod
     def fit(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> "CPTensor":
         """CP-ALS from an SVD start (Carroll & Chang 1970; Harshman 1970; Kolda & Bader 2009):
-        ``n_iter`` sweeps (100 when 0), stopping early at ``tol`` or when the error stops moving."""
+        ``n_iter`` sweeps (100 when 0), stopping early at ``tol`` or when the error stops moving.
+        Without a rank, the smallest rank on a geometric ladder (1, 2, 3, 5, 8, ...) whose fit
+        reaches ``tol``; the exact rank ``prod(shape) / max(shape)`` ends the ladder."""
         from ..decomposition.cp import cp_als
+        from ..decomposition.api import relative_error
 
-        if rank is None:
-            raise ValueError("a CP fit needs a rank (rank=... or max_params=...): CP has no SVD that "
-                             "chooses one from tol; tol then only stops the ALS sweeps early")
-        return cp_als(X, rank[0], n_iter=n_iter or 100, tol=tol or 0.0, generator=generator, callback=callback)
+        sweeps = n_iter or 100
+        if rank is not None:
+            return cp_als(X, rank[0], n_iter=sweeps, tol=tol or 0.0, generator=generator, callback=callback)
+        full = math.prod(X.shape) // max(X.shape)
+        R = 1
+        while True:
+            result = cp_als(X, R, n_iter=sweeps, tol=tol, generator=generator, callback=callback)
+            if R >= full or relative_error(X, result) <= tol:
+                return result
+            R = min(full, max(R + 1, math.ceil(R * 1.5)))
 
     @classmethod
     def fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:

@@ -62,6 +62,19 @@ def uniform_rank(tz: Tensorization, R: int) -> int | tuple[int, ...]:
     return tz.layout.uniform_rank(tz, R)
 
 
+def resolve_weight_compression(weight_compression: float | None, compression: float | None) -> float | None:
+    """The layer's weight compression from ``weight_compression=`` or its deprecated name
+    ``compression=`` (which :func:`stpnet.compress` uses for the whole model's factor)."""
+    if compression is None:
+        return weight_compression
+    if weight_compression is not None:
+        raise ValueError("give weight_compression= only (compression= is its deprecated name for a layer)")
+    warnings.warn("a layer's compression= is deprecated: name it weight_compression= (the factor of this layer's "
+                  "weight; stpnet.compress(..., compression=) is the whole model's factor)", DeprecationWarning,
+                  stacklevel=3)
+    return compression
+
+
 def ranks_for_compression(cls, tz: Tensorization, t, compression: float, clip: bool = True) -> tuple[int, ...]:
     """The largest uniform ranks whose weight is at least ``compression`` times smaller than dense."""
     if not compression > 0:
@@ -93,7 +106,7 @@ class FactorizedLayer(nn.Module):
         format: str,
         rank: int | Sequence[int] | None,
         t: int | None,
-        compression: float | None,
+        weight_compression: float | None,
         layout: str | None,
         in_modes: Sequence[int] | None,
         out_modes: Sequence[int] | None,
@@ -117,7 +130,7 @@ class FactorizedLayer(nn.Module):
         if weight is None:
             shape = tz.tensor_shape
             tt = tensor_t(tz, t)
-            ranks = self._ranks(cls, shape, tt, rank, compression, clip_ranks)
+            ranks = self._ranks(cls, shape, tt, rank, weight_compression, clip_ranks)
             fan_in = in_features * tz.kernel_numel
             # the random init orthonormalises (QR), which half precision lacks on CPU: build in
             # float32, then cast
@@ -125,8 +138,8 @@ class FactorizedLayer(nn.Module):
             itemsize = torch.empty((), dtype=init_dtype).element_size()
             # factors, and the largest temporary of the init (an orthonormalised core), twice over
             check_memory(3 * itemsize * cls.param_count(shape, ranks, tt), torch.device(device or "cpu"), None,
-                         f"a {cls.format_name(tt)} weight of shape {shape} with ranks {ranks}",
-                         advice="lower the rank or ask for a compression factor instead")
+                         f"a {cls.name_for_t(tt)} weight of shape {shape} with ranks {ranks}",
+                         advice="lower the rank or ask for a weight_compression factor instead")
             weight = cls.random(shape, ranks, tt, std=kaiming_std(fan_in), dtype=init_dtype, device=device,
                                 clip=clip_ranks)
             rescale_to_std(weight, kaiming_std(fan_in))
@@ -142,11 +155,11 @@ class FactorizedLayer(nn.Module):
             self.register_parameter("bias", None)
 
     # ------------------------------------------------------------ construction helpers
-    def _ranks(self, cls, shape, t, rank, compression, clip: bool) -> tuple[int, ...]:
-        if (rank is None) == (compression is None):
-            raise ValueError("give exactly one of rank=... or compression=...")
-        if compression is not None:
-            return ranks_for_compression(cls, self.tensorization, t, compression, clip)
+    def _ranks(self, cls, shape, t, rank, weight_compression, clip: bool) -> tuple[int, ...]:
+        if (rank is None) == (weight_compression is None):
+            raise ValueError("give exactly one of rank=... or weight_compression=...")
+        if weight_compression is not None:
+            return ranks_for_compression(cls, self.tensorization, t, weight_compression, clip)
         if isinstance(rank, int) or hasattr(rank, "__index__"):
             rank = uniform_rank(self.tensorization, check_positive_int(rank, "rank"))
         return cls.validate_rank(shape, rank, t, clip=clip)
@@ -318,21 +331,21 @@ class FactorizedLayer(nn.Module):
     # ------------------------------------------------------------- from a dense layer
     @staticmethod
     def _decompose_weight(W: torch.Tensor, format: str, t: int | None, layout: str | None, in_modes, out_modes,
-                          n_modes: int, rank, tol, compression,
+                          n_modes: int, rank, tol, weight_compression,
                           n_iter: int) -> tuple[FactorizedTensor, Tensorization]:
         """Tensorize a trained weight and decompose it with one rank rule."""
-        if sum(v is not None for v in (rank, tol, compression)) != 1:
-            raise ValueError("give exactly one of rank=..., tol=... or compression=...")
+        if sum(v is not None for v in (rank, tol, weight_compression)) != 1:
+            raise ValueError("give exactly one of rank=..., tol=... or weight_compression=...")
         c_out, c_in, *kernel = W.shape
         fcls, t, tz = layer_tensorization(format, t, layout, c_in, c_out, tuple(kernel), in_modes, out_modes,
                                           n_modes)
         X = tz.weight_to_tensor(W.detach())
         shape = tz.tensor_shape
         tt = tensor_t(tz, t)
-        if compression is not None:
-            rank = ranks_for_compression(fcls, tz, tt, compression)
+        if weight_compression is not None:
+            rank = ranks_for_compression(fcls, tz, tt, weight_compression)
         elif rank is not None and (isinstance(rank, int) or hasattr(rank, "__index__")):
             rank = uniform_rank(tz, check_positive_int(rank, "rank"))
         elif tol is not None:
             rank = tz.layout.tol_rank(tz)  # Tucker-2: tol truncates the channel modes only
-        return decompose(X, fcls.format_name(tt), rank=rank, t=tt, tol=tol, n_iter=n_iter), tz
+        return decompose(X, fcls.name_for_t(tt), rank=rank, t=tt, tol=tol, n_iter=n_iter), tz

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FactorizedTensor
-from .base import FactorizedLayer
+from .base import FactorizedLayer, resolve_weight_compression
 from .cost import PathCost, conv_output_size, narrow_penalty, prod
 
 __all__ = ["FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d", "explicit_padding", "prepare_conv_input"]
@@ -74,6 +74,7 @@ class _FactorizedConvNd(FactorizedLayer):
         format: str = "tt",
         rank: int | Sequence[int] | None = None,
         t: int | None = None,
+        weight_compression: float | None = None,
         compression: float | None = None,
         layout: str | None = None,
         in_modes: Sequence[int] | None = None,
@@ -101,7 +102,8 @@ class _FactorizedConvNd(FactorizedLayer):
         else:
             padding = _tuple(padding, self.dim, "padding")
         super().__init__(in_channels, out_channels, kernel_size, format=format, rank=rank, t=t,
-                         compression=compression, layout=layout, in_modes=in_modes, out_modes=out_modes,
+                         weight_compression=resolve_weight_compression(weight_compression, compression),
+                         layout=layout, in_modes=in_modes, out_modes=out_modes,
                          n_modes=n_modes, bias=bias, forward_path=forward_path, clip_ranks=clip_ranks, device=device, dtype=dtype,
                          weight=weight)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -172,6 +174,7 @@ class _FactorizedConvNd(FactorizedLayer):
         *,
         rank: int | Sequence[int] | None = None,
         tol: float | None = None,
+        weight_compression: float | None = None,
         compression: float | None = None,
         t: int | None = None,
         layout: str | None = None,
@@ -183,7 +186,7 @@ class _FactorizedConvNd(FactorizedLayer):
     ):
         """A factorized convolution initialised from a trained dense one through the decompositions.
 
-        Give one of ``rank``, ``tol`` (relative error of the kernel) or ``compression``. Bias (or
+        Give one of ``rank``, ``tol`` (relative error of the kernel) or ``weight_compression``. Bias (or
         its absence), stride, padding (including 'same'), dilation and padding_mode carry over;
         ``groups > 1`` raises ValueError.
         """
@@ -194,7 +197,8 @@ class _FactorizedConvNd(FactorizedLayer):
         if layer.groups != 1:
             raise ValueError(f"groups={layer.groups} is not supported: factorized convolutions need groups=1")
         weight, tz = cls._decompose_weight(layer.weight, format, t, layout, in_modes, out_modes, n_modes,
-                                           rank, tol, compression, n_iter)
+                                           rank, tol, resolve_weight_compression(weight_compression, compression),
+                                           n_iter)
         out = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation, 1, layer.bias is not None, layer.padding_mode, format=format, t=t,
                   layout=tz.layout, in_modes=tz.in_modes, out_modes=tz.out_modes, forward_path=forward_path,
@@ -219,11 +223,13 @@ class FactorizedConv2d(_FactorizedConvNd):
         As in :class:`torch.nn.Conv2d` (``groups`` must be 1).
     format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str', 'cp'}
     rank : int or sequence of int, optional
-        Ranks of the kernel tensor; give ``rank`` or ``compression``.
+        Ranks of the kernel tensor; give ``rank`` or ``weight_compression``.
     t : int, optional
         STP factor (default 1 for classic formats, 2 for semi-tensor ones).
+    weight_compression : float, optional
+        Target compression factor of the kernel (dense entries over factor entries).
     compression : float, optional
-        Target compression factor of the kernel.
+        Deprecated name of ``weight_compression``.
     layout : str, optional
         TT/STT: 'sequential' (default; [I_1..I_d, k*k, O_1..O_e], the k x k convolution runs in
         the rank space) or 'paired' ([k*k, I_1 O_1, ..., I_d O_d]); TR/STR: 'ring';

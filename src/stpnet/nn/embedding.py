@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..formats import FactorizedTensor
-from .base import FactorizedLayer
+from .base import FactorizedLayer, resolve_weight_compression
 from .cost import PathCost
 
 __all__ = ["FactorizedEmbedding"]
@@ -31,7 +31,7 @@ class FactorizedEmbedding(FactorizedLayer):
     padding_idx : int, optional
         Lookups of this index return zeros, which is what a trained ``nn.Embedding`` returns for
         it (its row starts at zero and receives no gradient). Negative values count from the end.
-    format, rank, t, compression, layout, in_modes, out_modes, n_modes, clip_ranks
+    format, rank, t, weight_compression, layout, in_modes, out_modes, n_modes, clip_ranks
         As in :class:`stpnet.nn.FactorizedLinear` (``in_modes`` factor the vocabulary,
         ``out_modes`` the embedding dimension).
 
@@ -54,6 +54,7 @@ class FactorizedEmbedding(FactorizedLayer):
         format: str = "tt",
         rank: int | Sequence[int] | None = None,
         t: int | None = None,
+        weight_compression: float | None = None,
         compression: float | None = None,
         layout: str | None = None,
         in_modes: Sequence[int] | None = None,
@@ -74,7 +75,8 @@ class FactorizedEmbedding(FactorizedLayer):
             if not -num_embeddings <= padding_idx < num_embeddings:
                 raise ValueError(f"padding_idx must lie in [{-num_embeddings}, {num_embeddings}), got {padding_idx}")
             padding_idx = padding_idx % num_embeddings
-        super().__init__(num_embeddings, embedding_dim, (), format=format, rank=rank, t=t, compression=compression,
+        super().__init__(num_embeddings, embedding_dim, (), format=format, rank=rank, t=t,
+                         weight_compression=resolve_weight_compression(weight_compression, compression),
                          layout=layout, in_modes=in_modes, out_modes=out_modes, n_modes=n_modes, bias=False,
                          forward_path="contract", clip_ranks=clip_ranks, device=device, dtype=dtype, weight=weight)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -142,13 +144,14 @@ class FactorizedEmbedding(FactorizedLayer):
     # ------------------------------------------------------------- from a dense layer
     @classmethod
     def from_dense(cls, layer: nn.Embedding, format: str = "tt", *, rank: int | Sequence[int] | None = None,
-                   tol: float | None = None, compression: float | None = None, t: int | None = None,
+                   tol: float | None = None, weight_compression: float | None = None,
+                   compression: float | None = None, t: int | None = None,
                    layout: str | None = None, in_modes: Sequence[int] | None = None,
                    out_modes: Sequence[int] | None = None, n_modes: int = 3, n_iter: int = 0,
                    forward_path: str = "contract") -> "FactorizedEmbedding":
         """A FactorizedEmbedding initialised from a trained ``nn.Embedding`` through the decompositions.
 
-        Give one of ``rank``, ``tol`` or ``compression`` (of the table). A non-zero ``padding_idx``
+        Give one of ``rank``, ``tol`` or ``weight_compression`` (of the table). A non-zero ``padding_idx``
         row is dropped with a warning (the factorized lookup returns zeros for it). ``forward_path``
         is accepted for a uniform signature with the other layers and ignored: a lookup has one
         path.
@@ -163,7 +166,8 @@ class FactorizedEmbedding(FactorizedLayer):
             warnings.warn(f"the padding_idx row ({layer.padding_idx}) of the embedding is not zero; the factorized "
                           "lookup returns zeros for it", stacklevel=2)
         weight, tz = cls._decompose_weight(table.transpose(0, 1), format, t, layout, in_modes, out_modes, n_modes,
-                                           rank, tol, compression, n_iter)
+                                           rank, tol, resolve_weight_compression(weight_compression, compression),
+                                           n_iter)
         return cls(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, format=format, t=t,
                    layout=tz.layout, in_modes=tz.in_modes, out_modes=tz.out_modes, weight=weight,
                    dtype=table.dtype, device=table.device).train(layer.training)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FactorizedTensor
-from .base import FactorizedLayer
+from .base import FactorizedLayer, resolve_weight_compression
 from .cost import PathCost
 
 __all__ = ["FactorizedLinear"]
@@ -24,11 +24,15 @@ class FactorizedLinear(FactorizedLayer):
     bias : bool, default True
     format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str', 'cp'}
     rank : int or sequence of int, optional
-        Ranks of the factorized weight (upper bounds). Give ``rank`` or ``compression``.
+        Ranks of the factorized weight (upper bounds). Give ``rank`` or ``weight_compression``.
     t : int, optional
         STP factor (default 1 for classic formats, 2 for semi-tensor ones).
+    weight_compression : float, optional
+        Target compression factor of this layer's weight (dense entries over factor entries); the
+        largest uniform rank that meets it is used. (:func:`stpnet.compress` takes the whole
+        model's factor as ``compression``.)
     compression : float, optional
-        Target compression factor of the weight; the largest uniform rank that meets it is used.
+        Deprecated name of ``weight_compression``.
     layout : str, optional
         TT/STT: 'sequential' (default; modes [I_1..I_d, O_1..O_e]) or 'paired' (TT-matrix,
         [I_1 O_1, ..., I_d O_d]); TR/STR: 'ring'; Tucker/STTu: 'tucker2'; CP: 'cp'
@@ -62,6 +66,7 @@ class FactorizedLinear(FactorizedLayer):
         format: str = "tt",
         rank: int | Sequence[int] | None = None,
         t: int | None = None,
+        weight_compression: float | None = None,
         compression: float | None = None,
         layout: str | None = None,
         in_modes: Sequence[int] | None = None,
@@ -74,7 +79,8 @@ class FactorizedLinear(FactorizedLayer):
         weight: FactorizedTensor | None = None,
     ):
         super().__init__(in_features, out_features, (), format=format, rank=rank, t=t,
-                         compression=compression, layout=layout, in_modes=in_modes,
+                         weight_compression=resolve_weight_compression(weight_compression, compression),
+                         layout=layout, in_modes=in_modes,
                          out_modes=out_modes, n_modes=n_modes, bias=bias, forward_path=forward_path,
                          clip_ranks=clip_ranks, device=device, dtype=dtype, weight=weight)
         self.in_features = in_features
@@ -123,6 +129,7 @@ class FactorizedLinear(FactorizedLayer):
         *,
         rank: int | Sequence[int] | None = None,
         tol: float | None = None,
+        weight_compression: float | None = None,
         compression: float | None = None,
         t: int | None = None,
         layout: str | None = None,
@@ -134,13 +141,14 @@ class FactorizedLinear(FactorizedLayer):
     ) -> "FactorizedLinear":
         """A FactorizedLinear initialised from a trained ``nn.Linear`` through the decompositions.
 
-        Give one of ``rank``, ``tol`` (relative error of the weight) or ``compression``.
+        Give one of ``rank``, ``tol`` (relative error of the weight) or ``weight_compression``.
         ``n_iter`` refinement sweeps (HOOI / ALS) follow the SVD fit. The bias is copied.
         """
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"from_dense expects an nn.Linear, got {type(layer).__name__}")
         weight, tz = cls._decompose_weight(layer.weight, format, t, layout, in_modes, out_modes, n_modes,
-                                           rank, tol, compression, n_iter)
+                                           rank, tol, resolve_weight_compression(weight_compression, compression),
+                                           n_iter)
         out = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, format=format, t=t,
                   layout=tz.layout, in_modes=tz.in_modes, out_modes=tz.out_modes, forward_path=forward_path,
                   weight=weight, dtype=layer.weight.dtype, device=layer.weight.device)

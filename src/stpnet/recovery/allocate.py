@@ -204,7 +204,7 @@ def _layer_options(layer: nn.Module, format: str, t, layout, n_modes, gram):
         points.append((params, ranks))
         if params >= Wm.numel() + bias:
             break
-    name = cls.format_name(ts)
+    name = cls.name_for_t(ts)
     options = []
     for params, ranks in sorted(points):
         if norm == 0:
