@@ -18,7 +18,8 @@ from .formats import format_class
 from .nn.base import FactorizedLayer, _resolve_t, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
 from .nn._replace import replace_modules, set_submodule
 from .nn.attention import UnpackedMultiheadAttention
-from .nn.convert import FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry, to_dense, why_not_factorizable
+from .nn.convert import (DENSE_TYPES, FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry, to_dense,
+                         why_not_factorizable)
 
 if TYPE_CHECKING:
     from .recovery import FitReport
@@ -221,7 +222,7 @@ def _layer_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[s
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding, FactorizedLayer)):
+        if isinstance(module, (*DENSE_TYPES, FactorizedLayer)):
             hooks.append(module.register_forward_hook(record(name)))
     was_training = model.training
     try:
@@ -274,7 +275,7 @@ def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
             rows.append(LayerReport(name, kind, m.format, m.rank, m.t, m.dense_params, m.num_params,
                                     None if shape is None else m.dense_macs(shape),
                                     None if shape is None else m.macs(shape)))
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)):
+        elif isinstance(m, DENSE_TYPES):
             n = sum(p.numel() for p in m.parameters())
             macs = None if shape is None else _dense_macs(m, shape)
             rows.append(LayerReport(name, type(m).__name__, "dense", None, None, n, n, macs, macs))

@@ -340,7 +340,6 @@ class FactorizedLayer(nn.Module):
         fcls, t, tz = layer_tensorization(format, t, layout, c_in, c_out, tuple(kernel), in_modes, out_modes,
                                           n_modes)
         X = tz.weight_to_tensor(W.detach())
-        shape = tz.tensor_shape
         tt = tensor_t(tz, t)
         if weight_compression is not None:
             rank = ranks_for_compression(fcls, tz, tt, weight_compression)

@@ -12,8 +12,8 @@ from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
 from .embedding import FactorizedEmbedding
 from .linear import FactorizedLinear
 
-__all__ = ["from_dense", "to_dense", "FACTORIZED_COUNTERPARTS", "dense_counterpart", "why_not_factorizable",
-           "dense_geometry", "dense_matrix"]
+__all__ = ["from_dense", "to_dense", "FACTORIZED_COUNTERPARTS", "DENSE_TYPES", "dense_counterpart",
+           "why_not_factorizable", "dense_geometry", "dense_matrix"]
 
 #: Dense layer type -> factorized layer type.
 FACTORIZED_COUNTERPARTS = {
@@ -23,6 +23,9 @@ FACTORIZED_COUNTERPARTS = {
     nn.Conv3d: FactorizedConv3d,
     nn.Embedding: FactorizedEmbedding,
 }
+
+#: The dense layer types a factorized layer can replace (for ``isinstance``).
+DENSE_TYPES = tuple(FACTORIZED_COUNTERPARTS)
 
 
 def dense_geometry(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..decomposition import decompose
 from ..nn.base import FactorizedLayer, layer_tensorization, tensor_t, uniform_rank
-from ..nn.convert import dense_matrix
+from ..nn.convert import DENSE_TYPES, dense_matrix
 from ._calibration import check_images, forward_with_hooks, iterate_images
 
 __all__ = ["RankAllocation", "allocate_ranks", "CRITERIA", "OBJECTIVES"]
@@ -143,8 +143,7 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
     names = list(layers) if layers is not None else eligible_layers(model)
     modules = {n: model.get_submodule(n) for n in names}
     for n, m in modules.items():
-        if isinstance(m, FactorizedLayer) or not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                                                                 nn.Embedding)):
+        if isinstance(m, FactorizedLayer) or not isinstance(m, DENSE_TYPES):
             raise ValueError(f"layer {n!r} is a {type(m).__name__}; allocation needs dense Conv/Linear/Embedding "
                              "layers")
     grams = _grams(model, modules, images, batch_size) if criterion == "activation" else {}
