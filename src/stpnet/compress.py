@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .formats import format_class
-from .nn.base import FactorizedLayer, _resolve_t, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
+from .nn.base import FactorizedLayer, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
 from .nn._replace import replace_modules, set_submodule
 from .nn.attention import UnpackedMultiheadAttention
 from .nn.convert import (DENSE_TYPES, FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry, to_dense,
@@ -427,7 +427,7 @@ def compress(
         raise ValueError(f"{' and '.join(needs_data)} need calibration inputs (calibration=a few hundred "
                          "preprocessed training images)")
     format_cls, semi = format_class(format)
-    requested_t = _resolve_t(format_cls, semi, t)
+    requested_t = format_cls.t_for(semi, t)
     dense_params = sum(p.numel() for p in model.parameters())
     reference = model
     if not inplace:

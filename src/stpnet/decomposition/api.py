@@ -117,13 +117,7 @@ def decompose(
         raise ValueError("max_params chooses the ranks by itself; do not combine it with rank or tol")
 
     shape = tuple(X.shape)
-    if t is None:
-        t = 2 if semi else 1
-    t = cls.resolve_t(shape, t)
-    is_semi = any(v > 1 for v in t) if isinstance(t, tuple) else t > 1
-    if is_semi and not semi:
-        raise ValueError(f"format {format!r} is the classic format (t = 1); for t={t} use "
-                         f"{cls.semi_name!r}")
+    t = cls.t_for(semi, t, shape)
     if max_params is not None:
         max_params = check_positive_int(max_params, "max_params")
         caps = ranks_for_budget(cls, shape, t, max_params)

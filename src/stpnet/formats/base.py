@@ -92,6 +92,24 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
         return cls.semi_name if semi else cls.family
 
     @classmethod
+    def t_for(cls, semi: bool, t, shape: Sequence[int] | None = None) -> int | tuple[int, ...]:
+        """The STP factor a format name asks for: ``t`` checked (default 2 for a semi-tensor name,
+        1 for a classic one), refusing t > 1 under a classic name. With ``shape``, checked against
+        the tensor (:meth:`resolve_t`); without, one positive int (a layer's t)."""
+        if t is None:
+            t = 2 if semi else 1
+        if shape is not None:
+            t = cls.resolve_t(shape, t)
+        else:
+            t = check_positive_int(t, "t")
+            if t > 1 and cls.semi_name is None:
+                raise ValueError(f"format {cls.family!r} has no semi-tensor variant; t must be 1, got {t}")
+        if not semi and (any(v > 1 for v in t) if isinstance(t, tuple) else t > 1):
+            raise ValueError(f"format {cls.family!r} is the classic format (t = 1); for t={t} use "
+                             f"{cls.semi_name!r}, its semi-tensor name")
+        return t
+
+    @classmethod
     def resolve_t(cls, shape: Sequence[int], t) -> int | tuple[int, ...]:
         """Check the STP factor for a tensor of ``shape``: one positive int (Tucker overrides this
         with one per mode)."""

@@ -24,23 +24,11 @@ __all__ = ["FactorizedLayer", "FORWARD_PATHS"]
 FORWARD_PATHS = ("auto", "rebuild", "contract", "measure")
 
 
-def _resolve_t(cls, semi: bool, t: int | None) -> int:
-    if t is None:
-        return 2 if semi else 1
-    t = check_positive_int(t, "t")
-    if t > 1 and not semi:
-        if cls.semi_name is None:
-            raise ValueError(f"format {cls.family!r} has no semi-tensor variant; t must be 1, got {t}")
-        raise ValueError(f"format {cls.family!r} is the classic format (t = 1); for t={t} use the "
-                         f"semi-tensor name ({cls.semi_name!r})")
-    return t
-
-
 def layer_tensorization(format: str, t: int | None, layout: str | Layout | None, c_in: int, c_out: int,
                         kernel_size: tuple[int, ...], in_modes, out_modes, n_modes: int):
     """Resolve a layer's format class, t and tensorization from its constructor arguments."""
     cls, semi = format_class(format)
-    t = _resolve_t(cls, semi, t)
+    t = cls.t_for(semi, t)
     valid = layouts_of(cls)
     if layout is None:
         layout = valid[0]
