@@ -45,3 +45,16 @@ def one_thread():
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def tl_numpy():
+    """TensorLy on its numpy backend (skipped without tensorly); the previous (global) backend is
+    restored afterwards."""
+    tl = pytest.importorskip("tensorly")
+    previous = tl.get_backend()
+    tl.set_backend("numpy")
+    try:
+        yield tl
+    finally:
+        tl.set_backend(previous)

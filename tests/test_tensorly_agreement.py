@@ -19,17 +19,6 @@ from tensorly.decomposition import tensor_ring, tensor_train, tucker  # noqa: E4
 RTOL = 1e-6
 
 
-@pytest.fixture
-def tl_numpy():
-    """TensorLy on its numpy backend; the previous (global) backend is restored afterwards."""
-    previous = tl.get_backend()
-    tl.set_backend("numpy")
-    try:
-        yield tl
-    finally:
-        tl.set_backend(previous)
-
-
 def _data(shape, seed, low_rank=None):
     """A float64 NumPy tensor: Gaussian, or a low-multilinear-rank tensor plus 10% noise."""
     rng = np.random.default_rng(seed)

@@ -599,15 +599,8 @@ def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 def _fresh_like(cls, dense: nn.Module, format, rank, t, layout, n_modes, forward_path) -> FactorizedLayer:
-    kw = dict(format=format, rank=rank, t=t, layout=layout, n_modes=n_modes, forward_path=forward_path,
-              device=dense.weight.device, dtype=dense.weight.dtype)
-    if isinstance(dense, nn.Embedding):
-        kw.pop("forward_path")
-        return cls(dense.num_embeddings, dense.embedding_dim, dense.padding_idx, **kw)
-    if isinstance(dense, nn.Linear):
-        return cls(dense.in_features, dense.out_features, dense.bias is not None, **kw)
-    return cls(dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride, dense.padding,
-               dense.dilation, 1, dense.bias is not None, dense.padding_mode, **kw)
+    return cls(*cls.dense_layer_args(dense), format=format, rank=rank, t=t, layout=layout, n_modes=n_modes,
+               forward_path=forward_path, device=dense.weight.device, dtype=dense.weight.dtype)
 
 
 def _rank_plan_for_target(model, layers, dense_params, format, t, layout, n_modes, target, clip):

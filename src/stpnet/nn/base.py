@@ -317,6 +317,25 @@ class FactorizedLayer(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------- from a dense layer
+    @classmethod
+    def dense_layer_args(cls, dense: nn.Module) -> tuple:
+        """The positional constructor arguments that give this class the geometry of the torch
+        layer ``dense`` (in/out sizes, kernel, stride, ..., bias)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_trained(cls, dense: nn.Module, matrix: torch.Tensor, format: str, *, rank, tol, weight_compression,
+                      t, layout, in_modes, out_modes, n_modes: int, n_iter: int, **options) -> "FactorizedLayer":
+        """A layer with ``dense``'s geometry whose weight is the decomposition of ``matrix``
+        ``(outputs, inputs, *kernel)`` by one rank rule; the bias is copied."""
+        weight, tz = cls._decompose_weight(matrix, format, t, layout, in_modes, out_modes, n_modes, rank, tol,
+                                           weight_compression, n_iter)
+        out = cls(*cls.dense_layer_args(dense), format=format, t=t, layout=tz.layout, in_modes=tz.in_modes,
+                  out_modes=tz.out_modes, weight=weight, dtype=matrix.dtype, device=matrix.device, **options)
+        if getattr(dense, "bias", None) is not None:
+            out.bias.data.copy_(dense.bias.detach())
+        return out
+
     @staticmethod
     def _decompose_weight(W: torch.Tensor, format: str, t: int | None, layout: str | None, in_modes, out_modes,
                           n_modes: int, rank, tol, weight_compression,

@@ -196,16 +196,15 @@ class _FactorizedConvNd(FactorizedLayer):
                              f"{type(layer).__name__}")
         if layer.groups != 1:
             raise ValueError(f"groups={layer.groups} is not supported: factorized convolutions need groups=1")
-        weight, tz = cls._decompose_weight(layer.weight, format, t, layout, in_modes, out_modes, n_modes,
-                                           rank, tol, resolve_weight_compression(weight_compression, compression),
-                                           n_iter)
-        out = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                  layer.dilation, 1, layer.bias is not None, layer.padding_mode, format=format, t=t,
-                  layout=tz.layout, in_modes=tz.in_modes, out_modes=tz.out_modes, forward_path=forward_path,
-                  weight=weight, dtype=layer.weight.dtype, device=layer.weight.device)
-        if layer.bias is not None:
-            out.bias.data.copy_(layer.bias.detach())
-        return out
+        return cls._from_trained(layer, layer.weight.detach(), format, rank=rank, tol=tol,
+                                 weight_compression=resolve_weight_compression(weight_compression, compression), t=t,
+                                 layout=layout, in_modes=in_modes, out_modes=out_modes, n_modes=n_modes, n_iter=n_iter,
+                                 forward_path=forward_path)
+
+    @classmethod
+    def dense_layer_args(cls, dense: nn.Module) -> tuple:
+        return (dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride, dense.padding,
+                dense.dilation, 1, dense.bias is not None, dense.padding_mode)
 
 
 class FactorizedConv1d(_FactorizedConvNd):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..formats import FactorizedTensor
-from .base import FactorizedLayer, resolve_weight_compression
+from .base import FORWARD_PATHS, FactorizedLayer, resolve_weight_compression
 from .cost import PathCost
 
 __all__ = ["FactorizedEmbedding"]
@@ -34,6 +34,9 @@ class FactorizedEmbedding(FactorizedLayer):
     format, rank, t, weight_compression, layout, in_modes, out_modes, n_modes, clip_ranks
         As in :class:`stpnet.nn.FactorizedLinear` (``in_modes`` factor the vocabulary,
         ``out_modes`` the embedding dimension).
+    forward_path : str, default 'contract'
+        Accepted for a signature uniform with the other layers (one of ``FORWARD_PATHS``) and
+        otherwise ignored: a lookup has one path.
 
     Notes
     -----
@@ -60,11 +63,14 @@ class FactorizedEmbedding(FactorizedLayer):
         in_modes: Sequence[int] | None = None,
         out_modes: Sequence[int] | None = None,
         n_modes: int = 3,
+        forward_path: str = "contract",
         clip_ranks: bool = False,
         device=None,
         dtype=None,
         weight: FactorizedTensor | None = None,
     ):
+        if forward_path not in FORWARD_PATHS:
+            raise ValueError(f"forward_path must be one of {FORWARD_PATHS}, got {forward_path!r}")
         if max_norm is not None:
             raise ValueError("max_norm is not supported by a factorized embedding (it renormalises table rows in "
                              "place, which shared factors cannot do); keep this embedding dense or drop max_norm")
@@ -165,9 +171,11 @@ class FactorizedEmbedding(FactorizedLayer):
         if layer.padding_idx is not None and bool(table[layer.padding_idx].any()):
             warnings.warn(f"the padding_idx row ({layer.padding_idx}) of the embedding is not zero; the factorized "
                           "lookup returns zeros for it", stacklevel=2)
-        weight, tz = cls._decompose_weight(table.transpose(0, 1), format, t, layout, in_modes, out_modes, n_modes,
-                                           rank, tol, resolve_weight_compression(weight_compression, compression),
-                                           n_iter)
-        return cls(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, format=format, t=t,
-                   layout=tz.layout, in_modes=tz.in_modes, out_modes=tz.out_modes, weight=weight,
-                   dtype=table.dtype, device=table.device).train(layer.training)
+        return cls._from_trained(layer, table.transpose(0, 1), format, rank=rank, tol=tol,
+                                 weight_compression=resolve_weight_compression(weight_compression, compression), t=t,
+                                 layout=layout, in_modes=in_modes, out_modes=out_modes, n_modes=n_modes,
+                                 n_iter=n_iter).train(layer.training)
+
+    @classmethod
+    def dense_layer_args(cls, dense: nn.Embedding) -> tuple:
+        return dense.num_embeddings, dense.embedding_dim, dense.padding_idx

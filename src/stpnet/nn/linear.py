@@ -146,12 +146,11 @@ class FactorizedLinear(FactorizedLayer):
         """
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"from_dense expects an nn.Linear, got {type(layer).__name__}")
-        weight, tz = cls._decompose_weight(layer.weight, format, t, layout, in_modes, out_modes, n_modes,
-                                           rank, tol, resolve_weight_compression(weight_compression, compression),
-                                           n_iter)
-        out = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, format=format, t=t,
-                  layout=tz.layout, in_modes=tz.in_modes, out_modes=tz.out_modes, forward_path=forward_path,
-                  weight=weight, dtype=layer.weight.dtype, device=layer.weight.device)
-        if layer.bias is not None:
-            out.bias.data.copy_(layer.bias.detach())
-        return out
+        return cls._from_trained(layer, layer.weight.detach(), format, rank=rank, tol=tol,
+                                 weight_compression=resolve_weight_compression(weight_compression, compression), t=t,
+                                 layout=layout, in_modes=in_modes, out_modes=out_modes, n_modes=n_modes, n_iter=n_iter,
+                                 forward_path=forward_path)
+
+    @classmethod
+    def dense_layer_args(cls, dense: nn.Linear) -> tuple:
+        return dense.in_features, dense.out_features, dense.bias is not None
