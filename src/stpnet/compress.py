@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .formats import format_class
+from .nn.cost import dense_layer_macs
 from .nn.base import FactorizedLayer, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
 from .nn._replace import replace_modules, set_submodule
 from .nn.attention import UnpackedMultiheadAttention
@@ -239,26 +240,6 @@ def _layer_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[s
     return shapes
 
 
-def _dense_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
-    if isinstance(module, nn.Embedding):
-        return 0  # a gather
-    if isinstance(module, nn.Linear):
-        return math.prod(shape[:-1]) * module.in_features * module.out_features
-    per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
-    return shape[0] * module.out_channels * per_output * _conv_out(module, shape)
-
-
-def _conv_out(module: nn.Module, shape: tuple[int, ...]) -> int:
-    dims = len(module.kernel_size)
-    if module.padding == "same":
-        return math.prod(shape[2:])
-    pad = (0,) * dims if module.padding == "valid" else module.padding
-    size = 1
-    for s, k, st, p, d in zip(shape[2:], module.kernel_size, module.stride, pad, module.dilation):
-        size *= (s + 2 * p - d * (k - 1) - 1) // st + 1
-    return size
-
-
 def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
                  dense_params: int | None = None) -> CompressionReport:
     """Report every Conv/Linear layer of ``model`` (factorized or dense) and the totals.
@@ -277,7 +258,7 @@ def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
                                     None if shape is None else m.macs(shape)))
         elif isinstance(m, DENSE_TYPES):
             n = sum(p.numel() for p in m.parameters())
-            macs = None if shape is None else _dense_macs(m, shape)
+            macs = None if shape is None else dense_layer_macs(m, shape)
             rows.append(LayerReport(name, type(m).__name__, "dense", None, None, n, n, macs, macs))
     params = sum(p.numel() for p in model.parameters())
     if dense_params is None:

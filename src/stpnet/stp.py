@@ -26,6 +26,7 @@ import math
 import torch
 
 from ._arrays import ArrayLike, returns_like
+from ._validate import divisors
 
 __all__ = ["stp", "rstp", "mode_product", "swap_matrix"]
 
@@ -208,10 +209,9 @@ def _mode_product(X: torch.Tensor, U: torch.Tensor, mode: int) -> torch.Tensor:
     size = X.shape[mode]
     J, P = U.shape
     if P == 0 or size % P:
-        divisors = [d for d in range(1, size + 1) if size % d == 0]
         raise ValueError(
             f"mode_product: mode {mode} has size {size}, which is not a multiple of U's {P} "
-            f"columns, so no t satisfies size = t * columns; U may have one of {divisors} columns"
+            f"columns, so no t satisfies size = t * columns; U may have one of {divisors(size)} columns"
         )
     if U.dtype != X.dtype:
         dtype = torch.result_type(X, U)

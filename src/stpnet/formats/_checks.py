@@ -31,14 +31,16 @@ def check_t_divides(t: int, size: int, where: str) -> None:
         raise ValueError(f"t={t} does not divide {where} (size {size}); valid t for it: {valid}")
 
 
-def check_rank_multiple(ranks: Sequence[int], t: int, name: str = "rank") -> None:
-    """Raise if any rank is not a multiple of ``t``."""
-    for i, r in enumerate(ranks):
-        if r % t:
-            lo, hi = (r // t) * t, (r // t + 1) * t
+def check_rank_multiple(ranks: Sequence[int], t: int | Sequence[int], name: str = "rank") -> None:
+    """Raise if any rank is not a multiple of ``t`` (one t for all, or one per rank: per mode)."""
+    ts = (t,) * len(ranks) if isinstance(t, int) else tuple(t)
+    for i, (r, tk) in enumerate(zip(ranks, ts)):
+        if r % tk:
+            lo, hi = (r // tk) * tk, (r // tk + 1) * tk
             choices = f"{lo} or {hi}" if lo else f"{hi}"
             raise ValueError(
-                f"t={t} does not divide {name}[{i}]={r}; semi-tensor ranks must be multiples of t "
+                f"t={tk} does not divide {'' if isinstance(t, int) else f'the rank of mode {i}, '}{name}[{i}]={r}; "
+                "semi-tensor ranks must be multiples of t "
                 f"(nearest valid: {choices})"
             )
 

@@ -15,7 +15,7 @@ from torch import nn
 from .._validate import expand_per_item
 from ..functional.reconstruct import tucker_reconstruction_macs, tucker_to_tensor
 from ._random import orthonormal
-from ._checks import as_core_list, check_shape, check_t_divides
+from ._checks import as_core_list, check_rank_multiple, check_shape, check_t_divides
 from .base import FactorizedTensor
 
 __all__ = ["TuckerTensor"]
@@ -148,13 +148,7 @@ class TuckerTensor(FactorizedTensor):
         shape = check_shape(shape, 1, "Tucker/STTu")
         ts = cls.validate_t(shape, t)
         ranks = expand_per_item(rank, len(shape), "rank", f"a Tucker tensor of order {len(shape)}")
-        for k, (R, tk) in enumerate(zip(ranks, ts)):
-            if R % tk:
-                lo, hi = (R // tk) * tk, (R // tk + 1) * tk
-                raise ValueError(
-                    f"t={tk} does not divide the rank of mode {k}, rank[{k}]={R}; semi-tensor ranks "
-                    f"must be multiples of t (nearest valid: {f'{lo} or {hi}' if lo else hi})"
-                )
+        check_rank_multiple(ranks, ts)
         if not clip:
             return ranks
         total = math.prod(shape)

@@ -14,7 +14,7 @@ from ..decomposition import decompose
 from ..decomposition.memory import check_memory
 from ..decomposition.ranks import ranks_for_budget
 from ..formats import FactorizedTensor, format_class
-from .cost import PathCost, choose
+from .cost import PathCost, choose, dense_layer_macs
 from .init import kaiming_std, rescale_to_std
 from .layouts import Layout, layout_named, layouts_of
 from .tensorize import Tensorization
@@ -219,7 +219,7 @@ class FactorizedLayer(nn.Module):
 
     def dense_macs(self, input_shape: Sequence[int]) -> int:
         """Forward multiply-adds of the dense layer on ``input_shape``."""
-        return self._dense_macs(tuple(int(s) for s in input_shape))
+        return dense_layer_macs(self, input_shape)
 
     def flops(self, input_shape: Sequence[int], path: str | None = None) -> int:
         """Deprecated alias of :meth:`macs` (it always returned multiply-adds)."""

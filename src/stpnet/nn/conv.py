@@ -145,10 +145,6 @@ class _FactorizedConvNd(FactorizedLayer):
                zip(spatial, pads, self.kernel_size, self.stride, self.dilation)]
         return n, prod(spatial), prod(out)
 
-    def _dense_macs(self, input_shape: tuple[int, ...]) -> int:
-        n, _, p_out = self._sizes(input_shape)
-        return n * self.out_channels * self.in_channels * prod(self.kernel_size) * p_out
-
     def _path_costs(self, input_shape: tuple[int, ...]) -> dict[str, PathCost]:
         n, p_in, p_out = self._sizes(input_shape)
         w = self.weight_tensor

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["PathCost", "MEMORY_WEIGHT", "choose"]
+__all__ = ["PathCost", "MEMORY_WEIGHT", "choose", "dense_layer_macs"]
 
 #: Multiply-adds that one written activation element is worth, per device type. Small-rank
 #: contractions are memory-bound, so their intermediate tensors matter as much as their FLOPs.
@@ -66,3 +66,22 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 
 def prod(values) -> int:
     return math.prod(int(v) for v in values)
+
+
+def dense_layer_macs(layer, input_shape) -> int:
+    """Multiply-adds of the dense op of a layer on ``input_shape``: ``nn.Linear``, ``nn.ConvNd``
+    (groups counted), ``nn.Embedding`` (0: a gather), or their factorized counterparts, which carry
+    the same attributes. The one count for the layers' ``dense_macs`` and the model report."""
+    shape = tuple(int(s) for s in input_shape)
+    if hasattr(layer, "num_embeddings"):
+        return 0
+    if not hasattr(layer, "kernel_size"):  # a Linear: (..., in_features)
+        return prod(shape[:-1]) * layer.in_features * layer.out_features
+    kernel = tuple(layer.kernel_size)
+    if layer.padding == "same":
+        out = prod(shape[2:])
+    else:
+        pad = (0,) * len(kernel) if layer.padding == "valid" else tuple(layer.padding)
+        out = prod(conv_output_size(s, k, st, p, d)
+                   for s, k, st, p, d in zip(shape[2:], kernel, layer.stride, pad, layer.dilation))
+    return shape[0] * layer.out_channels * (layer.in_channels // layer.groups) * prod(kernel) * out

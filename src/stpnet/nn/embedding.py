@@ -132,9 +132,6 @@ class FactorizedEmbedding(FactorizedLayer):
         self.__dict__["_token_macs"] = (key, macs)
         return macs
 
-    def _dense_macs(self, input_shape: tuple[int, ...]) -> int:
-        return 0  # a dense lookup is a gather
-
     def _path_costs(self, input_shape: tuple[int, ...]) -> dict[str, PathCost]:
         n = math.prod(input_shape)
         lookup = PathCost(macs=n * self._per_token_macs(), activations=n * self.embedding_dim,

@@ -103,12 +103,6 @@ class FactorizedLinear(FactorizedLayer):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
-    def _dense_macs(self, input_shape: tuple[int, ...]) -> int:
-        n = 1
-        for s in input_shape[:-1]:
-            n *= s
-        return n * self.in_features * self.out_features
-
     def _path_costs(self, input_shape: tuple[int, ...]) -> dict[str, PathCost]:
         n = 1
         for s in input_shape[:-1]:
