@@ -169,9 +169,36 @@ def test_fuse_with_an_example_keeps_layers_that_prefer_rebuilding():
     model = nn.Sequential(FactorizedConv2d(8, 16, 3, 1, 1, format="str", rank=8, forward_path="rebuild"),
                           FactorizedConv2d(16, 16, 3, 1, 1, format="stt", rank=4, forward_path="contract")).eval()
     x = torch.randn(4, 8, 8, 8)
-    fused = fuse(model, example=x)
+    fused = fuse(model, example=x, decide="cost")
     assert isinstance(fused[0], stpnet.nn.FactorizedLayer) and fused[0].forward_path == "rebuild"
     assert isinstance(fused[1], FusedLayer)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
     assert all(isinstance(m, FusedLayer) for m in fuse(model)) is True
+
+
+def test_fuse_with_an_example_measures_each_layer_and_keeps_the_faster_form(monkeypatch):
+    import stpnet.nn.fused as fused_module
+
+    torch.manual_seed(5)
+    model = nn.Sequential(FactorizedConv2d(8, 16, 3, 1, 1, format="str", rank=8),
+                          FactorizedConv2d(16, 16, 3, 1, 1, format="stt", rank=4)).eval()
+    x = torch.randn(2, 8, 8, 8)
+    # per layer, in order: the rebuilt dense op's time, then the fused chain's
+    timings = iter([1.0, 2.0, 2.0, 1.0])
+
+    def fake_best_time(run, device, repeats=3):
+        run()
+        return next(timings)
+
+    monkeypatch.setattr(fused_module, "best_time", fake_best_time)
+    fused = fuse(model, example=x)
+    assert isinstance(fused[0], stpnet.nn.FactorizedLayer) and fused[0].forward_path == "rebuild"
+    assert isinstance(fused[1], FusedLayer)
+    monkeypatch.undo()
+    real = fuse(model, example=x)  # real timings: either form, the same function
+    assert all(isinstance(m, FusedLayer) or m.forward_path == "rebuild" for m in real)
+    with torch.no_grad():
+        torch.testing.assert_close(real(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="decide must be 'measure' or 'cost'"):
+        fuse(model, example=x, decide="guess")

@@ -389,3 +389,18 @@ def test_renamed_methods_keep_deprecated_aliases():
     assert old.rank == FactorizedConv2d(8, 16, 3, format="stt", weight_compression=4.0, t=2).rank
     with pytest.raises(ValueError, match="give weight_compression= only"):
         FactorizedLinear(8, 8, format="tt", compression=2.0, weight_compression=2.0)
+
+
+@pytest.mark.parametrize("fmt,t", [("stt", 2), ("str", 2), ("tr", 1)])
+@pytest.mark.parametrize("fold", [False, True])
+def test_grouped_spatial_stage_both_ways_matches_dense(fmt, t, fold, monkeypatch):
+    """The a*t groups' shared kernel: one 3-D convolution, or (large inputs on CPU) the groups
+    folded into the batch; forced both ways here, against the dense convolution."""
+    import stpnet.functional.contract as contract
+
+    monkeypatch.setattr(contract, "LARGE_GROUPED_CONV", 0 if fold else 1 << 62)
+    torch.manual_seed(6)
+    layer = FactorizedConv2d(16, 32, 3, stride=2, padding=1, format=fmt, rank=4, t=t, dtype=torch.float64,
+                             forward_path="contract")
+    x = torch.randn(3, 16, 9, 8, dtype=torch.float64)
+    assert rel(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias, 2, 1)) < 1e-12

@@ -85,6 +85,12 @@ def sequential_factors(cores: Sequence[torch.Tensor], t: int, n_in: int, has_ker
     return SequentialFactors(A, S, B, r, a, t)
 
 
+#: From this many rank-space input elements (batch x channels x positions) on, the grouped
+#: spatial stage on CPU folds its groups into the batch (two copies, one batched 2-D convolution)
+#: instead of one copy-free 3-D convolution; bench/spatial_stage.py measures the choice.
+LARGE_GROUPED_CONV = 1 << 62
+
+
 def _mix(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``W`` (m, c) applied to every sample of ``x`` (n, c, P): (n, m, P).
 
@@ -117,7 +123,7 @@ def sequential_conv(
 ) -> torch.Tensor:
     """Convolution with a sequential / ring factorized kernel: 1x1 -> k x k (grouped) -> 1x1.
 
-    ``x`` is (N, C_in, *spatial) with 1 or 2 spatial dimensions (already padded for non-zero
+    ``x`` is (N, C_in, *spatial) with 1 to 3 spatial dimensions (already padded for non-zero
     padding modes); the output is (N, C_out, *spatial_out).
     """
     n, c_in = x.shape[:2]
@@ -129,13 +135,14 @@ def sequential_conv(
     S = f.S.reshape(r_out, r, *kernel_size)
     if g == 1:
         z = _conv_nd(z.reshape(n, r, *spatial), S, stride, padding, dilation)
-    elif len(spatial) == 3:  # no 4-D convolution: fold the groups into the batch instead
+    elif len(spatial) == 3 or (x.device.type == "cpu" and z.numel() >= LARGE_GROUPED_CONV):
+        # fold the groups into the batch (no 4-D convolution; on CPU, faster when large)
         z = z.reshape(n, r, g, *spatial).movedim(2, 1).reshape(n * g, r, *spatial)
         z = _conv_nd(z, S, stride, padding, dilation)
         z = z.reshape(n, g, r_out, *z.shape[2:]).movedim(1, 2)
     else:
         # the group index (a, u) becomes a depth dimension: one (d+1)-D convolution whose
-        # kernel has extent 1 along it shares the spatial kernel across all groups
+        # kernel has extent 1 along it shares the spatial kernel across all groups, no copy
         pad = padding if isinstance(padding, str) else (0, *padding)
         z = _conv_nd(z.reshape(n, r, g, *spatial), S.unsqueeze(2), (1, *stride), pad, (1, *dilation))
     out_spatial = z.shape[-len(spatial):]

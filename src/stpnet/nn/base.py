@@ -14,6 +14,7 @@ from ..decomposition import decompose
 from ..decomposition.memory import check_memory
 from ..decomposition.ranks import ranks_for_budget
 from ..formats import FactorizedTensor, format_class
+from ._timing import best_time
 from .cost import PathCost, choose, dense_layer_macs
 from .init import kaiming_std, rescale_to_std
 from .layouts import Layout, layout_named, layouts_of
@@ -254,23 +255,10 @@ class FactorizedLayer(nn.Module):
     @torch.no_grad()
     def _measure_paths(self, x: torch.Tensor, repeats: int = 3) -> str:
         """Time both paths on ``x`` (best of ``repeats`` after one warm-up call) and remember the faster."""
-        import time
-
-        timings = {}
-        for path in ("rebuild", "contract"):
-            run = (lambda: self._dense_forward(x, self.dense_weight())) if path == "rebuild" else \
-                (lambda: self._contract_forward(x))
-            run()
-            best = float("inf")
-            for _ in range(repeats):
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize(x.device)
-                start = time.perf_counter()
-                run()
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize(x.device)
-                best = min(best, time.perf_counter() - start)
-            timings[path] = best
+        timings = {
+            "rebuild": best_time(lambda: self._dense_forward(x, self.dense_weight()), x.device, repeats),
+            "contract": best_time(lambda: self._contract_forward(x), x.device, repeats),
+        }
         choice = min(timings, key=timings.get)
         self.__dict__.setdefault("_path_choices", {})[self._choice_key(x.shape, x.device.type)] = choice
         return choice

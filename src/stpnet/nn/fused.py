@@ -29,6 +29,7 @@ from torch import nn
 from ..functional.contract import (CPFactors, SequentialFactors, _mix, cp_conv, cp_factors, cp_linear, paired_conv,
                                    paired_linear, sequential_conv, sequential_factors, sequential_linear,
                                    tucker2_conv_merged, tucker2_linear)
+from ._timing import best_time
 from .base import FactorizedLayer
 from .conv import prepare_conv_input
 from ._replace import replace_modules
@@ -175,7 +176,8 @@ def fuse_layer(layer: FactorizedLayer) -> nn.Module:
     return layer.tensorization.layout.fuse(layer).to(device=layer.weight_tensor.device).train(layer.training)
 
 
-def fuse(model: nn.Module, *, example: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:
+def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str = "measure",
+         inplace: bool = False) -> nn.Module:
     """Replace every factorized Conv/Linear of ``model`` by its fused deployment form.
 
     Parameters
@@ -183,12 +185,16 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, inplace: bool
     model : nn.Module
         A model with factorized layers (for example from :func:`stpnet.compress`).
     example : torch.Tensor, optional
-        An input batch of the size the model will serve. With it, a layer whose own path choice
-        (its cost model, or its measurement with ``forward_path='measure'``) prefers rebuilding
-        the dense weight at that size is kept as a factorized layer forced to ``'rebuild'``: in
-        eval mode it rebuilds once and reuses the weight, so it runs like a dense layer while
-        storing only its factors (its runtime memory holds the dense weight). Without it, every
-        layer becomes a contraction chain (the form to export: nothing dense is ever built).
+        An input batch of the size the model will serve. With it, each layer takes the faster of
+        two forms at that size: its fused chain, or the factorized layer forced to ``'rebuild'``
+        (in eval mode it rebuilds the dense weight once and reuses it, so it runs like a dense
+        layer while storing only its factors; its runtime memory holds the dense weight).
+        Without it, every layer becomes a contraction chain (the form to export: nothing dense
+        is ever built).
+    decide : {'measure', 'cost'}, default 'measure'
+        With ``example``: ``'measure'`` times both forms on the layer's own input (best of 5
+        after a warm-up) and keeps the faster; ``'cost'`` follows the layer's path choice (its
+        cost model, or its measurement with ``forward_path='measure'``) without timing.
     inplace : bool, default False
         Modify ``model`` itself instead of a deep copy.
 
@@ -199,11 +205,13 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, inplace: bool
         ``sum(p.numel() for p in fused.parameters())`` with the factorized count: the merged
         operators hold about as many parameters as the cores.
     """
+    if decide not in ("measure", "cost"):
+        raise ValueError(f"decide must be 'measure' or 'cost', got {decide!r}")
     if isinstance(model, FactorizedLayer):
         return fuse_layer(model)
     if not inplace:
         model = copy.deepcopy(model)
-    rebuild = _layers_preferring_rebuild(model, example) if example is not None else set()
+    rebuild = _layers_preferring_rebuild(model, example, decide == "measure") if example is not None else set()
 
     def build(layer: FactorizedLayer) -> nn.Module:
         if id(layer) in rebuild:
@@ -219,19 +227,32 @@ def _fusable(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _layers_preferring_rebuild(model: nn.Module, example: torch.Tensor) -> set[int]:
-    """ids of the factorized layers whose path choice on ``example``'s activations is 'rebuild'."""
-    chosen: set[int] = set()
+def _layers_preferring_rebuild(model: nn.Module, example: torch.Tensor, measure: bool) -> set[int]:
+    """ids of the factorized layers that should rebuild on ``example``'s activations: by timing the
+    fused chain against the rebuilt dense op (``measure``), or by the layer's own path choice."""
+    inputs: dict[int, tuple[FactorizedLayer, torch.Tensor]] = {}
 
     def hook(layer, args, output):
-        if layer.path_for(args[0]) == "rebuild":
-            chosen.add(id(layer))
+        inputs.setdefault(id(layer), (layer, args[0]))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if _fusable(m)]
     was_training = model.training
     try:
         model.eval()
         model(example)
+        for h in handles:
+            h.remove()
+        chosen = set()
+        for key, (layer, x) in inputs.items():
+            if measure:
+                fused = fuse_layer(layer).eval()
+                rebuilt = copy.copy(layer)  # shares the factors and the eval cache
+                rebuilt.forward_path = "rebuild"
+                slower = best_time(lambda: rebuilt(x), x.device, 5) < best_time(lambda: fused(x), x.device, 5)
+            else:
+                slower = layer.path_for(x) == "rebuild"
+            if slower:
+                chosen.add(key)
     finally:
         for h in handles:
             h.remove()
