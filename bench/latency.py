@@ -48,7 +48,7 @@ from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on 
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "latency"
-FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str")
+FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str", "cp")
 SEMI = {"sttu", "stt", "str"}
 NETWORKS = ("resnet20", "resnet32", "wrn-16-8")
 

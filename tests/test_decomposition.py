@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import stpnet
 from conftest import randn
@@ -161,3 +165,33 @@ def test_semi_tensor_default_t_is_two_and_classic_is_one():
     assert stpnet.decompose(X, "stt", rank=2).t == 2
     assert stpnet.decompose(X, "tt", rank=2).t == 1
     assert stpnet.decompose(X, "sttu", rank=2).t == (2, 2, 2)
+
+
+@given(fmt=st.sampled_from(["tucker", "sttu", "tt", "stt", "tr", "str", "cp"]),
+       shape=st.lists(st.sampled_from([2, 4, 6, 8]), min_size=2, max_size=4),
+       budget=st.integers(10, 3000), clip=st.booleans())
+def test_ranks_for_budget_is_the_largest_uniform_rank_that_fits(fmt, shape, budget, clip):
+    """The search (gallop, then bisect) against a scan of every uniform rank R = t, 2t, ..."""
+    from stpnet.decomposition import ranks_for_budget
+    from stpnet.formats import format_class
+
+    cls, semi = format_class(fmt)
+    try:
+        t = cls.t_for(semi, None, shape)
+    except ValueError:
+        return  # t = 2 does not divide this shape
+    step = max(t) if isinstance(t, tuple) else t
+
+    def uniform(R):
+        return tuple(max(tk, R // tk * tk) for tk in t) if isinstance(t, tuple) else R
+
+    best = None
+    for R in range(step, math.prod(shape) + 1, step):
+        rank = cls.validate_rank(shape, uniform(R), t, clip=clip)
+        if cls.param_count(shape, rank, t) <= budget:
+            best = rank
+    if best is None:
+        with pytest.raises(ValueError, match="valid budgets are"):
+            ranks_for_budget(cls, shape, t, budget, clip=clip)
+    else:
+        assert ranks_for_budget(cls, shape, t, budget, clip=clip) == best

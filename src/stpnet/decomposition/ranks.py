@@ -40,17 +40,13 @@ def ranks_for_budget(
     step = math.lcm(*t) if isinstance(t, tuple) else t
     if rank_of is None:
         rank_of = lambda R: _uniform(shape, R, t)  # noqa: E731
-    best = None
-    previous = None
-    R = step
-    while True:
-        rank = cls.validate_rank(shape, rank_of(R), t, clip=clip)
-        if rank == previous or R > max(shape) ** 2:
-            break
-        if cls.param_count(shape, rank, t) > max_params:
-            break
-        best, previous = rank, rank
-        R += step
+
+    def fits(k: int) -> tuple[int, ...] | None:
+        """The validated ranks for R = k * step if they fit the budget, else None."""
+        rank = cls.validate_rank(shape, rank_of(k * step), t, clip=clip)
+        return rank if cls.param_count(shape, rank, t) <= max_params else None
+
+    best = fits(1)
     if best is None:
         smallest = cls.validate_rank(shape, rank_of(step), t)
         need = cls.param_count(shape, smallest, t)
@@ -58,4 +54,16 @@ def ranks_for_budget(
             f"max_params={max_params} is below the smallest {cls.__name__} of shape {tuple(shape)} "
             f"with t={t} (ranks {smallest}: {need} parameters); valid budgets are >= {need}"
         )
-    return best
+    # the parameter count never falls as R grows: gallop to a bracket, then bisect it
+    limit = max(1, math.prod(shape) // step)  # no rank of any format exceeds the tensor's size
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi) is not None:
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid) is not None:
+            lo = mid
+        else:
+            hi = mid
+    return fits(lo)
