@@ -56,7 +56,8 @@ def decompose(
         Parameter budget: the largest uniform rank that fits. Not combined with rank or tol.
     n_iter : int, default 0
         Refinement sweeps after the SVD fit: HOOI for Tucker/STTu, ALS for TR/STR. TT-SVD is
-        quasi-optimal and has none. CP's fit is ALS itself: ``n_iter`` sweeps, 100 when 0.
+        quasi-optimal and has none. CP's fit is ALS itself: ``n_iter`` sweeps (when 0, up
+        to 100 by the problem's size).
     n_restarts : int, default 3
         ALS restarts from random cores when a run stalls above ``tol`` (only with ``tol``).
     svd : {'exact', 'randomized'}

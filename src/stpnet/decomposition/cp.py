@@ -10,7 +10,7 @@ import torch
 from ..formats.cp import CPTensor
 from ..functional.reconstruct import khatri_rao
 
-__all__ = ["cp_als", "mttkrp"]
+__all__ = ["cp_als", "mttkrp", "default_sweeps"]
 
 
 def mttkrp(X: torch.Tensor, factors: list[torch.Tensor], mode: int) -> torch.Tensor:
@@ -114,7 +114,7 @@ def cp_als(
                 if m != mode:
                     V = V * grams[m]
             M = mttkrp(X, factors, mode)
-            factors[mode] = M @ torch.linalg.pinv(V, hermitian=True)
+            factors[mode] = _solve_gram(M, V)
             grams[mode] = factors[mode].transpose(0, 1) @ factors[mode]
         # ||X - X_hat||^2 = ||X||^2 - 2 <X, X_hat> + ||X_hat||^2, from the last mode's MTTKRP
         inner = float((M * factors[-1]).sum())
@@ -127,6 +127,24 @@ def cp_als(
         if err <= tol or previous - err < stall:
             break
     return CPTensor(factors)
+
+
+def _solve_gram(M: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``M V^+`` for the symmetric positive semi-definite ``V`` (R x R): a Cholesky solve, and the
+    pseudo-inverse only where ``V`` is singular (a Cholesky solve costs a fraction of it)."""
+    L, info = torch.linalg.cholesky_ex(V)
+    if int(info) == 0:
+        return torch.cholesky_solve(M.transpose(0, 1), L).transpose(0, 1)
+    return M @ torch.linalg.pinv(V, hermitian=True)
+
+
+def default_sweeps(shape, rank: int, budget: float = 2e10) -> int:
+    """ALS sweeps when none are asked for: 100, fewer for large problems, so that the default fit
+    costs at most about ``budget`` multiply-adds (a sweep is about ``N (numel R + R^3)``), and at
+    least 1 (a wide network's layers at 9x take CP ranks in the thousands, where one sweep is
+    already about 10^11 multiply-adds)."""
+    per_sweep = len(shape) * (math.prod(shape) * rank + rank ** 3)
+    return int(min(100, max(1, budget // max(per_sweep, 1))))
 
 
 def _exact(X: torch.Tensor, rank: int) -> list[torch.Tensor]:

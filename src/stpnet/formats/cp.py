@@ -40,7 +40,7 @@ class CPTensor(FactorizedTensor):
     family = "cp"
     semi_name = None
     layouts = ("cp",)
-    refinement = "ALS"  # from an SVD start; n_iter = 0 runs 100 sweeps
+    refinement = "ALS"  # from an SVD start; n_iter = 0 runs decomposition.cp.default_sweeps
 
     def __init__(self, factors: Sequence[torch.Tensor], t: int = 1):
         super().__init__()
@@ -136,19 +136,22 @@ class CPTensor(FactorizedTensor):
     @classmethod
     def fit(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> "CPTensor":
         """CP-ALS from an SVD start (Carroll & Chang 1970; Harshman 1970; Kolda & Bader 2009):
-        ``n_iter`` sweeps (100 when 0), stopping early at ``tol`` or when the error stops moving.
+        ``n_iter`` sweeps (when 0: 100, fewer for large tensors and ranks, at least 1; see
+        :func:`stpnet.decomposition.cp.default_sweeps`), stopping early at ``tol`` or when the error
+        stops moving.
         Without a rank, the smallest rank on a geometric ladder (1, 2, 3, 5, 8, ...) whose fit
         reaches ``tol``; the exact rank ``prod(shape) / max(shape)`` ends the ladder."""
-        from ..decomposition.cp import cp_als
+        from ..decomposition.cp import cp_als, default_sweeps
         from ..decomposition.api import relative_error
 
-        sweeps = n_iter or 100
         if rank is not None:
-            return cp_als(X, rank[0], n_iter=sweeps, tol=tol or 0.0, generator=generator, callback=callback)
+            return cp_als(X, rank[0], n_iter=n_iter or default_sweeps(X.shape, rank[0]), tol=tol or 0.0,
+                          generator=generator, callback=callback)
         full = math.prod(X.shape) // max(X.shape)
         R = 1
         while True:
-            result = cp_als(X, R, n_iter=sweeps, tol=tol, generator=generator, callback=callback)
+            result = cp_als(X, R, n_iter=n_iter or default_sweeps(X.shape, R), tol=tol, generator=generator,
+                            callback=callback)
             if R >= full or relative_error(X, result) <= tol:
                 return result
             R = min(full, max(R + 1, math.ceil(R * 1.5)))
