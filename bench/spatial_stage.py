@@ -12,8 +12,12 @@ elements on CPU (``auto``). This script times the fused networks (``stpnet.fuse`
 threshold forced to each choice and at its default, against dense, in one process (alternating
 blocks, median; ``latency.time_in_blocks``).
 
+``--micro`` times the stage alone instead (one thread; rank-space input (n, r, g, H, W), a
+shared r x r 3x3 kernel): Conv3d, the folded conv2d, and im2col (``unfold``) + matmul.
+
 Run (repository root; nothing else running):
     .venv/bin/python bench/spatial_stage.py
+    .venv/bin/python bench/spatial_stage.py --micro
 """
 
 from __future__ import annotations
@@ -51,6 +55,23 @@ class _Threshold(torch.nn.Module):
             contract.LARGE_GROUPED_CONV = saved
 
 
+def micro() -> None:
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    print("| batch | r | H | groups | conv3d us | fold us | unfold+mm us |\n|---|---|---|---|---|---|---|")
+    with torch.no_grad():
+        for n in (1, 32):
+            for r, H, g in [(7, 32, 2), (7, 16, 2), (7, 8, 2), (14, 8, 2), (6, 16, 4)]:
+                z, S = torch.randn(n, r, g, H, H), torch.randn(r, r, 3, 3)
+                folded = torch.randn(n * g, r, H, H)
+                runs = {"conv3d": lambda: F.conv3d(z, S.unsqueeze(2), None, 1, (0, 1, 1)),
+                        "fold": lambda: F.conv2d(folded, S, None, 1, 1),
+                        "unfold": lambda: S.reshape(r, -1) @ F.unfold(folded, 3, padding=1)}
+                us = time_in_blocks({k: (lambda _x, f=f: f()) for k, f in runs.items()}, z, 150)
+                print(f"| {n} | {r} | {H} | {g} | " + " | ".join(f"{us[k] * 1e6:.0f}" for k in runs) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="*", default=["resnet20", "wrn-16-8"])
@@ -60,7 +81,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=str(ROOT / "results" / "latency" / "spatial_stage.jsonl"))
+    parser.add_argument("--micro", action="store_true", help="time the stage alone (one thread)")
     args = parser.parse_args()
+    if args.micro:
+        micro()
+        return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
