@@ -91,6 +91,14 @@ def sequential_factors(cores: Sequence[torch.Tensor], t: int, n_in: int, has_ker
 LARGE_GROUPED_CONV = 1 << 62
 
 
+def _tracing() -> bool:
+    """True under torch.jit.trace, torch.compile or torch.export: a size-dependent choice there
+    would become a guard on the (possibly dynamic) batch size."""
+    compiler = getattr(torch, "compiler", None)
+    return torch.jit.is_tracing() or bool(compiler is not None and hasattr(compiler, "is_compiling")
+                                          and compiler.is_compiling())
+
+
 def _mix(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``W`` (m, c) applied to every sample of ``x`` (n, c, P): (n, m, P).
 
@@ -135,7 +143,7 @@ def sequential_conv(
     S = f.S.reshape(r_out, r, *kernel_size)
     if g == 1:
         z = _conv_nd(z.reshape(n, r, *spatial), S, stride, padding, dilation)
-    elif len(spatial) == 3 or (x.device.type == "cpu" and z.numel() >= LARGE_GROUPED_CONV):
+    elif len(spatial) == 3 or (x.device.type == "cpu" and not _tracing() and z.numel() >= LARGE_GROUPED_CONV):
         # fold the groups into the batch (no 4-D convolution; on CPU, faster when large)
         z = z.reshape(n, r, g, *spatial).movedim(2, 1).reshape(n * g, r, *spatial)
         z = _conv_nd(z, S, stride, padding, dilation)
