@@ -15,7 +15,7 @@ from .._validate import check_positive_int
 __all__ = ["FactorizedTensor", "FORMATS", "format_class"]
 
 # Format name -> (class, whether the name denotes the semi-tensor variant). Filled once, by the
-# class statements of the format modules (FactorizedTensor.__init_subclass__); read through FORMATS.
+# class statements of the format modules (through _FormatMeta); read through FORMATS.
 _REGISTRY: dict[str, tuple[type["FactorizedTensor"], bool]] = {}
 
 #: Every registered format name -> (class, whether the name is the semi-tensor variant), in
@@ -98,12 +98,7 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
         the tensor (:meth:`resolve_t`); without, one positive int (a layer's t)."""
         if t is None:
             t = 2 if semi else 1
-        if shape is not None:
-            t = cls.resolve_t(shape, t)
-        else:
-            t = check_positive_int(t, "t")
-            if t > 1 and cls.semi_name is None:
-                raise ValueError(f"format {cls.family!r} has no semi-tensor variant; t must be 1, got {t}")
+        t = cls.resolve_t(shape, t) if shape is not None else cls._one_t(t)
         if not semi and (any(v > 1 for v in t) if isinstance(t, tuple) else t > 1):
             raise ValueError(f"format {cls.family!r} is the classic format (t = 1); for t={t} use "
                              f"{cls.semi_name!r}, its semi-tensor name")
@@ -113,6 +108,11 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
     def resolve_t(cls, shape: Sequence[int], t) -> int | tuple[int, ...]:
         """Check the STP factor for a tensor of ``shape``: one positive int (Tucker overrides this
         with one per mode)."""
+        return cls._one_t(t)
+
+    @classmethod
+    def _one_t(cls, t) -> int:
+        """One positive int, above 1 only for a format with a semi-tensor variant."""
         t = check_positive_int(t, "t")
         if t > 1 and cls.semi_name is None:
             raise ValueError(f"format {cls.family!r} has no semi-tensor variant; t must be 1, got {t}")

@@ -31,12 +31,9 @@ def layer_tensorization(format: str, t: int | None, layout: str | Layout | None,
     cls, semi = format_class(format)
     t = cls.t_for(semi, t)
     valid = layouts_of(cls)
-    if layout is None:
-        layout = valid[0]
-    elif str(layout) not in {str(v) for v in valid}:
-        raise ValueError(f"layout {str(layout)!r} is not available for {format!r}; valid: "
-                         f"{', '.join(str(v) for v in valid)}")
-    layout = layout_named(str(layout))
+    layout = valid[0] if layout is None else layout_named(layout)
+    if layout not in valid:
+        raise ValueError(f"layout {layout!r} is not available for {format!r}; valid: {', '.join(map(str, valid))}")
     ins, outs = layout.modes(c_in, c_out, bool(kernel_size), t, in_modes, out_modes, n_modes)
     return cls, t, Tensorization(layout, ins, outs, tuple(kernel_size))
 
