@@ -52,17 +52,20 @@ def test_weight_is_a_read_only_tensor_shaped_like_torch(kind):
         assert layer.weight is not first and torch.allclose(layer.weight, layer.dense_weight())
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["factorized", "fused"])
 @pytest.mark.parametrize("fastpath", [True, False])
-def test_transformer_encoder_layer_runs_compressed_in_eval(fastpath):
+def test_transformer_encoder_layer_runs_compressed_in_eval(fastpath, fused):
     """PyTorch's own encoder layer reads linear1.weight, self_attn.in_proj_weight, ... in its
-    fast-path check (the crash of the issue); compressed, it runs with the fast path on and off and
-    computes what the rebuilt dense weights compute."""
+    fast-path check (the crash of the issue); compressed, and compressed then fused, it runs with
+    the fast path on and off and computes what the rebuilt dense weights compute."""
     torch.manual_seed(0)
     model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
                                   enable_nested_tensor=False).eval()
     small, report = stpnet.compress(model, "stt", compression=2, keep_classifier=False)
     assert any(r.name.endswith("self_attn.in_proj") for r in report.layers if r.format != "dense")
     reference = stpnet.decompress(small).eval()
+    if fused:
+        small = stpnet.fuse(small).eval()
     x = torch.randn(3, 7, 32)
     mask = torch.zeros(3, 7, dtype=torch.bool)
     mask[:, -2:] = True

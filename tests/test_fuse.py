@@ -65,9 +65,25 @@ def test_fused_layer_computes_the_same_function(combo, kind):
     # it stays compressed: about the factorized parameter count, far from the dense one
     n_fused = sum(p.numel() for p in fused.parameters())
     assert n_fused < 2 * layer.num_params + 64
+    # it is a drop-in: `weight` is the dense weight it applies (read from the chain itself)
+    assert fused.weight.shape == layer.dense_weight().shape
+    assert float((fused.weight - layer.dense_weight()).norm() / layer.dense_weight().norm()) < 1e-12
     # and it is still a module that trains
     fused(x).square().sum().backward()
     assert all(p.grad is not None for p in fused.parameters())
+
+
+def test_fused_weight_is_computed_once_in_inference_and_follows_parameter_changes():
+    layer, _ = _layer("conv2d", ("stt", "sequential", 2))
+    fused = fuse_layer(layer).eval()
+    with torch.no_grad():
+        first = fused.weight
+        assert fused.weight is first
+        fused.B.mul_(2)
+        assert fused.weight is not first
+        torch.testing.assert_close(fused.weight, 2 * first)
+    with pytest.raises(AttributeError):
+        fused.weight = first
 
 
 def test_fuse_a_whole_network_keeps_outputs_and_sharing():

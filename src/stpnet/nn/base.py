@@ -14,6 +14,7 @@ from ..decomposition import decompose
 from ..decomposition.memory import check_memory
 from ..decomposition.ranks import ranks_for_budget
 from ..formats import FactorizedTensor, format_class
+from ._cache import InferenceCache, recording
 from ._timing import best_time
 from .cost import PathCost, choose, dense_layer_macs
 from .init import kaiming_std, rescale_to_std
@@ -69,14 +70,7 @@ def ranks_for_compression(cls, tz: Tensorization, t, compression: float, clip: b
     return ranks_for_budget(cls, tz.tensor_shape, t, budget, rank_of=lambda R: uniform_rank(tz, R), clip=clip)
 
 
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return False
-
-
-class FactorizedLayer(nn.Module):
+class FactorizedLayer(InferenceCache):
     """Base of FactorizedLinear and FactorizedConv: owns a factorized weight and a bias.
 
     Subclasses implement ``_dense_forward(x, weight)``, ``_contract_forward(x)`` and
@@ -264,7 +258,7 @@ class FactorizedLayer(nn.Module):
         """The path a forward call on ``x`` takes: measured now if ``forward_path='measure'`` and
         this shape has not been timed yet (never while tracing or compiling), else
         :meth:`choose_path`."""
-        if (self.forward_path == "measure" and not torch.jit.is_tracing() and not _compiling()
+        if (self.forward_path == "measure" and not recording()
                 and self._choice_key(x.shape, x.device.type) not in self.__dict__.get("_path_choices", {})):
             return self._measure_paths(x)
         return self.choose_path(x.shape, x.device.type)
@@ -276,30 +270,8 @@ class FactorizedLayer(nn.Module):
             return self._dense_forward(x, self.weight)
         return self._contract_forward(x)
 
-    # ------------------------------------------------------------------ inference cache
-    def _cached(self, name: str, build):
-        """``build()``, remembered across calls in inference (eval mode, gradients off) for as long as
-        the factors are unchanged: their versions (bumped by every in-place update: optimizer
-        steps, ``load_state_dict``), storages, dtypes and devices are the key. Training, gradient
-        recording, tracing and compilation always rebuild."""
-        if self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or _compiling():
-            return build()
-        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.weight_tensor.parameters())
-        cache = self.__dict__.setdefault("_inference_cache", {})
-        hit = cache.get(name)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = build()
-        cache[name] = (key, value)
-        return value
-
-    def train(self, mode: bool = True):
-        self.__dict__.pop("_inference_cache", None)
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_inference_cache", None)  # .to(), .half(), ...: tensors are replaced
-        return super()._apply(fn, *args, **kwargs)
+    def _cache_sources(self):
+        return self.weight_tensor.parameters()
 
     # ------------------------------------------------------------- from a dense layer
     @classmethod

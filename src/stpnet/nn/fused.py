@@ -22,6 +22,7 @@ cache checks per call. To train again, keep the factorized model; fusing is the 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from torch import nn
 from ..functional.contract import (CPFactors, SequentialFactors, _mix, cp_conv, cp_factors, cp_linear, paired_conv,
                                    paired_linear, sequential_conv, sequential_factors, sequential_linear,
                                    tucker2_conv_merged, tucker2_linear)
+from ._cache import InferenceCache
 from ._timing import best_time
 from .base import FactorizedLayer
 from .conv import prepare_conv_input
@@ -38,11 +40,15 @@ from .embedding import FactorizedEmbedding
 __all__ = ["FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "FusedCP", "fuse", "fuse_layer"]
 
 
-class FusedLayer(nn.Module):
-    """Base of the fused layers: the geometry of the replaced Conv/Linear and its bias.
+class FusedLayer(InferenceCache):
+    """Base of the fused layers: the geometry of the replaced Conv/Linear, its bias, and the forward
+    pass around the subclass's chain (:meth:`_conv` for a convolution, :meth:`_linear` for a
+    Linear).
 
     ``kernel_size`` is empty for a Linear. Convolutions keep ``stride``, ``padding``,
-    ``dilation`` and ``padding_mode`` as the torch layer has them.
+    ``dilation`` and ``padding_mode`` as the torch layer has them. ``weight`` is the dense weight
+    the chain computes, read-only, for code that reads it (``nn.TransformerEncoderLayer``'s fast
+    path reads its attention's and feed-forward weights); it is rebuilt once in inference.
     """
 
     #: How the 1x1 stages apply a factor: a batched product with the factor broadcast (faster in
@@ -64,22 +70,52 @@ class FusedLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, format={self.format!r}"
 
-    def _apply_conv(self, x: torch.Tensor, run) -> torch.Tensor:
-        x, padding = prepare_conv_input(x, self.in_channels, self.padding, self.kernel_size, self.dilation,
-                                        self.padding_mode)
-        y = run(x, padding)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype).reshape(1, -1, *([1] * len(self.kernel_size)))
-        return y
+    def _conv(self, x: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+        """The chain on an already padded (N, C_in, *spatial) input, without the bias."""
+        raise NotImplementedError
 
-    def _apply_linear(self, x: torch.Tensor, run) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The chain on a (N, in_features) input, without the bias."""
+        raise NotImplementedError
+
+    def _cache_sources(self):
+        return (p for name, p in self.named_parameters() if name != "bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size:
+            x, padding = prepare_conv_input(x, self.in_channels, self.padding, self.kernel_size, self.dilation,
+                                            self.padding_mode)
+            y = self._conv(x, self.stride, padding, self.dilation)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype).reshape(1, -1, *([1] * len(self.kernel_size)))
+            return y
         if not torch.jit.is_tracing() and (x.ndim < 1 or x.shape[-1] != self.in_features):
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        y = run(x.reshape(-1, self.in_features))
+        y = self._linear(x.reshape(-1, self.in_features))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight ``(C_out, C_in, *kernel)`` (``(out, in)`` for a Linear) that the chain
+        applies, computed by running it on the identity (every input entry once)."""
+        reference = next(p for name, p in self.named_parameters() if name != "bias")
+        if not self.kernel_size:
+            eye = torch.eye(self.in_features, dtype=reference.dtype, device=reference.device)
+            return self._linear(eye).t()
+        taps = math.prod(self.kernel_size)
+        n = self.in_channels * taps
+        probes = torch.eye(n, dtype=reference.dtype, device=reference.device).reshape(n, self.in_channels,
+                                                                                     *self.kernel_size)
+        ones, zeros = (1,) * len(self.kernel_size), (0,) * len(self.kernel_size)
+        y = self._conv(probes, ones, zeros, ones)  # (n, C_out, 1, ..., 1): y[(i, taps), o] = W[o, i, taps]
+        return y.reshape(self.in_channels, *self.kernel_size, self.out_channels).movedim(-1, 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (see :meth:`dense_weight`): read-only; rebuilt once in inference."""
+        return self._cached("weight", self.dense_weight)
 
 
 class FusedSequential(FusedLayer):
@@ -95,12 +131,14 @@ class FusedSequential(FusedLayer):
         self.B = nn.Parameter(f.B.detach().clone())
         self.rank_in, self.ring, self.t = f.rank_in, f.ring, f.t
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = SequentialFactors(self.A, self.S, self.B, self.rank_in, self.ring, self.t)
-        if self.kernel_size:
-            return self._apply_conv(x, lambda z, pad: sequential_conv(z, f, self.kernel_size, self.stride, pad,
-                                                                      self.dilation, mix=self.mix))
-        return self._apply_linear(x, lambda z: sequential_linear(z, f))
+    def _factors(self) -> SequentialFactors:
+        return SequentialFactors(self.A, self.S, self.B, self.rank_in, self.ring, self.t)
+
+    def _conv(self, x, stride, padding, dilation):
+        return sequential_conv(x, self._factors(), self.kernel_size, stride, padding, dilation, mix=self.mix)
+
+    def _linear(self, x):
+        return sequential_linear(x, self._factors())
 
 
 class FusedTucker2(FusedLayer):
@@ -119,12 +157,11 @@ class FusedTucker2(FusedLayer):
         self.U_out = nn.Parameter(w.factors[0].detach().clone())
         self.U_in = nn.Parameter(w.factors[1].detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_size:
-            return self._apply_conv(x, lambda z, pad: tucker2_conv_merged(z, self.core, self.U_out, self.U_in,
-                                                                          self.stride, pad, self.dilation,
-                                                                          mix=self.mix))
-        return self._apply_linear(x, lambda z: tucker2_linear(z, self.core, self.U_out, self.U_in))
+    def _conv(self, x, stride, padding, dilation):
+        return tucker2_conv_merged(x, self.core, self.U_out, self.U_in, stride, padding, dilation, mix=self.mix)
+
+    def _linear(self, x):
+        return tucker2_linear(x, self.core, self.U_out, self.U_in)
 
 
 class FusedPaired(FusedLayer):
@@ -138,12 +175,12 @@ class FusedPaired(FusedLayer):
         self.out_modes = tuple(layer.tensorization.out_modes)
         self.t = w.t
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cores = list(self.cores)
-        if self.kernel_size:
-            return self._apply_conv(x, lambda z, pad: paired_conv(z, cores, self.in_modes, self.out_modes, self.t,
-                                                                  self.kernel_size, self.stride, pad, self.dilation))
-        return self._apply_linear(x, lambda z: paired_linear(z, cores, self.in_modes, self.out_modes, self.t))
+    def _conv(self, x, stride, padding, dilation):
+        return paired_conv(x, list(self.cores), self.in_modes, self.out_modes, self.t, self.kernel_size, stride,
+                           padding, dilation)
+
+    def _linear(self, x):
+        return paired_linear(x, list(self.cores), self.in_modes, self.out_modes, self.t)
 
 
 class FusedCP(FusedLayer):
@@ -158,12 +195,11 @@ class FusedCP(FusedLayer):
         self.S = None if f.S is None else nn.Parameter(f.S.detach().clone())
         self.B = nn.Parameter(f.B.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = CPFactors(self.A, self.S, self.B)
-        if self.kernel_size:
-            return self._apply_conv(x, lambda z, pad: cp_conv(z, f, self.kernel_size, self.stride, pad, self.dilation,
-                                                              mix=self.mix))
-        return self._apply_linear(x, lambda z: cp_linear(z, f))
+    def _conv(self, x, stride, padding, dilation):
+        return cp_conv(x, CPFactors(self.A, self.S, self.B), self.kernel_size, stride, padding, dilation, mix=self.mix)
+
+    def _linear(self, x):
+        return cp_linear(x, CPFactors(self.A, self.S, self.B))
 
 
 def fuse_layer(layer: FactorizedLayer) -> nn.Module:
