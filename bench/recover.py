@@ -16,6 +16,9 @@ test set:
 - ``ft1``, ``ft5``, ``ft15``: the recovered network fine-tuned N epochs with the dense network as
   teacher (distillation alpha 0.9, T 4), SGD Nesterov, cosine from ``--lr``, batch 128, bf16 on CPU.
 
+``--long N`` runs only an N-epoch distilled fine-tune (step ``ftN``) of the seed-0 STT/TT 9x pair
+(or what ``--only`` selects): how far a longer fine-tune takes the same recovered networks.
+
 The ablation (``--ablation``) on STT 9x adds: rank allocation by weight error and by activation
 error, each fitted (against the recipe's ranks), and 5 epochs of fine-tuning without the teacher.
 
@@ -26,6 +29,7 @@ rerun skips what is there. ``--time-limit`` stops cleanly after the step that cr
 Run (from the repository root):
     .venv/bin/python bench/recover.py --time-limit 120            # the plan, resumable
     .venv/bin/python bench/recover.py --only 'stt-9x-*' --ablation
+    .venv/bin/python bench/recover.py --recipe v1 --long 40                # STT/TT 9x, 40 epochs
     .venv/bin/python bench/recover.py --report                     # the table from runs.jsonl
 """
 
@@ -35,6 +39,7 @@ import argparse
 import copy
 import fnmatch
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +243,15 @@ class Sweep:
         self.check_time()
         self.fine_tune(config, 5, distill=False)
 
+    def long_fine_tunes(self) -> None:
+        """``--long N``: only the N-epoch distilled fine-tune, of the configurations ``--only``
+        selects (default: the seed-0 STT/TT 9x pair), each from its recovered network."""
+        patterns = self.args.only or ["stt-9x-s0*", "tt-9x-s0*"]
+        for config, _ in plan(self.args.seeds, self.args.recipe):
+            if any(fnmatch.fnmatch(config.name, p) for p in patterns):
+                self.check_time()
+                self.fine_tune(config, self.args.long)
+
     def dense_row(self) -> None:
         config = Config("dense", 1, recipe="v1")  # the same row whatever the recipe
         if (config.name, "dense") not in self.done:
@@ -246,6 +260,9 @@ class Sweep:
 
     def run(self) -> None:
         self.dense_row()
+        if self.args.long:
+            self.long_fine_tunes()
+            return
         for config, epochs in plan(self.args.seeds, self.args.recipe):
             if self.args.only and not any(fnmatch.fnmatch(config.name, p) for p in self.args.only):
                 continue
@@ -263,6 +280,8 @@ def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     dense = next((r["test_accuracy"] for r in rows if r["step"] == "dense"), None)
     steps = ["plain", "bn", "recovered", "recovered+bn", "ft1", "ft5", "ft15"]
+    steps += sorted({r["step"] for r in rows if re.fullmatch(r"ft\d+", r["step"]) and r["step"] not in steps},
+                    key=lambda step: int(step[2:]))
     by_config: dict[str, dict] = {}
     for r in rows:
         if r["step"] == "dense":
@@ -306,6 +325,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the STT/TT 9x pair")
     parser.add_argument("--only", nargs="*", help="fnmatch patterns on configuration names, e.g. 'stt-9x-*'")
     parser.add_argument("--ablation", action="store_true", help="also the STT 9x ablation")
+    parser.add_argument("--long", type=int, metavar="N",
+                        help="only an N-epoch distilled fine-tune of the recovered networks --only selects "
+                             "(default: the seed-0 STT/TT 9x pair): how far longer fine-tuning goes")
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--fit-steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate")

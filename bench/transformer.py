@@ -12,13 +12,16 @@
 3. For each: test accuracy straight after compression (``plain``), after data-aware fitting
    (``fit``: 100 L-BFGS iterations per layer on 512 training images), and after ``--ft-epochs``
    of fine-tuning with the dense network as teacher (``ft``); parameters; forward latency at
-   batch 1 and 32 against dense, in the same process (alternating blocks, median of ``--repeats``).
+   batch 1 and 32 against dense, in the same process (alternating blocks, median of ``--repeats``),
+   of the factorized and the fused (``stpnet.fuse``) network, with PyTorch's encoder fast path on
+   (the default in eval: it runs on the weights it reads, rebuilt once) and off.
 
 Every finished step appends a JSON line to ``results/transformer/runs.jsonl``; a rerun skips what
 is there. ``--report`` prints the table.
 
 Run (from the repository root):
-    .venv/bin/python bench/transformer.py --time-limit 120
+    .venv/bin/python bench/transformer.py --time-limit 120 --no-latency   # beside other jobs
+    .venv/bin/python bench/transformer.py --latency-only                 # on an idle machine
     .venv/bin/python bench/transformer.py --report
 """
 
@@ -36,6 +39,7 @@ import torch
 from stpnet.compress import compress
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
+from stpnet.nn import fuse
 from stpnet.pipeline import calibration_images, load_trained, normalized_like, train_spec
 from stpnet.train import TrainConfig, evaluate
 
@@ -55,13 +59,20 @@ class _OutOfTime(Exception):
     pass
 
 
-def latency_ratio(model: torch.nn.Module, dense: torch.nn.Module, batch: int, repeats: int) -> dict[str, float]:
-    """Median forward seconds of ``model`` and ``dense`` on one random batch, timed in alternating
-    blocks in the same process (``latency.time_in_blocks``)."""
+def latency_ratio(models: dict[str, torch.nn.Module], batch: int, repeats: int,
+                  fastpath: bool = True) -> dict[str, float]:
+    """Median forward seconds of each model on one random batch, timed in alternating blocks in the
+    same process (``latency.time_in_blocks``), with PyTorch's encoder fast path on or off (on, the
+    encoder layers run fused kernels on the weights they read, rebuilt once for a factorized layer)."""
     x = torch.randn(batch, 3, 32, 32)
-    model.eval()
-    dense.eval()
-    return time_in_blocks({"small": model, "dense": dense}, x, repeats)
+    for model in models.values():
+        model.eval()
+    previous = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        return time_in_blocks(models, x, repeats)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 class Sweep:
@@ -108,10 +119,14 @@ class Sweep:
         return model.float().eval(), spec
 
     def latencies(self, model, dense) -> dict[str, float]:
+        """Seconds per call at batch 1 and 32 of the factorized (``b1``), fused (``fused_b1``) and
+        dense (``dense_b1``) networks, with the encoder fast path on, and off (``..._nofast``)."""
+        models = {"": model, "fused_": fuse(model).eval(), "dense_": dense}
         out = {}
-        for batch in (1, 32):
-            seconds = latency_ratio(model, dense, batch, self.args.repeats)
-            out[f"b{batch}"], out[f"dense_b{batch}"] = seconds["small"], seconds["dense"]
+        for fastpath, suffix in ((True, ""), (False, "_nofast")):
+            for batch in (1, 32):
+                seconds = latency_ratio(models, batch, self.args.repeats, fastpath)
+                out.update({f"{name}b{batch}{suffix}": seconds[name] for name in models})
         return out
 
     def latency_row(self, dense, name: str, fmt: str, factor: float, dense_params: int) -> None:
@@ -187,9 +202,24 @@ def report(path: Path) -> str:
         cells = [f"{steps[s]['test_accuracy']:.2%}" if s in steps else "-" for s in ("plain", "fit", "ft")]
         timed = steps.get("latency") or (steps["fit"] if "b1" in steps.get("fit", {}) else None)
         speed = [f"{timed[k] / timed['dense_' + k]:.2f}" if timed else "-" for k in ("b1", "b32")]
-        seconds = sum(r.get("seconds", 0) for r in steps.values())
+        seconds = sum(r.get("seconds", 0) for r in steps.values() if r["step"] != "latency")
         lines.append(f"| {target:g}x | {fmt} | {any_row['params']:,} | {any_row['compression']:.2f}x | "
                      + " | ".join(cells + speed) + f" | {seconds:.0f} |")
+    timed = [(key, steps["latency"]) for key, steps in sorted(by.items(), key=lambda kv: (
+        kv[0][0], FORMATS.index(kv[0][1].split()[0]), kv[0][1])) if "fused_b1" in steps.get("latency", {})]
+    if timed:
+        first = timed[0][1]
+        lines += ["", "Time / dense in the same run (median of the blocks); fast path: PyTorch's encoder fast path "
+                  f"on (the default in eval) or off. Dense ms per call: fast path b1 {first['dense_b1'] * 1e3:.2f}, "
+                  f"b32 {first['dense_b32'] * 1e3:.2f}; off b1 {first['dense_b1_nofast'] * 1e3:.2f}, "
+                  f"b32 {first['dense_b32_nofast'] * 1e3:.2f}.", "",
+                  "| target | format | fast b1 factorized | fast b1 fused | fast b32 factorized | fast b32 fused "
+                  "| off b1 factorized | off b1 fused | off b32 factorized | off b32 fused |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for (target, fmt), r in timed:
+            cells = [f"{r[f'{kind}b{b}{mode}'] / r[f'dense_b{b}{mode}']:.2f}"
+                     for mode in ("", "_nofast") for b in (1, 32) for kind in ("", "fused_")]
+            lines.append(f"| {target:g}x | {fmt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
