@@ -368,6 +368,20 @@ def test_eval_inference_caches_merged_factors_until_they_change(fmt, path, monke
         loaded = layer(x)
     reference = torch.nn.functional.conv2d(x, layer.weight.detach(), layer.bias, padding=1)
     assert torch.allclose(loaded, reference, rtol=1e-4, atol=1e-5) and not torch.allclose(loaded, stepped)
+    # a factor replaced by a new Parameter object (same version counter value possible) and a
+    # factor whose .data is swapped: both seen
+    with torch.no_grad():
+        owner, name = next((m, n) for m in layer.weight_tensor.modules() for n in m._parameters)
+        old = owner._parameters[name]
+        setattr(owner, name, torch.nn.Parameter(old.detach() * 3))
+        replaced = layer(x)
+        reference = torch.nn.functional.conv2d(x, layer.dense_weight(), layer.bias, padding=1)
+        assert torch.allclose(replaced, reference, rtol=1e-4, atol=1e-5) and not torch.allclose(replaced, loaded)
+        fresh = owner._parameters[name]
+        fresh.data = fresh.data * -1
+        swapped = layer(x)
+        reference = torch.nn.functional.conv2d(x, layer.dense_weight(), layer.bias, padding=1)
+        assert torch.allclose(swapped, reference, rtol=1e-4, atol=1e-5) and not torch.allclose(swapped, replaced)
     # with gradients on, nothing is cached: the output still depends on the factors
     out = layer(x)
     assert out.requires_grad

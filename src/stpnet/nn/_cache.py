@@ -4,7 +4,7 @@ unchanged."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,26 +23,40 @@ def recording() -> bool:
 class InferenceCache(nn.Module):
     """Mixin: :meth:`_cached` remembers derived tensors across inference calls.
 
-    The key is every cached-from parameter's version (bumped by each in-place update: optimizer
-    steps, ``load_state_dict``), storage, dtype and device, so any change invalidates it; ``train()``
-    and ``.to()``/``.half()`` drop the cache. Training, gradient recording, tracing and compilation
-    always rebuild. Subclasses say which parameters the derived tensors depend on through
-    :meth:`_cache_sources`.
+    A cached value is valid while every parameter of :meth:`_cache_owner` (and its submodules) is
+    the same object, at the same version (bumped by each in-place update: optimizer steps,
+    ``load_state_dict``) and on the same storage; ``train()`` and ``.to()``/``.half()`` drop the
+    cache. Training, gradient recording, tracing and compilation always rebuild. The check walks a
+    list made when the value was cached (no module traversal per call: at batch 1 that traversal
+    cost more than a small convolution).
     """
 
-    def _cache_sources(self) -> Iterable[torch.Tensor]:
-        return self.parameters()
+    def _cache_owner(self) -> nn.Module:
+        """The module whose parameters the cached values are computed from."""
+        return self
+
+    def _cache_key(self) -> tuple:
+        return tuple((module._parameters, name, p, p._version, p.data_ptr())
+                     for module in self._cache_owner().modules()
+                     for name, p in module._parameters.items() if p is not None)
+
+    @staticmethod
+    def _cache_valid(key: tuple) -> bool:
+        for params, name, p, version, pointer in key:
+            if params.get(name) is not p or p._version != version or p.data_ptr() != pointer:
+                return False
+        return True
 
     def _cached(self, name: str, build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``build()``, remembered in inference (eval mode, gradients off) while the sources are
-        unchanged."""
+        """``build()``, remembered in inference (eval mode, gradients off) while the parameters it is
+        computed from are unchanged."""
         if self.training or torch.is_grad_enabled() or recording():
             return build()
-        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self._cache_sources())
         cache = self.__dict__.setdefault("_inference_cache", {})
         hit = cache.get(name)
-        if hit is not None and hit[0] == key:
+        if hit is not None and self._cache_valid(hit[0]):
             return hit[1]
+        key = self._cache_key()
         value = build()
         cache[name] = (key, value)
         return value

@@ -270,8 +270,8 @@ class FactorizedLayer(InferenceCache):
             return self._dense_forward(x, self.weight)
         return self._contract_forward(x)
 
-    def _cache_sources(self):
-        return self.weight_tensor.parameters()
+    def _cache_owner(self) -> nn.Module:
+        return self.weight_tensor
 
     # ------------------------------------------------------------- from a dense layer
     @classmethod

@@ -78,9 +78,6 @@ class FusedLayer(InferenceCache):
         """The chain on a (N, in_features) input, without the bias."""
         raise NotImplementedError
 
-    def _cache_sources(self):
-        return (p for name, p in self.named_parameters() if name != "bias")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_size:
             x, padding = prepare_conv_input(x, self.in_channels, self.padding, self.kernel_size, self.dilation,
