@@ -46,6 +46,8 @@ def prepare_conv_input(x: torch.Tensor, in_channels: int, padding, kernel_size: 
     dim = len(kernel_size)
     if not torch.jit.is_tracing() and (x.ndim != dim + 2 or x.shape[1] != in_channels):  # traced: shapes are fixed
         raise ValueError(f"expected input (N, {in_channels}, {', '.join(['*'] * dim)}), got {tuple(x.shape)}")
+    if padding_mode == "zeros" and not isinstance(padding, str):
+        return x, padding  # the common case, without building the per-side list (batch-1 overhead)
     pads = explicit_padding(padding, kernel_size, dilation)
     if padding_mode != "zeros":
         flat = [p for pair in reversed(pads) for p in pair]
