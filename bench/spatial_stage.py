@@ -1,19 +1,21 @@
 """How the grouped k x k stage of the sequential / ring layouts should run on CPU (t > 1 or a ring).
 
-The a * t groups of an STT / TR / STR layer share one k x k kernel. Two ways to run it:
+The a * t groups of an STT / TR / STR layer share one k x k kernel. Three ways to run it
+(``stpnet.functional.contract.GROUPED_STAGES``):
 
-- ``conv3d``: one 3-D convolution whose kernel has extent 1 along the group index, on the
+- ``depth``: one 3-D convolution whose kernel has extent 1 along the group index, on the
   rank-space activations as they are (no copy);
 - ``fold``: the groups moved into the batch (a copy in, a copy out) and one batched 2-D
-  convolution (PyTorch sends a batch above 1 to oneDNN).
+  convolution;
+- ``stacked``: the groups stacked along the height, each with its own padding rows (a copy in),
+  one plain 2-D convolution, a strided view out (height stride 1 only).
 
-``stpnet.functional.contract.sequential_conv`` folds from ``LARGE_GROUPED_CONV`` rank-space input
-elements on CPU (``auto``). This script times the fused networks (``stpnet.fuse``) with the
-threshold forced to each choice and at its default, against dense, in one process (alternating
-blocks, median; ``latency.time_in_blocks``).
+``auto`` is the default rule (``contract.grouped_stage``). This script times the fused networks
+(``stpnet.fuse``) with every fused layer's ``spatial_stage`` set to each form, against dense, in
+one process (alternating blocks, median; ``latency.time_in_blocks``).
 
 ``--micro`` times the stage alone instead (one thread; rank-space input (n, r, g, H, W), a
-shared r x r 3x3 kernel): Conv3d, the folded conv2d, and im2col (``unfold``) + matmul.
+shared r x r 3x3 kernel): each form, and im2col (``unfold``) + matmul.
 
 Run (repository root; nothing else running):
     .venv/bin/python bench/spatial_stage.py
@@ -23,6 +25,7 @@ Run (repository root; nothing else running):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -31,45 +34,43 @@ import torch
 import stpnet
 import stpnet.functional.contract as contract
 from stpnet.models import build_model
+from stpnet.nn import FusedSequential
 
 from _machine import cpu_model  # bench/_machine.py
 from latency import time_in_blocks  # bench/latency.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SEMI = {"sttu", "stt", "str"}
-CHOICES = {"conv3d": 1 << 62, "fold": 0, "auto": contract.LARGE_GROUPED_CONV}
+CHOICES = ("depth", "fold", "stacked", "auto")
 
 
-class _Threshold(torch.nn.Module):
-    """Runs ``model`` with ``LARGE_GROUPED_CONV`` set to ``value`` (restored after each call)."""
-
-    def __init__(self, model, value: int):
-        super().__init__()
-        self.model, self.value = model, value
-
-    def forward(self, x):
-        saved, contract.LARGE_GROUPED_CONV = contract.LARGE_GROUPED_CONV, self.value
-        try:
-            return self.model(x)
-        finally:
-            contract.LARGE_GROUPED_CONV = saved
+def with_stage(fused: torch.nn.Module, stage: str) -> torch.nn.Module:
+    """A copy of the fused network whose sequential/ring layers all run ``stage`` (None: the rule)."""
+    model = copy.deepcopy(fused)
+    for module in model.modules():
+        if isinstance(module, FusedSequential):
+            module.spatial_stage = None if stage == "auto" else stage
+    return model
 
 
 def micro() -> None:
     import torch.nn.functional as F
 
     torch.set_num_threads(1)
-    print("| batch | r | H | groups | conv3d us | fold us | unfold+mm us |\n|---|---|---|---|---|---|---|")
+    print("| batch | r | H | groups | depth us | fold us | stacked us | unfold+mm us | rule |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     with torch.no_grad():
         for n in (1, 32):
-            for r, H, g in [(7, 32, 2), (7, 16, 2), (7, 8, 2), (14, 8, 2), (6, 16, 4)]:
+            for r, H, g in [(3, 32, 2), (7, 32, 2), (7, 16, 2), (7, 8, 2), (15, 8, 2), (3, 32, 4), (6, 16, 4),
+                            (14, 8, 4), (28, 32, 2), (56, 16, 2)]:
                 z, S = torch.randn(n, r, g, H, H), torch.randn(r, r, 3, 3)
                 folded = torch.randn(n * g, r, H, H)
-                runs = {"conv3d": lambda: F.conv3d(z, S.unsqueeze(2), None, 1, (0, 1, 1)),
-                        "fold": lambda: F.conv2d(folded, S, None, 1, 1),
-                        "unfold": lambda: S.reshape(r, -1) @ F.unfold(folded, 3, padding=1)}
+                runs = {stage: (lambda stage=stage: contract.grouped_shared_conv(z, S, (1, 1), (1, 1), (1, 1), stage)) for stage in contract.GROUPED_STAGES}
+                runs["unfold"] = lambda: S.reshape(r, -1) @ F.unfold(folded, 3, padding=1)
                 us = time_in_blocks({k: (lambda _x, f=f: f()) for k, f in runs.items()}, z, 150)
-                print(f"| {n} | {r} | {H} | {g} | " + " | ".join(f"{us[k] * 1e6:.0f}" for k in runs) + " |")
+                rule = contract.grouped_stage(n, (H, H), (1, 1))
+                print(f"| {n} | {r} | {H} | {g} | " + " | ".join(f"{us[k] * 1e6:.0f}" for k in runs) + f" | {rule} |",
+                      flush=True)
 
 
 def main() -> None:
@@ -89,7 +90,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print("| network | format | batch | dense ms | conv3d | fold | auto |\n|---|---|---|---|---|---|---|")
+    print("| network | format | batch | dense ms | " + " | ".join(CHOICES) + " |\n|---|---|---|---|"
+          + "---|" * len(CHOICES))
     for network in args.networks:
         torch.manual_seed(0)
         dense = build_model(network, 3, 10).eval()
@@ -98,7 +100,7 @@ def main() -> None:
             fused = stpnet.fuse(small.eval())
             for batch in args.batches:
                 x = torch.randn(batch, 3, 32, 32)
-                models = {"dense": dense, **{name: _Threshold(fused, v) for name, v in CHOICES.items()}}
+                models = {"dense": dense, **{stage: with_stage(fused, stage) for stage in CHOICES}}
                 seconds = time_in_blocks(models, x, args.repeats)
                 row = {"network": network, "format": fmt, "batch": batch, "factor": args.factor,
                        "threads": args.threads, "cpu": cpu_model(), "torch": torch.__version__,

@@ -193,15 +193,17 @@ def test_fuse_with_an_example_keeps_layers_that_prefer_rebuilding():
     assert all(isinstance(m, FusedLayer) for m in fuse(model)) is True
 
 
-def test_fuse_with_an_example_measures_each_layer_and_keeps_the_faster_form(monkeypatch):
+def test_fuse_with_an_example_measures_each_layer_and_keeps_the_fastest_form(monkeypatch):
     import stpnet.nn.fused as fused_module
 
     torch.manual_seed(5)
     model = nn.Sequential(FactorizedConv2d(8, 16, 3, 1, 1, format="str", rank=8),
                           FactorizedConv2d(16, 16, 3, 1, 1, format="stt", rank=4)).eval()
     x = torch.randn(2, 8, 8, 8)
-    # per layer, in order: the rebuilt dense op's time, then the fused chain's
-    timings = iter([1.0, 2.0, 2.0, 1.0])
+    # per layer, in order: the fused chain's time with each grouped-stage form (depth, fold,
+    # stacked), then the rebuilt dense op's
+    timings = iter([2.0, 3.0, 2.5, 1.0,
+                    3.0, 1.0, 2.0, 2.0])
 
     def fake_best_time(run, device, repeats=3):
         run()
@@ -210,7 +212,8 @@ def test_fuse_with_an_example_measures_each_layer_and_keeps_the_faster_form(monk
     monkeypatch.setattr(fused_module, "best_time", fake_best_time)
     fused = fuse(model, example=x)
     assert isinstance(fused[0], stpnet.nn.FactorizedLayer) and fused[0].forward_path == "rebuild"
-    assert isinstance(fused[1], FusedLayer)
+    assert isinstance(fused[1], FusedLayer) and fused[1].spatial_stage == "fold"
+    assert next(timings, None) is None
     monkeypatch.undo()
     real = fuse(model, example=x)  # real timings: either form, the same function
     assert all(isinstance(m, FusedLayer) or m.forward_path == "rebuild" for m in real)

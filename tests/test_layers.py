@@ -405,16 +405,51 @@ def test_renamed_methods_keep_deprecated_aliases():
         FactorizedLinear(8, 8, format="tt", compression=2.0, weight_compression=2.0)
 
 
-@pytest.mark.parametrize("fmt,t", [("stt", 2), ("str", 2), ("tr", 1)])
-@pytest.mark.parametrize("fold", [False, True])
-def test_grouped_spatial_stage_both_ways_matches_dense(fmt, t, fold, monkeypatch):
-    """The a*t groups' shared kernel: one 3-D convolution, or (large inputs on CPU) the groups
-    folded into the batch; forced both ways here, against the dense convolution."""
-    import stpnet.functional.contract as contract
+@pytest.mark.parametrize("fmt,t", [("stt", 2), ("str", 2), ("tr", 1), ("tt", 1)])
+@pytest.mark.parametrize("stage", ["depth", "fold", "stacked", None])
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)), dict(kernel_size=3, padding="same"),
+    dict(kernel_size=(2, 3), padding=0)], ids=["3x3", "strided", "rect-dilated", "same", "2x3-valid"])
+def test_grouped_spatial_stage_every_form_matches_dense(fmt, t, stage, geometry):
+    """The a*t groups' shared kernel as a depth convolution, folded into the batch, or stacked
+    along the height (with a padding band per group): each against the dense convolution."""
+    from stpnet.functional.contract import sequential_conv, sequential_factors
+    from stpnet.nn.conv import prepare_conv_input
 
-    monkeypatch.setattr(contract, "LARGE_GROUPED_CONV", 0 if fold else 1 << 62)
     torch.manual_seed(6)
-    layer = FactorizedConv2d(16, 32, 3, stride=2, padding=1, format=fmt, rank=4, t=t, dtype=torch.float64,
-                             forward_path="contract")
+    layer = FactorizedConv2d(16, 32, format=fmt, rank=4, t=t, dtype=torch.float64, **geometry)
     x = torch.randn(3, 16, 9, 8, dtype=torch.float64)
-    assert rel(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias, 2, 1)) < 1e-12
+    w = layer.weight_tensor
+    f = sequential_factors(w.factors, w.t, len(layer.tensorization.in_modes), has_kernel=True)
+    z, padding = prepare_conv_input(x, 16, layer.padding, layer.kernel_size, layer.dilation, "zeros")
+    got = sequential_conv(z, f, layer.kernel_size, layer.stride, padding, layer.dilation, stage=stage)
+    expected = F.conv2d(x, layer.dense_weight(), None, layer.stride, layer.padding, layer.dilation)
+    assert got.shape == expected.shape and rel(got, expected) < 1e-12
+
+
+def test_grouped_spatial_stage_rejects_an_unknown_form():
+    from stpnet.functional.contract import sequential_conv, sequential_factors
+
+    layer = FactorizedConv2d(8, 8, 3, format="stt", rank=4, t=2)
+    w = layer.weight_tensor
+    f = sequential_factors(w.factors, w.t, len(layer.tensorization.in_modes), has_kernel=True)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        sequential_conv(torch.randn(1, 8, 5, 5), f, (3, 3), (1, 1), (1, 1), (1, 1), stage="im2col")
+
+
+def test_grouped_stage_rule_and_its_batch_one_form_match_dense():
+    from stpnet.functional.contract import grouped_stage
+
+    assert grouped_stage(1, (16, 16), (1, 1)) == "stacked"
+    assert grouped_stage(1, (8, 8), (1, 1)) == "depth"  # small maps: the depth convolution is faster
+    assert grouped_stage(32, (32, 32), (1, 1)) == "depth"  # batches: the depth convolution is faster
+    assert grouped_stage(1, (32, 32), (2, 2)) == "depth"  # the stacked form needs height stride 1
+    assert grouped_stage(1, (32,), (1,)) == "depth"
+    torch.manual_seed(7)
+    for fmt, t in (("stt", 2), ("str", 2)):
+        layer = FactorizedConv2d(16, 16, 3, padding=1, format=fmt, rank=6, t=t, dtype=torch.float64,
+                                 forward_path="contract").eval()
+        x = torch.randn(1, 16, 16, 16, dtype=torch.float64)
+        with torch.no_grad():
+            assert rel(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias, 1, 1)) < 1e-12

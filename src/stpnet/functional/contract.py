@@ -33,6 +33,9 @@ __all__ = [
     "SequentialFactors",
     "sequential_factors",
     "sequential_conv",
+    "GROUPED_STAGES",
+    "grouped_stage",
+    "grouped_shared_conv",
     "sequential_linear",
     "tucker2_conv",
     "tucker2_conv_merged",
@@ -85,15 +88,29 @@ def sequential_factors(cores: Sequence[torch.Tensor], t: int, n_in: int, has_ker
     return SequentialFactors(A, S, B, r, a, t)
 
 
-#: From this many rank-space input elements (batch x channels x positions) on, the grouped
-#: spatial stage on CPU folds its groups into the batch (two copies, one batched 2-D convolution)
-#: instead of one copy-free 3-D convolution; bench/spatial_stage.py measures the choice.
-LARGE_GROUPED_CONV = 1 << 62
+#: How the grouped k x k stage of :func:`sequential_conv` runs (the ``a * t`` groups share one
+#: kernel): ``'depth'``, one (d+1)-D convolution with unit extent along the group index (no copy);
+#: ``'fold'``, the groups moved into the batch (a copy in and out, one batched convolution);
+#: ``'stacked'``, 2-D only: the groups stacked along the height with their padding rows between
+#: them (a copy in), one plain 2-D convolution, a strided view out. ``bench/spatial_stage.py``
+#: measures them.
+GROUPED_STAGES = ("depth", "fold", "stacked")
 
 
-def _tracing() -> bool:
-    """True under torch.jit.trace, torch.compile or torch.export: a size-dependent choice there
-    would become a guard on the (possibly dynamic) batch size."""
+def grouped_stage(batch: int, spatial: Sequence[int], stride: Sequence[int]) -> str:
+    """The default form of the grouped k x k stage: ``'stacked'`` for one sample of 2-D maps of at
+    least 16x16 positions with height stride 1, ``'depth'`` otherwise. Measured (one thread,
+    ``bench/spatial_stage.py --micro``, BENCHMARKS.md): at batch 1 the stacked form takes 0.4-0.8x
+    the depth form's time from 16x16 maps up (1.1-1.4x at 8x8); at batch 32 the depth form is the
+    fastest of the three at every measured shape."""
+    if batch == 1 and len(spatial) == 2 and stride[0] == 1 and spatial[0] * spatial[1] >= 256:
+        return "stacked"
+    return "depth"
+
+
+def _recording() -> bool:
+    """True under torch.jit.trace, torch.compile or torch.export: a choice on the batch size there
+    would become a guard on the (possibly dynamic) batch, so the default form is fixed."""
     compiler = getattr(torch, "compiler", None)
     return torch.jit.is_tracing() or bool(compiler is not None and hasattr(compiler, "is_compiling")
                                           and compiler.is_compiling())
@@ -114,6 +131,41 @@ def conv1x1_mix(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.conv1d(x, W.unsqueeze(-1))
 
 
+def grouped_shared_conv(z: torch.Tensor, S: torch.Tensor, stride: Sequence[int], padding: Sequence[int] | str,
+                        dilation: Sequence[int], stage: str | None = None) -> torch.Tensor:
+    """One kernel ``S`` (r', r, *k) applied to every group of ``z`` (n, r, g, *spatial): the grouped
+    stage of :func:`sequential_conv`, in the form ``stage`` (see ``GROUPED_STAGES``; None:
+    :func:`grouped_stage`). Returns (n, r', g, *spatial_out), possibly a strided view."""
+    n, r, g = z.shape[:3]
+    spatial = z.shape[3:]
+    if stage is None:
+        stage = "depth" if _recording() else grouped_stage(n, spatial, stride)
+    elif stage not in GROUPED_STAGES:
+        raise ValueError(f"stage must be one of {GROUPED_STAGES} or None, got {stage!r}")
+    if stage == "stacked" and len(spatial) == 2 and stride[0] == 1 and not isinstance(padding, str):
+        return _stacked_conv(z, S, stride, padding, dilation)
+    if stage == "fold" or len(spatial) == 3:  # 3-D maps: torch has no 4-D convolution
+        y = _conv_nd(z.movedim(2, 1).reshape(n * g, r, *spatial), S, stride, padding, dilation)
+        return y.reshape(n, g, S.shape[0], *y.shape[2:]).movedim(1, 2)
+    # the group index becomes a depth dimension: one (d+1)-D convolution whose kernel has extent
+    # 1 along it shares the spatial kernel across all groups, no copy
+    pad = padding if isinstance(padding, str) else (0, *padding)
+    return _conv_nd(z, S.unsqueeze(2), (1, *stride), pad, (1, *dilation))
+
+
+def _stacked_conv(z: torch.Tensor, S: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """The shared kernel ``S`` (r', r, kh, kw) on every group of ``z`` (n, r, g, H, W), as one 2-D
+    convolution over the groups stacked along the height, each with its own padding rows (so no
+    window spans two groups). Height stride 1. Returns (n, r', g, H_out, W_out), a strided view."""
+    n, r, g, H, W = z.shape
+    ph, pw = padding
+    Hp = H + 2 * ph
+    stacked = F.pad(z, (0, 0, ph, ph)).reshape(n, r, g * Hp, W)
+    y = F.conv2d(stacked, S, None, (1, stride[1]), (0, pw), dilation)  # (n, r', g*Hp - dh*(kh-1), W_out)
+    H_out = Hp - dilation[0] * (S.shape[2] - 1)
+    return y.unfold(2, H_out, Hp).transpose(-1, -2)  # windows of H_out rows every Hp rows: one per group
+
+
 def _conv_nd(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
     dim = weight.ndim - 2
     conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
@@ -128,11 +180,15 @@ def sequential_conv(
     padding: Sequence[int] | str,
     dilation: Sequence[int],
     mix=_mix,
+    stage: str | None = None,
 ) -> torch.Tensor:
     """Convolution with a sequential / ring factorized kernel: 1x1 -> k x k (grouped) -> 1x1.
 
     ``x`` is (N, C_in, *spatial) with 1 to 3 spatial dimensions (already padded for non-zero
-    padding modes); the output is (N, C_out, *spatial_out).
+    padding modes); the output is (N, C_out, *spatial_out). ``stage`` is the form of the grouped
+    k x k stage (one of ``GROUPED_STAGES``; default :func:`grouped_stage`); a form that does not
+    apply to the input (``'stacked'`` with a height stride, 1-D or 3-D maps) runs as ``'depth'``
+    (3-D maps: ``'fold'``). All forms compute the same function.
     """
     n, c_in = x.shape[:2]
     spatial = x.shape[2:]
@@ -142,17 +198,11 @@ def sequential_conv(
     r_out = f.S.shape[0]
     S = f.S.reshape(r_out, r, *kernel_size)
     if g == 1:
+        if stage is not None and stage not in GROUPED_STAGES:
+            raise ValueError(f"stage must be one of {GROUPED_STAGES} or None, got {stage!r}")
         z = _conv_nd(z.reshape(n, r, *spatial), S, stride, padding, dilation)
-    elif len(spatial) == 3 or (x.device.type == "cpu" and not _tracing() and z.numel() >= LARGE_GROUPED_CONV):
-        # fold the groups into the batch (no 4-D convolution; on CPU, faster when large)
-        z = z.reshape(n, r, g, *spatial).movedim(2, 1).reshape(n * g, r, *spatial)
-        z = _conv_nd(z, S, stride, padding, dilation)
-        z = z.reshape(n, g, r_out, *z.shape[2:]).movedim(1, 2)
     else:
-        # the group index (a, u) becomes a depth dimension: one (d+1)-D convolution whose
-        # kernel has extent 1 along it shares the spatial kernel across all groups, no copy
-        pad = padding if isinstance(padding, str) else (0, *padding)
-        z = _conv_nd(z.reshape(n, r, g, *spatial), S.unsqueeze(2), (1, *stride), pad, (1, *dilation))
+        z = grouped_shared_conv(z.reshape(n, r, g, *spatial), S, stride, padding, dilation, stage)
     out_spatial = z.shape[-len(spatial):]
     z = z.reshape(n, r_out * a, -1)  # rows (b', a), columns (u, P)
     out = mix(f.B, z)  # (n, C_out/t, t*P)

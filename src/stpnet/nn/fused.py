@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from ..functional.contract import (CPFactors, SequentialFactors, _mix, cp_conv, cp_factors, cp_linear, paired_conv,
+from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors, _mix, cp_conv, cp_factors, cp_linear, paired_conv,
                                    paired_linear, sequential_conv, sequential_factors, sequential_linear,
                                    tucker2_conv_merged, tucker2_linear)
 from ._cache import InferenceCache
@@ -127,12 +127,16 @@ class FusedSequential(FusedLayer):
         self.S = None if f.S is None else nn.Parameter(f.S.detach().clone())
         self.B = nn.Parameter(f.B.detach().clone())
         self.rank_in, self.ring, self.t = f.rank_in, f.ring, f.t
+        #: form of the grouped k x k stage (``stpnet.functional.contract.GROUPED_STAGES``); None:
+        #: by ``grouped_stage``'s rule; ``fuse(example=x)`` measures and sets it
+        self.spatial_stage: str | None = None
 
     def _factors(self) -> SequentialFactors:
         return SequentialFactors(self.A, self.S, self.B, self.rank_in, self.ring, self.t)
 
     def _conv(self, x, stride, padding, dilation):
-        return sequential_conv(x, self._factors(), self.kernel_size, stride, padding, dilation, mix=self.mix)
+        return sequential_conv(x, self._factors(), self.kernel_size, stride, padding, dilation, mix=self.mix,
+                               stage=self.spatial_stage)
 
     def _linear(self, x):
         return sequential_linear(x, self._factors())
@@ -219,14 +223,16 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         A model with factorized layers (for example from :func:`stpnet.compress`).
     example : torch.Tensor, optional
         An input batch of the size the model will serve. With it, each layer takes the faster of
-        two forms at that size: its fused chain, or the factorized layer forced to ``'rebuild'``
+        two forms at that size: its fused chain (for a sequential/ring convolution, with the
+        fastest form of its grouped k x k stage, ``FusedSequential.spatial_stage``), or the
+        factorized layer forced to ``'rebuild'``
         (in eval mode it rebuilds the dense weight once and reuses it, so it runs like a dense
         layer while storing only its factors; its runtime memory holds the dense weight).
         Without it, every layer becomes a contraction chain (the form to export: nothing dense
         is ever built).
     decide : {'measure', 'cost'}, default 'measure'
-        With ``example``: ``'measure'`` times both forms on the layer's own input (best of 5
-        after a warm-up) and keeps the faster; ``'cost'`` follows the layer's path choice (its
+        With ``example``: ``'measure'`` times the forms on the layer's own input (best of 5
+        after a warm-up) and keeps the fastest; ``'cost'`` follows the layer's path choice (its
         cost model, or its measurement with ``forward_path='measure'``) without timing.
     inplace : bool, default False
         Modify ``model`` itself instead of a deep copy.
@@ -244,12 +250,15 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         return fuse_layer(model)
     if not inplace:
         model = copy.deepcopy(model)
-    rebuild = _layers_preferring_rebuild(model, example, decide == "measure") if example is not None else set()
+    forms = _forms_for_example(model, example, decide == "measure") if example is not None else {}
 
     def build(layer: FactorizedLayer) -> nn.Module:
-        if id(layer) in rebuild:
+        form = forms.get(id(layer))
+        if form == "rebuild":
             layer.forward_path = "rebuild"
             return layer
+        if form is not None:
+            return form.train(layer.training)
         return fuse_layer(layer)
 
     return replace_modules(model, _fusable, build)
@@ -260,9 +269,11 @@ def _fusable(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _layers_preferring_rebuild(model: nn.Module, example: torch.Tensor, measure: bool) -> set[int]:
-    """ids of the factorized layers that should rebuild on ``example``'s activations: by timing the
-    fused chain against the rebuilt dense op (``measure``), or by the layer's own path choice."""
+def _forms_for_example(model: nn.Module, example: torch.Tensor, measure: bool) -> dict[int, nn.Module | str]:
+    """For each factorized layer (by id) that ``example`` reaches: ``'rebuild'`` if it should stay
+    factorized and rebuild, else its fused module. With ``measure``, each layer's own input times
+    the rebuilt dense op against the fused chain, a sequential/ring convolution's chain in each of
+    its grouped-stage forms (the fastest is kept); without, the layer's own path choice decides."""
     inputs: dict[int, tuple[FactorizedLayer, torch.Tensor]] = {}
 
     def hook(layer, args, output):
@@ -275,19 +286,26 @@ def _layers_preferring_rebuild(model: nn.Module, example: torch.Tensor, measure:
         model(example)
         for h in handles:
             h.remove()
-        chosen = set()
+        forms: dict[int, nn.Module | str] = {}
         for key, (layer, x) in inputs.items():
-            if measure:
-                fused = fuse_layer(layer).eval()
-                rebuilt = copy.copy(layer)  # shares the factors and the eval cache
-                rebuilt.forward_path = "rebuild"
-                slower = best_time(lambda: rebuilt(x), x.device, 5) < best_time(lambda: fused(x), x.device, 5)
+            if not measure:
+                forms[key] = "rebuild" if layer.path_for(x) == "rebuild" else fuse_layer(layer)
+                continue
+            fused = fuse_layer(layer).eval()
+            if isinstance(fused, FusedSequential) and fused.kernel_size and fused.ring * fused.t > 1:
+                times = {}
+                for stage in GROUPED_STAGES:
+                    fused.spatial_stage = stage
+                    times[stage] = best_time(lambda: fused(x), x.device, 5)
+                fused.spatial_stage = min(times, key=times.get)
+                fused_time = times[fused.spatial_stage]
             else:
-                slower = layer.path_for(x) == "rebuild"
-            if slower:
-                chosen.add(key)
+                fused_time = best_time(lambda: fused(x), x.device, 5)
+            rebuilt = copy.copy(layer)  # shares the factors and the eval cache
+            rebuilt.forward_path = "rebuild"
+            forms[key] = "rebuild" if best_time(lambda: rebuilt(x), x.device, 5) < fused_time else fused
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return chosen
+    return forms
