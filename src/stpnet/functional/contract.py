@@ -97,13 +97,15 @@ def sequential_factors(cores: Sequence[torch.Tensor], t: int, n_in: int, has_ker
 GROUPED_STAGES = ("depth", "fold", "stacked")
 
 
-def grouped_stage(batch: int, spatial: Sequence[int], stride: Sequence[int]) -> str:
-    """The default form of the grouped k x k stage: ``'stacked'`` for one sample of 2-D maps of at
-    least 16x16 positions with height stride 1, ``'depth'`` otherwise. Measured (one thread,
+def grouped_stage(batch: int, spatial: Sequence[int], stride: Sequence[int], device_type: str = "cpu") -> str:
+    """The default form of the grouped k x k stage: on CPU, ``'stacked'`` for one sample of 2-D maps
+    of at least 16x16 positions with height stride 1; ``'depth'`` otherwise (and on other devices,
+    where it has not been measured). Measured (one thread,
     ``bench/spatial_stage.py --micro``, BENCHMARKS.md): at batch 1 the stacked form takes 0.4-0.8x
     the depth form's time from 16x16 maps up (1.1-1.4x at 8x8); at batch 32 the depth form is the
     fastest of the three at every measured shape."""
-    if batch == 1 and len(spatial) == 2 and stride[0] == 1 and spatial[0] * spatial[1] >= 256:
+    if (device_type == "cpu" and batch == 1 and len(spatial) == 2 and stride[0] == 1
+            and spatial[0] * spatial[1] >= 256):
         return "stacked"
     return "depth"
 
@@ -139,7 +141,7 @@ def grouped_shared_conv(z: torch.Tensor, S: torch.Tensor, stride: Sequence[int],
     n, r, g = z.shape[:3]
     spatial = z.shape[3:]
     if stage is None:
-        stage = "depth" if _recording() else grouped_stage(n, spatial, stride)
+        stage = "depth" if _recording() else grouped_stage(n, spatial, stride, z.device.type)
     elif stage not in GROUPED_STAGES:
         raise ValueError(f"stage must be one of {GROUPED_STAGES} or None, got {stage!r}")
     if stage == "stacked" and len(spatial) == 2 and stride[0] == 1 and not isinstance(padding, str):
