@@ -112,7 +112,7 @@ class FusedLayer(InferenceCache):
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight (see :meth:`dense_weight`): read-only; rebuilt once in inference."""
-        return self._cached("weight", self.dense_weight)
+        return self._cached("weight", lambda: self.dense_weight().contiguous())
 
 
 class FusedSequential(FusedLayer):
