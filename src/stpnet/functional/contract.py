@@ -211,11 +211,19 @@ def sequential_conv(
     return out.reshape(n, -1, *out_spatial)
 
 
+def _left_apply(W: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``W`` (m, k) applied to every sample of ``z`` (n, k, t), flattened to (n, m * t).
+
+    As one (n t, k) x (k, m) product: ``W @ z`` would run n products of t columns each, which
+    measured 2-4x slower for transformer-sized n (512 tokens) and t <= 2."""
+    return torch.tensordot(z, W, dims=([1], [1])).transpose(1, 2).reshape(z.shape[0], -1)
+
+
 def sequential_linear(x: torch.Tensor, f: SequentialFactors) -> torch.Tensor:
     """Linear map with a sequential / ring factorized matrix; ``x`` is (N, C_in)."""
     n = x.shape[0]
     z = (x @ f.A).reshape(n, f.rank_in * f.ring, f.t)  # rows (b, a), u last
-    return (f.B @ z).reshape(n, -1)
+    return _left_apply(f.B, z)
 
 
 def tucker2_conv(
@@ -255,9 +263,9 @@ def tucker2_conv_merged(x: torch.Tensor, W: torch.Tensor, U_out: torch.Tensor, U
 def tucker2_linear(x: torch.Tensor, core: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor) -> torch.Tensor:
     """Linear map with a Tucker-2 / STTu matrix (core (R_o, R_i)); ``x`` is (N, C_in)."""
     n = x.shape[0]
-    z = (U_in.transpose(-1, -2) @ x.reshape(n, U_in.shape[0], -1)).reshape(n, -1)  # (n, R_i)
+    z = _left_apply(U_in.transpose(-1, -2), x.reshape(n, U_in.shape[0], -1))  # (n, R_i)
     z = z @ core.transpose(-1, -2)  # (n, R_o)
-    return (U_out @ z.reshape(n, U_out.shape[1], -1)).reshape(n, -1)
+    return _left_apply(U_out, z.reshape(n, U_out.shape[1], -1))
 
 
 def _paired_cores(
