@@ -228,6 +228,24 @@ def test_embedding_from_dense_full_rank_and_back():
         assert rel(back(idx), dense(idx)) < 1e-10
 
 
+def test_embedding_inference_gathers_from_a_cached_small_table_and_never_forms_a_large_one(monkeypatch):
+    torch.manual_seed(6)
+    emb = FactorizedEmbedding(40, 12, padding_idx=2, format="stt", rank=4, t=2, dtype=torch.float64).eval()
+    idx = torch.tensor([[0, 2, 39], [5, 5, 2]])
+    expected = emb.dense_weight()[idx]
+    rebuilds = []
+    original = FactorizedEmbedding.dense_weight
+    monkeypatch.setattr(FactorizedEmbedding, "dense_weight", lambda self: rebuilds.append(1) or original(self))
+    with torch.no_grad():
+        assert rel(emb(idx), expected) < 1e-13 and torch.all(emb(idx)[idx == 2] == 0)
+        emb(idx)
+        assert len(rebuilds) == 1  # once, then gathered from
+        emb.max_cached_table = 40 * 12 - 1  # a table above the limit: lookups only
+        rebuilds.clear()
+        assert rel(emb(idx), expected) < 1e-13 and not rebuilds
+    assert emb(idx).requires_grad  # with gradients on, the lookup path
+
+
 def test_embedding_bad_input():
     emb = FactorizedEmbedding(10, 8, format="tt", rank=2)
     with pytest.raises(IndexError, match=r"must lie in \[0, 10\)"):
