@@ -22,8 +22,9 @@ class FactorizedEmbedding(FactorizedLayer):
     The table is stored as the weight of a factorized Linear from ``num_embeddings`` to
     ``embedding_dim`` features (a token is the one-hot input it selects), tensorized with the same
     layouts. A lookup contracts only the factor slices of the requested tokens
-    (:mod:`stpnet.functional.lookup`): the table is never formed, whatever the batch. ``weight``
-    returns the table, as ``nn.Embedding.weight`` (rebuilt, cached in inference).
+    (:mod:`stpnet.functional.lookup`): the table is not formed, whatever the batch (but see the
+    inference cache of small tables below). ``weight`` returns the table, as
+    ``nn.Embedding.weight`` (rebuilt, cached in inference).
 
     Parameters
     ----------
