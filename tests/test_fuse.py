@@ -141,6 +141,27 @@ def test_fused_network_exports_to_torchscript_and_onnx(combo):
     torch.testing.assert_close(torch.from_numpy(y), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("stage", ["depth", "fold", "stacked"])
+def test_every_grouped_stage_form_exports_to_onnx(stage):
+    """A stage form chosen by fuse(example=) is baked into the export: each runs in ONNX Runtime."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    net = fuse(_small_net(("str", "ring", 2)))
+    for module in net.modules():
+        if isinstance(module, stpnet.nn.FusedSequential):
+            module.spatial_stage = stage
+    x = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+    onnx_bytes = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), onnx_bytes, dynamo=False, input_names=["x"], output_names=["y"])
+    session = ort.InferenceSession(onnx_bytes.getvalue(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), expected, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- path choice
 def test_path_choice_is_remembered_per_shape_and_ranks():
     layer = FactorizedConv2d(8, 16, 3, 1, 1, format="stt", rank=4)
