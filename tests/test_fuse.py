@@ -117,6 +117,17 @@ def _small_net(combo):
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), FactorizedLinear(8, 6, format=fmt, rank=4, t=t, layout=layout)).eval()
 
 
+def _check_onnx(ort, net, x, expected):
+    """Export ``net`` to ONNX, run it in ONNX Runtime on ``x`` and compare with ``expected``."""
+    onnx_bytes = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), onnx_bytes, dynamo=False, input_names=["x"], output_names=["y"])
+    session = ort.InferenceSession(onnx_bytes.getvalue(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("combo", COMBOS, ids=[f"{f}-{lay}" for f, lay, _ in COMBOS])
 def test_fused_network_exports_to_torchscript_and_onnx(combo):
     ort = pytest.importorskip("onnxruntime")
@@ -132,13 +143,7 @@ def test_fused_network_exports_to_torchscript_and_onnx(combo):
         buffer.seek(0)
         loaded = torch.jit.load(buffer)
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-6)
-    onnx_bytes = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (x,), onnx_bytes, dynamo=False, input_names=["x"], output_names=["y"])
-    session = ort.InferenceSession(onnx_bytes.getvalue(), providers=["CPUExecutionProvider"])
-    (y,) = session.run(None, {"x": x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(y), expected, rtol=1e-4, atol=1e-5)
+    _check_onnx(ort, net, x, expected)
 
 
 @pytest.mark.parametrize("stage", ["depth", "fold", "stacked"])
@@ -153,13 +158,7 @@ def test_every_grouped_stage_form_exports_to_onnx(stage):
     x = torch.randn(1, 4, 16, 16)
     with torch.no_grad():
         expected = net(x)
-    onnx_bytes = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (x,), onnx_bytes, dynamo=False, input_names=["x"], output_names=["y"])
-    session = ort.InferenceSession(onnx_bytes.getvalue(), providers=["CPUExecutionProvider"])
-    (y,) = session.run(None, {"x": x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(y), expected, rtol=1e-4, atol=1e-5)
+    _check_onnx(ort, net, x, expected)
 
 
 # ----------------------------------------------------------------------------- path choice
