@@ -27,9 +27,9 @@ import math
 import torch
 from torch import nn
 
-from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors, _mix, cp_conv, cp_factors, cp_linear, paired_conv,
-                                   paired_linear, sequential_conv, sequential_factors, sequential_linear,
-                                   tucker2_conv_merged, tucker2_linear)
+from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors, _mix, cp_conv, cp_factors,
+                                   cp_linear, paired_conv, paired_linear, sequential_conv, sequential_factors,
+                                   sequential_linear, tucker2_conv_merged, tucker2_linear)
 from ._cache import InferenceCache
 from ._timing import best_time
 from .base import FactorizedLayer
