@@ -65,7 +65,8 @@ def micro() -> None:
                             (14, 8, 4), (28, 32, 2), (56, 16, 2)]:
                 z, S = torch.randn(n, r, g, H, H), torch.randn(r, r, 3, 3)
                 folded = torch.randn(n * g, r, H, H)
-                runs = {stage: (lambda stage=stage: contract.grouped_shared_conv(z, S, (1, 1), (1, 1), (1, 1), stage)) for stage in contract.GROUPED_STAGES}
+                runs = {stage: (lambda stage=stage: contract.grouped_shared_conv(z, S, (1, 1), (1, 1), (1, 1), stage))
+                        for stage in contract.GROUPED_STAGES}
                 runs["unfold"] = lambda: S.reshape(r, -1) @ F.unfold(folded, 3, padding=1)
                 us = time_in_blocks({k: (lambda _x, f=f: f()) for k, f in runs.items()}, z, 150)
                 rule = contract.grouped_stage(n, (H, H), (1, 1))
