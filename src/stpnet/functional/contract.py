@@ -101,8 +101,8 @@ def grouped_stage(batch: int, spatial: Sequence[int], stride: Sequence[int], dev
     """The default form of the grouped k x k stage: on CPU, ``'stacked'`` for one sample of 2-D maps
     of at least 16x16 positions with height stride 1; ``'depth'`` otherwise (and on other devices,
     where it has not been measured). Measured (one thread,
-    ``bench/spatial_stage.py --micro``, BENCHMARKS.md): at batch 1 the stacked form takes 0.4-0.8x
-    the depth form's time from 16x16 maps up (1.1-1.4x at 8x8); at batch 32 the depth form is the
+    ``bench/spatial_stage.py --micro``, BENCHMARKS.md): at batch 1 the stacked form takes 0.4-0.75x
+    the depth form's time from 16x16 maps up (1.05-1.5x at 8x8); at batch 32 the depth form is the
     fastest of the three at every measured shape."""
     if (device_type == "cpu" and batch == 1 and len(spatial) == 2 and stride[0] == 1
             and spatial[0] * spatial[1] >= 256):
