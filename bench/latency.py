@@ -114,16 +114,17 @@ def params(model: nn.Module) -> int:
 
 def run(args) -> None:
     torch.set_num_threads(args.threads)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / "runs.jsonl"
     for net in args.networks:
         torch.manual_seed(0)
-        dense = build_model(net).eval()
+        dense = build_model(net).eval().to(memory_format=layout)
         dense_params = params(dense)
         for factor in args.factors:
             for fmt in args.formats:
                 small, _ = stpnet.compress(dense, fmt, compression=factor, t=2 if fmt in SEMI else None)
-                small.eval()
+                small = small.eval().to(memory_format=layout)
                 fused = stpnet.fuse(small).eval()
                 candidates = {"dense": dense, "factorized": small, "fused": fused}
                 extra = {}
@@ -134,7 +135,7 @@ def run(args) -> None:
                         candidates["tltorch"] = tl
                         extra["tltorch_compression"] = dense_params / params(tl)
                 for batch in args.batches:
-                    x = torch.randn(batch, 3, 32, 32)
+                    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=layout)
                     models = dict(candidates)
                     # fused for this batch size: layers whose path choice is 'rebuild' at it stay factorized
                     models["fused_for_batch"] = stpnet.fuse(small, example=x).eval()
@@ -147,7 +148,7 @@ def run(args) -> None:
                            "params": params(small), "dense_params": dense_params, "seconds": seconds,
                            "ratio": {k: v / seconds["onnx_dense" if k.startswith("onnx") else "dense"]
                                      for k, v in seconds.items()},
-                           "threads": args.threads, "repeats": args.repeats, "cpu": cpu_model(),
+                           "threads": args.threads, "repeats": args.repeats, "channels_last": args.channels_last, "cpu": cpu_model(),
                            "torch": torch.__version__, **extra}
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -160,17 +161,18 @@ def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     latest = {}
     for r in rows:
-        latest[(r["network"], r["target"], r["batch"], r["format"])] = r
+        latest[(r["network"], r["target"], r["batch"], r.get("channels_last", False), r["format"])] = r
     lines = ["time / dense (lower is better; < 1 is faster than dense); ONNX columns: / dense under ONNX Runtime",
-             "", "| network | target | batch | format | compression | dense ms | factorized | fused | fused for batch | "
-             "tltorch | onnx fused |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(latest, key=lambda k: (NETWORKS.index(k[0]) if k[0] in NETWORKS else 9, k[1], k[2],
-                                             FORMATS.index(k[3]))):
+             "", "| network | target | batch | memory | format | compression | dense ms | factorized | fused | fused for batch | "
+             "tltorch | onnx fused |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(latest, key=lambda k: (NETWORKS.index(k[0]) if k[0] in NETWORKS else 9, k[1], k[2], k[3],
+                                             FORMATS.index(k[4]))):
         r = latest[key]
         ratio = r["ratio"]
         tl = f"{ratio['tltorch']:.2f} ({r['tltorch_compression']:.1f}x)" if "tltorch" in ratio else "-"
         onnx = f"{ratio['onnx_fused']:.2f}" if "onnx_fused" in ratio else "-"
-        lines.append(f"| {r['network']} | {r['target']:g}x | {r['batch']} | {r['format']} | {r['compression']:.1f}x | "
+        lines.append(f"| {r['network']} | {r['target']:g}x | {r['batch']} | "
+                     f"{'channels_last' if r.get('channels_last') else 'NCHW'} | {r['format']} | {r['compression']:.1f}x | "
                      f"{r['seconds']['dense'] * 1e3:.2f} | {ratio['factorized']:.2f} | {ratio['fused']:.2f} | "
                      f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} |")
     return "\n".join(lines)
@@ -184,6 +186,8 @@ def main() -> None:
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 32])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run every model (dense included) on channels_last inputs and weights")
     parser.add_argument("--onnx", action="store_true", help="also time dense and fused under ONNX Runtime")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()

@@ -14,7 +14,8 @@ from torch import nn
 import stpnet
 from stpnet.functional.contract import conv1x1_mix
 from stpnet.models import resnet20
-from stpnet.nn import (FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear, FusedLayer,
+from stpnet.functional.plain import PLAIN_FORMS, PlainChain, plain_form_weights
+from stpnet.nn import (CONV_FORMS, FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear, FusedLayer,
                        fuse, fuse_layer)
 
 COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
@@ -50,6 +51,7 @@ def _dense(layer, x):
 @pytest.mark.parametrize("combo", COMBOS, ids=[f"{f}-{lay}" for f, lay, _ in COMBOS])
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv2d-strided", "conv3d"])
 def test_fused_layer_computes_the_same_function(combo, kind):
+    layout = combo[1]
     layer, x = _layer(kind, combo)
     fused = fuse_layer(layer)
     assert isinstance(fused, FusedLayer)
@@ -62,6 +64,17 @@ def test_fused_layer_computes_the_same_function(combo, kind):
     with torch.no_grad():
         assert float((fused(x) - expected).norm() / expected.norm()) < 1e-12
     del fused.mix
+    # every conv form computes the same function (the plain ones on derived weights), and stays
+    # differentiable through the merged factors
+    assert fused.conv_forms == (("chain",) if kind == "linear" or layout == "paired" else CONV_FORMS)
+    for form in fused.conv_forms:
+        fused.conv_form = form
+        with torch.no_grad():
+            assert float((fused(x) - expected).norm() / expected.norm()) < 1e-12, form
+        fused.zero_grad()
+        fused(x).square().sum().backward()
+        assert all(p.grad is not None for p in fused.parameters()), form
+    fused.conv_form = "chain"
     # it stays compressed: about the factorized parameter count, far from the dense one
     n_fused = sum(p.numel() for p in fused.parameters())
     assert n_fused < 2 * layer.num_params + 64
@@ -146,6 +159,59 @@ def test_fused_network_exports_to_torchscript_and_onnx(combo):
     _check_onnx(ort, net, x, expected)
 
 
+@pytest.mark.parametrize("form", PLAIN_FORMS)
+@pytest.mark.parametrize("combo", [("stt", "sequential", 2), ("sttu", "tucker2", 2), ("cp", "cp", 1)],
+                         ids=["stt", "sttu", "cp"])
+def test_every_plain_conv_form_exports_to_onnx(combo, form):
+    """A conv form chosen by fuse(example=) is baked into the export (its weights computed from the
+    factors in the graph): each runs in ONNX Runtime."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    net = fuse(_small_net(combo))
+    for module in net.modules():
+        if isinstance(module, FusedLayer) and module.kernel_size:
+            module.conv_form = form
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        expected = net(x)
+    _check_onnx(ort, net, x, expected)
+
+
+def test_plain_chain_follows_the_kronecker_definition():
+    """The plain chain of an STT conv equals A -> (I_g ⊗ S) -> (B ⊗ I_t) built entry by entry."""
+    torch.manual_seed(6)
+    layer = FactorizedConv2d(8, 12, 3, 1, 1, format="stt", rank=4, t=2, dtype=torch.float64)
+    fused = fuse_layer(layer)
+    chain = fused._plain_chain()
+    r, a, t = fused.rank_in, fused.ring, fused.t
+    g, r_out = a * t, fused.S.shape[0]
+    S = fused.S.reshape(r_out, r, 3, 3)
+    for h in range(g):
+        for k in range(g):
+            block = chain.W_mid[h * r_out:(h + 1) * r_out, k * r:(k + 1) * r]
+            torch.testing.assert_close(block, S if h == k else torch.zeros_like(S))
+    B = fused.B.reshape(-1, r_out, a)  # (o, b', a)
+    for o in range(B.shape[0]):
+        for u in range(t):
+            for aa in range(a):
+                for v in range(t):
+                    for b in range(r_out):
+                        expected = B[o, b, aa] if u == v else 0.0
+                        assert float(chain.W_out[o * t + u, (aa * t + v) * r_out + b]) == float(expected)
+    torch.testing.assert_close(chain.W_in, fused.A.reshape(8, r, g).permute(2, 1, 0).reshape(g * r, 8))
+
+
+def test_a_conv_form_the_layer_lacks_is_refused():
+    net = fuse(_small_net(("tt", "paired", 1)))
+    layer = next(m for m in net.modules() if isinstance(m, FusedLayer) and m.kernel_size)
+    assert layer.conv_forms == ("chain",)
+    layer.conv_form = "plain"
+    with pytest.raises(ValueError, match="conv_form 'plain' is not available for this layer; valid: \\('chain',\\)"):
+        layer(torch.randn(1, layer.in_channels, 8, 8))
+    with pytest.raises(ValueError, match="form must be one of"):
+        plain_form_weights(PlainChain(torch.eye(2), torch.ones(2, 2, 3, 3), torch.eye(2)), "blocked")
+
+
 @pytest.mark.parametrize("stage", ["depth", "fold", "stacked"])
 def test_every_grouped_stage_form_exports_to_onnx(stage):
     """A stage form chosen by fuse(example=) is baked into the export: each runs in ONNX Runtime."""
@@ -218,12 +284,15 @@ def test_fuse_with_an_example_measures_each_layer_and_keeps_the_fastest_form(mon
 
     torch.manual_seed(5)
     model = nn.Sequential(FactorizedConv2d(8, 16, 3, 1, 1, format="str", rank=8),
-                          FactorizedConv2d(16, 16, 3, 1, 1, format="stt", rank=4)).eval()
+                          FactorizedConv2d(16, 16, 3, 1, 1, format="stt", rank=4),
+                          FactorizedConv2d(16, 16, 3, 1, 1, format="tr", rank=4)).eval()
     x = torch.randn(2, 8, 8, 8)
     # per layer, in order: the fused chain's time with each grouped-stage form (depth, fold,
-    # stacked), then the rebuilt dense op's
-    timings = iter([2.0, 3.0, 2.5, 1.0,
-                    3.0, 1.0, 2.0, 2.0])
+    # stacked), each plain conv form (plain, merged_in, merged_out, dense), then the rebuilt dense
+    # op's
+    timings = iter([2.0, 3.0, 2.5, 1.5, 1.5, 1.5, 1.5, 1.0,
+                    3.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0,
+                    3.0, 3.0, 3.0, 3.0, 3.0, 0.5, 3.0, 2.0])
 
     def fake_best_time(run, device, repeats=3):
         run()
@@ -232,7 +301,8 @@ def test_fuse_with_an_example_measures_each_layer_and_keeps_the_fastest_form(mon
     monkeypatch.setattr(fused_module, "best_time", fake_best_time)
     fused = fuse(model, example=x)
     assert isinstance(fused[0], stpnet.nn.FactorizedLayer) and fused[0].forward_path == "rebuild"
-    assert isinstance(fused[1], FusedLayer) and fused[1].spatial_stage == "fold"
+    assert isinstance(fused[1], FusedLayer) and fused[1].spatial_stage == "fold" and fused[1].conv_form == "chain"
+    assert isinstance(fused[2], FusedLayer) and fused[2].conv_form == "merged_out"
     assert next(timings, None) is None
     monkeypatch.undo()
     real = fuse(model, example=x)  # real timings: either form, the same function

@@ -30,6 +30,8 @@ from torch import nn
 from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors, _mix, cp_conv, cp_factors,
                                    cp_linear, paired_conv, paired_linear, sequential_conv, sequential_factors,
                                    sequential_linear, tucker2_conv_merged, tucker2_linear)
+from ..functional.plain import (PLAIN_FORMS, PlainChain, cp_plain, plain_conv, plain_form_weights, sequential_plain,
+                                tucker2_plain)
 from ._cache import InferenceCache
 from ._timing import best_time
 from .base import FactorizedLayer
@@ -37,7 +39,14 @@ from .conv import prepare_conv_input
 from ._replace import replace_modules
 from .embedding import FactorizedEmbedding
 
-__all__ = ["FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "FusedCP", "fuse", "fuse_layer"]
+__all__ = ["CONV_FORMS", "FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "FusedCP", "fuse", "fuse_layer"]
+
+
+#: How a fused convolution runs: ``'chain'``, its contraction chain on the merged factors (nothing
+#: larger than the factors is built; the form to export), or one of the plain-convolution forms of
+#: :mod:`stpnet.functional.plain` on weights derived once in inference (faster at batch 1 on CPU;
+#: ``fuse(example=x)`` measures them).
+CONV_FORMS = ("chain", *PLAIN_FORMS)
 
 
 class FusedLayer(InferenceCache):
@@ -66,13 +75,48 @@ class FusedLayer(InferenceCache):
             self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
             self.padding_mode = layer.padding_mode
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        #: the form a convolution runs in (one of ``CONV_FORMS``; the plain ones only where
+        #: :meth:`_plain_chain` exists); ``fuse(example=x)`` measures and sets it
+        self.conv_form = "chain"
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, format={self.format!r}"
 
-    def _conv(self, x: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
-        """The chain on an already padded (N, C_in, *spatial) input, without the bias."""
+    def _chain_conv(self, x: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+        """The contraction chain on an already padded (N, C_in, *spatial) input, without the bias."""
         raise NotImplementedError
+
+    def _plain_chain(self) -> PlainChain | None:
+        """The convolution as ``1x1 -> k x k -> 1x1`` plain weights, or None where the layout has
+        no such form (paired)."""
+        return None
+
+    @property
+    def conv_forms(self) -> tuple[str, ...]:
+        """The forms this layer can run in (``CONV_FORMS`` for a convolution with a plain chain)."""
+        if not self.kernel_size or type(self)._plain_chain is FusedLayer._plain_chain:
+            return ("chain",)
+        return CONV_FORMS
+
+    def _conv(self, x: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+        """The convolution in ``conv_form`` on an already padded input, without the bias."""
+        form = self.conv_form
+        if form == "chain":
+            return self._chain_conv(x, stride, padding, dilation)
+        # weights in the input's memory format: a channels_last input with NCHW weights makes
+        # oneDNN reorder the weights on every call
+        channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        weights = self._cached((form, channels_last), lambda: self._plain_form(form, channels_last))
+        return plain_conv(x, weights, stride, padding, dilation)
+
+    def _plain_form(self, form: str, channels_last: bool = False):
+        if form not in self.conv_forms:
+            raise ValueError(f"conv_form {form!r} is not available for this layer; valid: {self.conv_forms}")
+        weights = plain_form_weights(self._plain_chain(), form)
+        if channels_last:
+            weights = weights._replace(weights=tuple(w.contiguous(memory_format=torch.channels_last)
+                                                     for w in weights.weights))
+        return weights
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         """The chain on a (N, in_features) input, without the bias."""
@@ -134,9 +178,12 @@ class FusedSequential(FusedLayer):
     def _factors(self) -> SequentialFactors:
         return SequentialFactors(self.A, self.S, self.B, self.rank_in, self.ring, self.t)
 
-    def _conv(self, x, stride, padding, dilation):
+    def _chain_conv(self, x, stride, padding, dilation):
         return sequential_conv(x, self._factors(), self.kernel_size, stride, padding, dilation, mix=self.mix,
                                stage=self.spatial_stage)
+
+    def _plain_chain(self) -> PlainChain:
+        return sequential_plain(self.A, self.S, self.B, self.rank_in, self.ring, self.t, self.kernel_size)
 
     def _linear(self, x):
         return sequential_linear(x, self._factors())
@@ -158,8 +205,12 @@ class FusedTucker2(FusedLayer):
         self.U_out = nn.Parameter(w.factors[0].detach().clone())
         self.U_in = nn.Parameter(w.factors[1].detach().clone())
 
-    def _conv(self, x, stride, padding, dilation):
+    def _chain_conv(self, x, stride, padding, dilation):
         return tucker2_conv_merged(x, self.core, self.U_out, self.U_in, stride, padding, dilation, mix=self.mix)
+
+    def _plain_chain(self) -> PlainChain:
+        return tucker2_plain(self.core, self.U_out, self.U_in, self.out_features // self.U_out.shape[0],
+                             self.in_features // self.U_in.shape[0])
 
     def _linear(self, x):
         return tucker2_linear(x, self.core, self.U_out, self.U_in)
@@ -176,7 +227,7 @@ class FusedPaired(FusedLayer):
         self.out_modes = tuple(layer.tensorization.out_modes)
         self.t = w.t
 
-    def _conv(self, x, stride, padding, dilation):
+    def _chain_conv(self, x, stride, padding, dilation):
         return paired_conv(x, list(self.cores), self.in_modes, self.out_modes, self.t, self.kernel_size, stride,
                            padding, dilation)
 
@@ -196,8 +247,11 @@ class FusedCP(FusedLayer):
         self.S = None if f.S is None else nn.Parameter(f.S.detach().clone())
         self.B = nn.Parameter(f.B.detach().clone())
 
-    def _conv(self, x, stride, padding, dilation):
+    def _chain_conv(self, x, stride, padding, dilation):
         return cp_conv(x, CPFactors(self.A, self.S, self.B), self.kernel_size, stride, padding, dilation, mix=self.mix)
+
+    def _plain_chain(self) -> PlainChain:
+        return cp_plain(self.A, self.S, self.B, self.kernel_size)
 
     def _linear(self, x):
         return cp_linear(x, CPFactors(self.A, self.S, self.B))
@@ -222,12 +276,14 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
     model : nn.Module
         A model with factorized layers (for example from :func:`stpnet.compress`).
     example : torch.Tensor, optional
-        An input batch of the size the model will serve. With it, each layer takes the faster of
-        two forms at that size: its fused chain (for a sequential/ring convolution, with the
-        fastest form of its grouped k x k stage, ``FusedSequential.spatial_stage``), or the
-        factorized layer forced to ``'rebuild'``
-        (in eval mode it rebuilds the dense weight once and reuses it, so it runs like a dense
-        layer while storing only its factors; its runtime memory holds the dense weight).
+        An input batch of the size the model will serve. With it, each layer takes the fastest
+        of its forms at that size: its fused contraction chain (for a sequential/ring
+        convolution, with each form of its grouped k x k stage, ``FusedSequential.spatial_stage``),
+        its plain-convolution forms (``FusedLayer.conv_form``: weights derived from the merged
+        factors once in inference, a few times the factors' size, faster at batch 1), or the
+        factorized layer forced to ``'rebuild'`` (in eval mode it rebuilds the dense weight once
+        and reuses it, so it runs like a dense layer while storing only its factors; its runtime
+        memory holds the dense weight). Parameters stay the merged factors in every form.
         Without it, every layer becomes a contraction chain (the form to export: nothing dense
         is ever built).
     decide : {'measure', 'cost'}, default 'measure'
@@ -264,6 +320,35 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
     return replace_modules(model, _fusable, build)
 
 
+def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) -> FusedLayer | str:
+    """Time ``fused`` on ``x`` in each of its forms (each conv form, and for a sequential/ring
+    chain each grouped-stage form) and ``layer`` rebuilt; return ``'rebuild'`` or ``fused`` set
+    to its fastest form."""
+    candidates: list[tuple[str, str | None]] = []
+    for form in fused.conv_forms:
+        if form == "chain" and isinstance(fused, FusedSequential) and fused.kernel_size and fused.ring * fused.t > 1:
+            candidates += [(form, stage) for stage in GROUPED_STAGES]
+        else:
+            candidates.append((form, None))
+    times = {}
+    for form, stage in candidates:
+        fused.conv_form = form
+        if isinstance(fused, FusedSequential):
+            fused.spatial_stage = stage
+        times[form, stage] = best_time(lambda: fused(x), x.device, 5)
+    rebuilt = copy.copy(layer)  # shares the factors and the eval cache
+    rebuilt.forward_path = "rebuild"
+    rebuild_time = best_time(lambda: rebuilt(x), x.device, 5)
+    (form, stage), fused_time = min(times.items(), key=lambda item: item[1])
+    fused.__dict__.pop("_inference_cache", None)  # only the chosen form's weights are kept
+    if rebuild_time < fused_time:
+        return "rebuild"
+    fused.conv_form = form
+    if isinstance(fused, FusedSequential):
+        fused.spatial_stage = stage
+    return fused
+
+
 def _fusable(module: nn.Module) -> bool:
     return isinstance(module, FactorizedLayer) and not isinstance(module, FactorizedEmbedding)
 
@@ -272,8 +357,8 @@ def _fusable(module: nn.Module) -> bool:
 def _forms_for_example(model: nn.Module, example: torch.Tensor, measure: bool) -> dict[int, nn.Module | str]:
     """For each factorized layer (by id) that ``example`` reaches: ``'rebuild'`` if it should stay
     factorized and rebuild, else its fused module. With ``measure``, each layer's own input times
-    the rebuilt dense op against the fused chain, a sequential/ring convolution's chain in each of
-    its grouped-stage forms (the fastest is kept); without, the layer's own path choice decides."""
+    the rebuilt dense op against the fused layer in each of its forms (:func:`_fastest_form`; the
+    fastest is kept); without, the layer's own path choice decides."""
     inputs: dict[int, tuple[FactorizedLayer, torch.Tensor]] = {}
 
     def hook(layer, args, output):
@@ -292,18 +377,7 @@ def _forms_for_example(model: nn.Module, example: torch.Tensor, measure: bool) -
                 forms[key] = "rebuild" if layer.path_for(x) == "rebuild" else fuse_layer(layer)
                 continue
             fused = fuse_layer(layer).eval()
-            if isinstance(fused, FusedSequential) and fused.kernel_size and fused.ring * fused.t > 1:
-                times = {}
-                for stage in GROUPED_STAGES:
-                    fused.spatial_stage = stage
-                    times[stage] = best_time(lambda: fused(x), x.device, 5)
-                fused.spatial_stage = min(times, key=times.get)
-                fused_time = times[fused.spatial_stage]
-            else:
-                fused_time = best_time(lambda: fused(x), x.device, 5)
-            rebuilt = copy.copy(layer)  # shares the factors and the eval cache
-            rebuilt.forward_path = "rebuild"
-            forms[key] = "rebuild" if best_time(lambda: rebuilt(x), x.device, 5) < fused_time else fused
+            forms[key] = _fastest_form(layer, fused, x)
     finally:
         for h in handles:
             h.remove()
