@@ -254,7 +254,7 @@ def test_measured_path_choice_times_both_paths_once_per_shape():
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
     measured = []
     original = layer._measure_paths
-    layer._measure_paths = lambda inp: measured.append(tuple(inp.shape)) or original(inp)
+    layer._measure_paths = lambda inp, *rest: measured.append(tuple(inp.shape)) or original(inp, *rest)
     for _ in range(3):
         torch.testing.assert_close(layer(x), reference(x))
     assert measured == [(2, 8, 6, 6)]

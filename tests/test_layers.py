@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from stpnet.nn import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear
+from stpnet.nn.cost import MEMORY_WEIGHT
 
 COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
           ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2), ("cp", "cp", 1)]
@@ -267,6 +268,29 @@ def test_rebuild_cost_is_the_reconstruction_of_the_weight(fmt, t):
     assert layer.path_costs(shape)["rebuild"].macs == layer.dense_macs(shape) + layer.weight_tensor.reconstruction_macs()
     if fmt in ("tr", "str"):
         assert layer.choose_path(shape) == "contract"
+
+
+@pytest.mark.parametrize("fmt,t", [("tr", 1), ("str", 2), ("tt", 1), ("stt", 2), ("tucker", 1), ("cp", 1)])
+def test_inference_choice_leaves_out_the_cached_factor_work(fmt, t):
+    """In eval mode without gradients the rebuilt weight and merged cores are cached, so the cost
+    model scores the paths without that once-per-call work, and remembers the choice apart from
+    the training one."""
+    layer = FactorizedConv2d(64, 64, 3, padding=1, bias=False, format=fmt, rank=14 if fmt != "cp" else 40, t=t)
+    x = torch.randn(1, 64, 8, 8)
+    costs = layer.path_costs(x.shape)
+    rebuild = costs["rebuild"]
+    assert rebuild.once == layer.weight_tensor.reconstruction_macs() and rebuild.once_activations == 64 * 64 * 9
+    assert rebuild.score("cpu", cached=True) == pytest.approx(
+        rebuild.score("cpu") - rebuild.once - MEMORY_WEIGHT["cpu"] * rebuild.once_activations)
+    training = min(costs, key=lambda p: (costs[p].score("cpu"), p != "rebuild"))
+    inference = min(costs, key=lambda p: (costs[p].score("cpu", cached=True), p != "rebuild"))
+    layer(x)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    choices = layer.__dict__["_path_choices"]
+    assert choices[(tuple(x.shape), "cpu", torch.float32, tuple(layer.rank), False)] == training
+    assert choices[(tuple(x.shape), "cpu", torch.float32, tuple(layer.rank), True)] == inference
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -225,44 +225,54 @@ class FactorizedLayer(InferenceCache):
         warnings.warn("FactorizedLayer.dense_flops() is deprecated: use dense_macs()", DeprecationWarning, stacklevel=2)
         return self.dense_macs(input_shape)
 
-    def choose_path(self, input_shape: Sequence[int], device_type: str | None = None) -> str:
+    def choose_path(self, input_shape: Sequence[int], device_type: str | None = None, inference: bool = False) -> str:
         """'rebuild' or 'contract': the forced path, the measured one (``forward_path='measure'``,
-        once an input of this shape has run), or the cost model's choice. Choices are remembered
-        per (input shape, device, dtype, ranks), so the cost model runs once per shape."""
+        once an input of this shape has run), or the cost model's choice. ``inference``: for a
+        call in eval mode without gradients, where the rebuilt weight and merged cores are cached
+        (the cost model then leaves out their once-per-call work). Choices are remembered per
+        (input shape, device, dtype, ranks, inference), so the cost model runs once per shape."""
         if self.forward_path in ("rebuild", "contract"):
             return self.forward_path
         device_type = device_type or self.weight_tensor.device.type
-        key = self._choice_key(input_shape, device_type)
+        key = self._choice_key(input_shape, device_type, inference)
         choices = self.__dict__.setdefault("_path_choices", {})
         if key not in choices:
-            analytic = choose(self.path_costs(input_shape), device_type)
+            analytic = choose(self.path_costs(input_shape), device_type, cached=inference)
             if self.forward_path == "measure":
                 return analytic  # not measured yet (forward measures on the first real input)
             choices[key] = analytic
         return choices[key]
 
-    def _choice_key(self, input_shape: Sequence[int], device_type: str) -> tuple:
-        return (tuple(int(s) for s in input_shape), device_type, self.weight_tensor.dtype, tuple(self.rank))
+    def _choice_key(self, input_shape: Sequence[int], device_type: str, inference: bool) -> tuple:
+        return (tuple(int(s) for s in input_shape), device_type, self.weight_tensor.dtype, tuple(self.rank), inference)
 
     @torch.no_grad()
-    def _measure_paths(self, x: torch.Tensor, repeats: int = 3) -> str:
-        """Time both paths on ``x`` (best of ``repeats`` after one warm-up call) and remember the faster."""
-        timings = {
-            "rebuild": best_time(lambda: self._dense_forward(x, self.dense_weight()), x.device, repeats),
-            "contract": best_time(lambda: self._contract_forward(x), x.device, repeats),
-        }
+    def _measure_paths(self, x: torch.Tensor, inference: bool = False, repeats: int = 3) -> str:
+        """Time both paths on ``x`` (best of ``repeats`` after one warm-up call) and remember the
+        faster; ``inference``: as eval mode runs them, with the rebuilt weight and merged cores
+        cached."""
+        if inference:
+            rebuild = lambda: self._dense_forward(x, self.weight)  # noqa: E731
+        else:
+            rebuild = lambda: self._dense_forward(x, self.dense_weight())  # noqa: E731
+        timings = {"rebuild": best_time(rebuild, x.device, repeats),
+                   "contract": best_time(lambda: self._contract_forward(x), x.device, repeats)}
         choice = min(timings, key=timings.get)
-        self.__dict__.setdefault("_path_choices", {})[self._choice_key(x.shape, x.device.type)] = choice
+        self.__dict__.setdefault("_path_choices", {})[self._choice_key(x.shape, x.device.type, inference)] = choice
         return choice
 
     def path_for(self, x: torch.Tensor) -> str:
         """The path a forward call on ``x`` takes: measured now if ``forward_path='measure'`` and
         this shape has not been timed yet (never while tracing or compiling), else
-        :meth:`choose_path`."""
-        if (self.forward_path == "measure" and not recording()
-                and self._choice_key(x.shape, x.device.type) not in self.__dict__.get("_path_choices", {})):
-            return self._measure_paths(x)
-        return self.choose_path(x.shape, x.device.type)
+        :meth:`choose_path`. Inference calls (eval mode, no gradients) are chosen apart from
+        training ones: their factor work is cached."""
+        inference = not self.training and not torch.is_grad_enabled()
+        if recording():
+            inference = False
+        elif (self.forward_path == "measure"
+              and self._choice_key(x.shape, x.device.type, inference) not in self.__dict__.get("_path_choices", {})):
+            return self._measure_paths(x, inference)
+        return self.choose_path(x.shape, x.device.type, inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:  # empty input: as torch does

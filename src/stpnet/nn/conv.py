@@ -155,13 +155,15 @@ class _FactorizedConvNd(FactorizedLayer):
         pen = narrow_penalty
         stages, acts, per_call = self.tensorization.layout.conv_cost(self, p_in, p_out)
         acts = n * acts
-        macs = n * sum(m for m, _ in stages) + per_call
-        work = n * sum(m * pen(c) for m, c in stages) + per_call
+        macs = n * sum(s.macs for s in stages) + per_call
+        work = n * sum(s.work() for s in stages) + per_call
         dense = n * weight_numel * p_out
         build = w.reconstruction_macs()
         rebuild = PathCost(macs=dense + build, activations=n * c_out * p_out + weight_numel,
-                           peak=max(n * c_out * p_out, weight_numel), work=dense * pen(min(c_in, c_out)) + build)
-        return {"rebuild": rebuild, "contract": PathCost(macs=macs, activations=acts, peak=acts, work=work)}
+                           peak=max(n * c_out * p_out, weight_numel), work=dense * pen(min(c_in, c_out)) + build,
+                           once=build, once_activations=weight_numel)
+        return {"rebuild": rebuild,
+                "contract": PathCost(macs=macs, activations=acts, peak=acts, work=work, once=per_call, ops=len(stages))}
 
     # ------------------------------------------------------------------ from dense
     @classmethod

@@ -36,6 +36,7 @@ from .._validate import divisors
 from ..functional.contract import (cp_conv, cp_factors, cp_linear, paired_conv, paired_linear, sequential_conv,
                                    sequential_factors, sequential_linear, tucker2_conv, tucker2_linear)
 from ..functional.lookup import cp_lookup, paired_lookup, sequential_lookup, sequential_output_factor, tucker2_lookup
+from .cost import GROUP_PENALTY, Stage
 from .modes import channel_modes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -155,9 +156,10 @@ class Layout:
         """``(multiply-adds per input row, activations per row, multiply-adds per call)`` of :meth:`linear`."""
         raise NotImplementedError
 
-    def conv_cost(self, layer: "FactorizedLayer", p_in: int, p_out: int) -> tuple[list[tuple[int, int]], int, int]:
-        """``(stages, activations, per_call)`` of :meth:`conv` per sample: each stage is
-        ``(multiply-adds, its narrowest channel count)``; ``per_call`` is the work on the factors."""
+    def conv_cost(self, layer: "FactorizedLayer", p_in: int, p_out: int) -> tuple[list[Stage], int, int]:
+        """``(stages, activations, per_call)`` of :meth:`conv` per sample: each stage is a
+        :class:`~stpnet.nn.cost.Stage` (multiply-adds, narrowest channel count, slowdown of its
+        form); ``per_call`` is the work on the factors."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ deployment
@@ -207,8 +209,10 @@ class SequentialLayout(Layout):
         c_in, c_out, K = tz.in_features, tz.out_features, tz.kernel_numel
         a = self._ring(r)
         rb, ra = self._bonds(r, len(tz.in_modes))
-        stages = [(c_in * rb * a * t * p_in, min(c_in, rb * a * t)), (ra * rb * K * a * t * p_out, min(ra, rb)),
-                  (c_out * ra * a * p_out, min(c_out, ra * a))]
+        groups = a * t
+        stages = [Stage(c_in * rb * groups * p_in, min(c_in, rb * groups)),
+                  Stage(ra * rb * K * groups * p_out, min(ra, rb), 1.0 + GROUP_PENALTY * (groups - 1)),
+                  Stage(c_out * ra * a * p_out, min(c_out, ra * a))]
         acts = rb * a * t * p_in + ra * a * t * p_out + c_out * p_out
         return stages, acts, (c_in * t + c_out) * max(r) * max(r)
 
@@ -294,13 +298,13 @@ class PairedLayout(Layout):
         t, r = w.t, self.bond_ranks(w)
         c_in, K = tz.in_features, tz.kernel_numel
         state = c_in * r[0] * t * p_out
-        stages, acts = [(c_in * r[0] * t * K * p_out, 1)], state
+        stages, acts = [Stage(c_in * r[0] * t * K * p_out, 1)], state
         d = len(tz.in_modes)
         for k in range(d):
             r_prev, r_next = r[k], (r[k + 1] if k + 1 < len(r) else 1)
             o_k = tz.out_modes[k] // (t if k == d - 1 else 1)
             new_state = state // (tz.in_modes[k] * r_prev) * o_k * r_next
-            stages.append((state * o_k * r_next, min(tz.in_modes[k] * r_prev, o_k * r_next)))
+            stages.append(Stage(state * o_k * r_next, min(tz.in_modes[k] * r_prev, o_k * r_next)))
             acts += new_state
             state = new_state
         return stages, acts, (c_in * t + tz.out_features) * max(r) * max(r)
@@ -370,8 +374,8 @@ class Tucker2Layout(Layout):
         t = w.t[0]
         c_in, c_out, K = tz.in_features, tz.out_features, tz.kernel_numel
         r_o, r_i = w.rank[0], w.rank[1]
-        stages = [(c_in * r_i // t * p_in, min(c_in, r_i)), (r_o * r_i * K * p_out, min(r_o, r_i)),
-                  (c_out * r_o // t * p_out, min(c_out, r_o))]
+        stages = [Stage(c_in * r_i // t * p_in, min(c_in, r_i)), Stage(r_o * r_i * K * p_out, min(r_o, r_i)),
+                  Stage(c_out * r_o // t * p_out, min(c_out, r_o))]
         return stages, r_i * p_in + r_o * p_out + c_out * p_out, c_in * c_out
 
     def fuse(self, layer):
@@ -410,7 +414,7 @@ class CPLayout(Layout):
     def conv_cost(self, layer, p_in, p_out):
         tz, (R,) = layer.tensorization, layer.weight_tensor.rank
         c_in, c_out, K = tz.in_features, tz.out_features, tz.kernel_numel
-        stages = [(c_in * R * p_in, min(c_in, R)), (R * K * p_out, 1), (c_out * R * p_out, min(c_out, R))]
+        stages = [Stage(c_in * R * p_in, min(c_in, R)), Stage(R * K * p_out, 1), Stage(c_out * R * p_out, min(c_out, R))]
         return stages, R * p_in + R * p_out + c_out * p_out, (c_in + c_out) * R
 
     def fuse(self, layer):

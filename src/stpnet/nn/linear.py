@@ -109,11 +109,12 @@ class FactorizedLinear(FactorizedLayer):
             n *= s
         w = self.weight_tensor
         c_in, c_out = self.in_features, self.out_features
-        rebuild = PathCost(macs=n * c_in * c_out + w.reconstruction_macs(), activations=n * c_out + c_in * c_out,
-                           peak=max(n * c_out, c_in * c_out))
+        build = w.reconstruction_macs()
+        rebuild = PathCost(macs=n * c_in * c_out + build, activations=n * c_out + c_in * c_out,
+                           peak=max(n * c_out, c_in * c_out), once=build, once_activations=c_in * c_out)
         per_row, acts_per_row, per_call = self.tensorization.layout.linear_cost(self)
         macs, acts = n * per_row + per_call, n * acts_per_row
-        return {"rebuild": rebuild, "contract": PathCost(macs=macs, activations=acts, peak=acts)}
+        return {"rebuild": rebuild, "contract": PathCost(macs=macs, activations=acts, peak=acts, once=per_call)}
 
     @classmethod
     def from_dense(
