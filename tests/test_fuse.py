@@ -15,7 +15,7 @@ import stpnet
 from stpnet.functional.contract import conv1x1_mix
 from stpnet.models import resnet20
 from stpnet.functional.plain import PLAIN_FORMS, PlainChain, plain_form_weights
-from stpnet.nn import (CONV_FORMS, FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear, FusedLayer,
+from stpnet.nn import (FUSED_FORMS, FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear, FusedLayer,
                        fuse, fuse_layer)
 
 COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
@@ -66,15 +66,15 @@ def test_fused_layer_computes_the_same_function(combo, kind):
     del fused.mix
     # every conv form computes the same function (the plain ones on derived weights), and stays
     # differentiable through the merged factors
-    assert fused.conv_forms == (("chain",) if kind == "linear" or layout == "paired" else CONV_FORMS)
-    for form in fused.conv_forms:
-        fused.conv_form = form
+    assert fused.forms == (("chain", "dense") if kind == "linear" or layout == "paired" else FUSED_FORMS)
+    for form in fused.forms:
+        fused.form = form
         with torch.no_grad():
             assert float((fused(x) - expected).norm() / expected.norm()) < 1e-12, form
         fused.zero_grad()
         fused(x).square().sum().backward()
         assert all(p.grad is not None for p in fused.parameters()), form
-    fused.conv_form = "chain"
+    fused.form = "chain"
     # it stays compressed: about the factorized parameter count, far from the dense one
     n_fused = sum(p.numel() for p in fused.parameters())
     assert n_fused < 2 * layer.num_params + 64
@@ -159,10 +159,10 @@ def test_fused_network_exports_to_torchscript_and_onnx(combo):
     _check_onnx(ort, net, x, expected)
 
 
-@pytest.mark.parametrize("form", PLAIN_FORMS)
+@pytest.mark.parametrize("form", [*PLAIN_FORMS, "dense"])
 @pytest.mark.parametrize("combo", [("stt", "sequential", 2), ("sttu", "tucker2", 2), ("cp", "cp", 1)],
                          ids=["stt", "sttu", "cp"])
-def test_every_plain_conv_form_exports_to_onnx(combo, form):
+def test_every_fused_form_exports_to_onnx(combo, form):
     """A conv form chosen by fuse(example=) is baked into the export (its weights computed from the
     factors in the graph): each runs in ONNX Runtime."""
     ort = pytest.importorskip("onnxruntime")
@@ -170,11 +170,33 @@ def test_every_plain_conv_form_exports_to_onnx(combo, form):
     net = fuse(_small_net(combo))
     for module in net.modules():
         if isinstance(module, FusedLayer) and module.kernel_size:
-            module.conv_form = form
+            module.form = form
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         expected = net(x)
     _check_onnx(ort, net, x, expected)
+
+
+def test_plain_forms_plan_repeated_inference_calls_and_follow_changes():
+    torch.manual_seed(7)
+    layer = FactorizedConv2d(8, 12, 3, 1, 1, format="stt", rank=4, t=2)
+    fused = fuse_layer(layer).eval()
+    x = torch.randn(1, 8, 8, 8)
+    expected = _dense(layer, x).detach()
+    with torch.no_grad():
+        for form in (*PLAIN_FORMS, "dense"):
+            fused.form = form
+            for _ in range(2):  # the second call runs the remembered plan
+                torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-5)
+        assert fused.__dict__["_plan"][2][0] == "dense"
+        xc = x.contiguous(memory_format=torch.channels_last)  # another memory format: its own weights
+        torch.testing.assert_close(fused(xc), expected, rtol=1e-4, atol=1e-5)
+        assert fused.__dict__["_plan"][2] == ("dense", True)
+        fused.A.mul_(-1)  # a parameter changed in place: the plan is dropped, the weights rebuilt
+        changed = fused(x)
+        fused.form = "chain"
+        torch.testing.assert_close(changed, fused(x), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(changed, expected, atol=1e-3)
 
 
 def test_plain_chain_follows_the_kronecker_definition():
@@ -201,12 +223,12 @@ def test_plain_chain_follows_the_kronecker_definition():
     torch.testing.assert_close(chain.W_in, fused.A.reshape(8, r, g).permute(2, 1, 0).reshape(g * r, 8))
 
 
-def test_a_conv_form_the_layer_lacks_is_refused():
+def test_a_form_the_layer_lacks_is_refused():
     net = fuse(_small_net(("tt", "paired", 1)))
     layer = next(m for m in net.modules() if isinstance(m, FusedLayer) and m.kernel_size)
-    assert layer.conv_forms == ("chain",)
-    layer.conv_form = "plain"
-    with pytest.raises(ValueError, match="conv_form 'plain' is not available for this layer; valid: \\('chain',\\)"):
+    assert layer.forms == ("chain", "dense")
+    layer.form = "plain"
+    with pytest.raises(ValueError, match="form 'plain' is not available for this layer; valid: \\('chain', 'dense'\\)"):
         layer(torch.randn(1, layer.in_channels, 8, 8))
     with pytest.raises(ValueError, match="form must be one of"):
         plain_form_weights(PlainChain(torch.eye(2), torch.ones(2, 2, 3, 3), torch.eye(2)), "blocked")
@@ -301,8 +323,8 @@ def test_fuse_with_an_example_measures_each_layer_and_keeps_the_fastest_form(mon
     monkeypatch.setattr(fused_module, "best_time", fake_best_time)
     fused = fuse(model, example=x)
     assert isinstance(fused[0], stpnet.nn.FactorizedLayer) and fused[0].forward_path == "rebuild"
-    assert isinstance(fused[1], FusedLayer) and fused[1].spatial_stage == "fold" and fused[1].conv_form == "chain"
-    assert isinstance(fused[2], FusedLayer) and fused[2].conv_form == "merged_out"
+    assert isinstance(fused[1], FusedLayer) and fused[1].spatial_stage == "fold" and fused[1].form == "chain"
+    assert isinstance(fused[2], FusedLayer) and fused[2].form == "merged_out"
     assert next(timings, None) is None
     monkeypatch.undo()
     real = fuse(model, example=x)  # real timings: either form, the same function

@@ -411,6 +411,45 @@ def test_eval_inference_caches_merged_factors_until_they_change(fmt, path, monke
     assert out.requires_grad
 
 
+@pytest.mark.parametrize("fmt", ["stt", "tucker", "cp"])
+def test_a_repeated_inference_call_follows_its_plan_and_every_change_is_seen(fmt):
+    """The second inference call on an input like the first skips the path choice and the checks;
+    a new shape, another forward_path, new parameters, a new bias or new geometry attributes are
+    all seen."""
+    torch.manual_seed(1)
+    layer = FactorizedConv2d(8, 8, 3, padding=1, format=fmt, rank=4 if fmt != "cp" else 12,
+                             t=2 if fmt == "stt" else None, forward_path="rebuild").eval()
+    x = torch.randn(1, 8, 6, 6)
+    choices = []
+    original = layer.path_for
+    layer.path_for = lambda inp: choices.append(tuple(inp.shape)) or original(inp)
+
+    def reference(inp):
+        return torch.nn.functional.conv2d(inp, layer.dense_weight(), layer.bias, layer.stride, layer.padding)
+
+    with torch.no_grad():
+        first = layer(x)
+        assert layer(x) is not None and choices == [(1, 8, 6, 6)]  # planned: no second choice
+        torch.testing.assert_close(layer(x), first)
+        layer(torch.randn(2, 8, 6, 6))  # another shape: chosen again
+        assert len(choices) == 2
+        layer.forward_path = "contract"
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-4, atol=1e-5)
+        assert len(choices) == 3
+        layer.forward_path = "rebuild"
+        layer(x)
+        layer.bias = nn.Parameter(torch.ones(8))  # a new bias object is read at call time
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-4, atol=1e-5)
+        layer.stride = (2, 2)
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-4, atol=1e-5)
+        layer.stride = (1, 1)
+        layer.weight_tensor.factors[0].mul_(2)  # an in-place change of a factor
+        torch.testing.assert_close(layer(x), reference(x), rtol=1e-4, atol=1e-5)
+    layer.train()  # training never plans
+    y = layer(x)
+    assert y.requires_grad
+
+
 def test_renamed_methods_keep_deprecated_aliases():
     layer = FactorizedConv2d(8, 16, 3, padding=1, format="stt", rank=4, t=2)
     shape = (2, 8, 6, 6)

@@ -39,6 +39,7 @@ __all__ = [
     "sequential_linear",
     "tucker2_conv",
     "tucker2_conv_merged",
+    "tucker2_kernel",
     "conv1x1_mix",
     "tucker2_linear",
     "paired_conv",
@@ -243,8 +244,13 @@ def tucker2_conv(
 
     ``(U ⊗ I_t)`` acts on channels ``p*t + u`` as a matrix product on the (C/t, t*P) view.
     """
-    W = torch.tensordot(core, U_k, dims=([2], [1])).reshape(core.shape[0], core.shape[1], *kernel_size)
-    return tucker2_conv_merged(x, W, U_out, U_in, stride, padding, dilation)
+    return tucker2_conv_merged(x, tucker2_kernel(core, U_k, kernel_size), U_out, U_in, stride, padding, dilation)
+
+
+def tucker2_kernel(core: torch.Tensor, U_k: torch.Tensor, kernel_size: Sequence[int]) -> torch.Tensor:
+    """The rank-space kernel (R_o, R_i, *kernel_size) of a Tucker-2 convolution: the core
+    (R_o, R_i, K) merged with the spatial factor U_k (kernel taps, K)."""
+    return torch.tensordot(core, U_k, dims=([2], [1])).reshape(core.shape[0], core.shape[1], *kernel_size)
 
 
 def tucker2_conv_merged(x: torch.Tensor, W: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor,

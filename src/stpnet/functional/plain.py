@@ -10,8 +10,7 @@ of three plain convolutions that compute the same function:
 
 ``1x1 (W_in) -> k x k (W_mid) -> 1x1 (W_out)``
 
-and of the two-op forms that merge the k x k stage with one side (and, for completeness of the
-choice, the one-op dense form: the rebuilt weight). They deliberately spend zeros
+and of the two-op forms that merge the k x k stage with one side. They deliberately spend zeros
 (the identity blocks of ``U ⊗ I_t`` and of a kernel shared by ``g`` groups) to run as the ops the
 backend executes fastest; they are inference-time operators derived from the factors (for
 :class:`stpnet.nn.FusedLayer`), chosen by measurement, never stored as parameters.
@@ -29,8 +28,8 @@ __all__ = ["PLAIN_FORMS", "PlainChain", "sequential_plain", "tucker2_plain", "cp
 
 #: The plain-convolution forms of a factorized convolution: ``'plain'`` (1x1 -> k x k -> 1x1),
 #: ``'merged_in'`` (k x k with the input 1x1 merged in -> 1x1), ``'merged_out'`` (1x1 -> k x k
-#: with the output 1x1 merged in), ``'dense'`` (all merged: one convolution on the rebuilt weight).
-PLAIN_FORMS = ("plain", "merged_in", "merged_out", "dense")
+#: with the output 1x1 merged in).
+PLAIN_FORMS = ("plain", "merged_in", "merged_out")
 
 
 class PlainChain(NamedTuple):
@@ -130,19 +129,17 @@ def plain_form_weights(chain: PlainChain, form: str) -> PlainForm:
     if form == "merged_out":
         merged = torch.tensordot(chain.W_out, chain.W_mid, dims=([1], [0]))  # (C_out, m1, *k)
         return PlainForm((_as_kernel(chain.W_in, dims), merged.contiguous()), 1)
-    if form == "dense":
-        merged = torch.tensordot(chain.W_out, chain.W_mid, dims=([1], [0]))
-        merged = _last_to_second(torch.tensordot(merged, chain.W_in, dims=([1], [0])))  # (C_out, C_in, *k)
-        return PlainForm((merged.contiguous(),), 0)
     raise ValueError(f"form must be one of {PLAIN_FORMS}, got {form!r}")
 
 
 def plain_conv(x: torch.Tensor, form: PlainForm, stride: Sequence[int], padding: Sequence[int] | str,
-               dilation: Sequence[int]) -> torch.Tensor:
+               dilation: Sequence[int], bias: torch.Tensor | None = None) -> torch.Tensor:
     """Run the convolutions of ``form`` (from :func:`plain_form_weights`) on ``x``, an already
     padded (N, C_in, *spatial) input; the spatial stage gets ``stride``, ``padding`` and
-    ``dilation``."""
+    ``dilation``, the last op adds ``bias``."""
     conv = (F.conv1d, F.conv2d, F.conv3d)[x.ndim - 3]
+    last = len(form.weights) - 1
     for i, W in enumerate(form.weights):
-        x = conv(x, W, None, stride, padding, dilation) if i == form.spatial else conv(x, W)
+        b = bias if i == last else None
+        x = conv(x, W, b, stride, padding, dilation) if i == form.spatial else conv(x, W, b)
     return x

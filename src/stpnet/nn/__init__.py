@@ -6,7 +6,7 @@ from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
 from .convert import dense_counterpart, from_dense, to_dense, why_not_factorizable
 from .cost import PathCost
 from .embedding import FactorizedEmbedding
-from .fused import CONV_FORMS, FusedCP, FusedLayer, FusedPaired, FusedSequential, FusedTucker2, fuse, fuse_layer
+from .fused import FUSED_FORMS, FusedCP, FusedLayer, FusedPaired, FusedSequential, FusedTucker2, fuse, fuse_layer
 from .layouts import LAYOUTS, Layout, layout_named
 from .linear import FactorizedLinear
 from .tensorize import Tensorization, channel_modes, factorize
@@ -19,7 +19,7 @@ __all__ = [
     "FactorizedConv3d",
     "FactorizedEmbedding",
     "UnpackedMultiheadAttention",
-    "CONV_FORMS",
+    "FUSED_FORMS",
     "FusedLayer",
     "FusedSequential",
     "FusedTucker2",

@@ -4,20 +4,21 @@ unchanged."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 from torch import nn
 
 __all__ = ["InferenceCache", "recording"]
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
 
 def recording() -> bool:
     """True while tracing, scripting or compiling: the graph must see the real computation."""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return bool(_is_compiling is not None and _is_compiling())
 
 
 class InferenceCache(nn.Module):
@@ -61,10 +62,37 @@ class InferenceCache(nn.Module):
         cache[name] = (key, value)
         return value
 
-    def train(self, mode: bool = True):
+    # ------------------------------------------------------------------ inference plans
+    def _planned(self, x: torch.Tensor, config: Hashable) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The function remembered by :meth:`_remember_plan` for an input of ``x``'s shape and
+        dtype under ``config`` (the module's settings that choose its computation), if the
+        parameters are unchanged and this is an inference call; else None.
+
+        At batch 1 a factorized layer's per-call Python (choosing the path, checking the cache,
+        checking the input) measured 7-20 us against a 45 us convolution: a plan skips all of it
+        but one parameter check."""
+        plan = self.__dict__.get("_plan")
+        if plan is None or self.training or torch.is_grad_enabled():
+            return None
+        shape, dtype, planned_config, key, run = plan
+        if shape != x.shape or dtype != x.dtype or planned_config != config or not self._cache_valid(key) \
+                or recording():
+            return None
+        return run
+
+    def _remember_plan(self, x: torch.Tensor, config: Hashable, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Remember ``run`` as the computation for inputs like ``x`` (inference calls only)."""
+        if not (self.training or torch.is_grad_enabled() or recording()):
+            self.__dict__["_plan"] = (x.shape, x.dtype, config, self._cache_key(), run)
+
+    def _drop_cache(self) -> None:
         self.__dict__.pop("_inference_cache", None)
+        self.__dict__.pop("_plan", None)
+
+    def train(self, mode: bool = True):
+        self._drop_cache()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_inference_cache", None)  # .to(), .half(), ...: tensors are replaced
+        self._drop_cache()  # .to(), .half(), ...: tensors are replaced
         return super()._apply(fn, *args, **kwargs)

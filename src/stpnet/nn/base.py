@@ -275,11 +275,21 @@ class FactorizedLayer(InferenceCache):
         return self.choose_path(x.shape, x.device.type, inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = self._planned(x, self.forward_path)
+        if run is not None:  # an inference call like the last one, parameters unchanged
+            return run(x)
         if x.numel() == 0:  # empty input: as torch does
             return self._dense_forward(x, self.weight)
         if self.path_for(x) == "rebuild":
-            return self._dense_forward(x, self.weight)
+            weight = self.weight
+            self._remember_plan(x, self.forward_path, self._rebuild_plan(weight))
+            return self._dense_forward(x, weight)
+        self._remember_plan(x, self.forward_path, self._contract_forward)
         return self._contract_forward(x)
+
+    def _rebuild_plan(self, weight: torch.Tensor):
+        """The rebuild path on a fixed (cached) weight, for inputs already checked once."""
+        return lambda x: self._dense_forward(x, weight)
 
     def _cache_owner(self) -> nn.Module:
         return self.weight_tensor

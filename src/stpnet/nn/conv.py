@@ -132,6 +132,12 @@ class _FactorizedConvNd(FactorizedLayer):
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
         return conv(x, weight, self.bias, self.stride, padding, self.dilation)
 
+    def _rebuild_plan(self, weight: torch.Tensor):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super()._rebuild_plan(weight)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dim - 1]
+        return lambda x: conv(x, weight, self.bias, self.stride, self.padding, self.dilation)  # input checked once
+
     def _contract_forward(self, x: torch.Tensor) -> torch.Tensor:
         x, padding = self._prepare(x)
         y = self.tensorization.layout.conv(self, x, padding)

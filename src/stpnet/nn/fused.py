@@ -25,13 +25,14 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors, _mix, cp_conv, cp_factors,
                                    cp_linear, paired_conv, paired_linear, sequential_conv, sequential_factors,
-                                   sequential_linear, tucker2_conv_merged, tucker2_linear)
-from ..functional.plain import (PLAIN_FORMS, PlainChain, cp_plain, plain_conv, plain_form_weights, sequential_plain,
-                                tucker2_plain)
+                                   sequential_linear, tucker2_conv_merged, tucker2_kernel, tucker2_linear)
+from ..functional.plain import (PLAIN_FORMS, PlainChain, PlainForm, cp_plain, plain_conv, plain_form_weights,
+                                sequential_plain, tucker2_plain)
 from ._cache import InferenceCache
 from ._timing import best_time
 from .base import FactorizedLayer
@@ -39,20 +40,27 @@ from .conv import prepare_conv_input
 from ._replace import replace_modules
 from .embedding import FactorizedEmbedding
 
-__all__ = ["CONV_FORMS", "FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "FusedCP", "fuse", "fuse_layer"]
+__all__ = ["FUSED_FORMS", "FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "FusedCP", "fuse",
+           "fuse_layer"]
 
 
-#: How a fused convolution runs: ``'chain'``, its contraction chain on the merged factors (nothing
-#: larger than the factors is built; the form to export), or one of the plain-convolution forms of
-#: :mod:`stpnet.functional.plain` on weights derived once in inference (faster at batch 1 on CPU;
-#: ``fuse(example=x)`` measures them).
-CONV_FORMS = ("chain", *PLAIN_FORMS)
+#: How a fused layer runs: ``'chain'``, its contraction chain on the merged factors (nothing
+#: larger than the factors is built; the form to export); a convolution's plain-convolution forms
+#: (:mod:`stpnet.functional.plain`: ``'plain'``, ``'merged_in'``, ``'merged_out'``) on weights
+#: derived once in inference (faster at batch 1 on CPU); or ``'dense'``, the dense op on the
+#: weight the chain computes, rebuilt once in inference. ``fuse(example=x)`` measures them.
+FUSED_FORMS = ("chain", *PLAIN_FORMS, "dense")
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """A 4-D input stored channels_last (and not also plain contiguous)."""
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class FusedLayer(InferenceCache):
     """Base of the fused layers: the geometry of the replaced Conv/Linear, its bias, and the forward
-    pass around the subclass's chain (:meth:`_conv` for a convolution, :meth:`_linear` for a
-    Linear).
+    pass in the layer's :attr:`form` around the subclass's chain (:meth:`_chain_conv` for a
+    convolution, :meth:`_linear` for a Linear) or its plain weights (:meth:`_plain_chain`).
 
     ``kernel_size`` is empty for a Linear. Convolutions keep ``stride``, ``padding``,
     ``dilation`` and ``padding_mode`` as the torch layer has them. ``weight`` is the dense weight
@@ -75,15 +83,19 @@ class FusedLayer(InferenceCache):
             self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
             self.padding_mode = layer.padding_mode
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
-        #: the form a convolution runs in (one of ``CONV_FORMS``; the plain ones only where
-        #: :meth:`_plain_chain` exists); ``fuse(example=x)`` measures and sets it
-        self.conv_form = "chain"
+        #: the form the layer runs in (one of :attr:`forms`); ``fuse(example=x)`` measures and sets it
+        self.form = "chain"
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, format={self.format!r}"
+        return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, format={self.format!r}, "
+                f"form={self.form!r}")
 
     def _chain_conv(self, x: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
         """The contraction chain on an already padded (N, C_in, *spatial) input, without the bias."""
+        raise NotImplementedError
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The chain on a (N, in_features) input, without the bias."""
         raise NotImplementedError
 
     def _plain_chain(self) -> PlainChain | None:
@@ -92,46 +104,72 @@ class FusedLayer(InferenceCache):
         return None
 
     @property
-    def conv_forms(self) -> tuple[str, ...]:
-        """The forms this layer can run in (``CONV_FORMS`` for a convolution with a plain chain)."""
+    def forms(self) -> tuple[str, ...]:
+        """The forms this layer can run in: all of ``FUSED_FORMS`` for a convolution with a plain
+        chain, else ``('chain', 'dense')``."""
         if not self.kernel_size or type(self)._plain_chain is FusedLayer._plain_chain:
-            return ("chain",)
-        return CONV_FORMS
+            return ("chain", "dense")
+        return FUSED_FORMS
 
-    def _conv(self, x: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
-        """The convolution in ``conv_form`` on an already padded input, without the bias."""
-        form = self.conv_form
-        if form == "chain":
-            return self._chain_conv(x, stride, padding, dilation)
-        # weights in the input's memory format: a channels_last input with NCHW weights makes
-        # oneDNN reorder the weights on every call
-        channels_last = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        weights = self._cached((form, channels_last), lambda: self._plain_form(form, channels_last))
-        return plain_conv(x, weights, stride, padding, dilation)
+    def _form_weights(self, x: torch.Tensor) -> PlainForm:
+        """The convolution weights of ``form`` (not the chain) in ``x``'s memory format (a
+        channels_last input with NCHW weights makes oneDNN reorder the weights on every call),
+        cached in inference."""
+        form, channels_last = self.form, _channels_last(x)
+        return self._cached((form, channels_last), lambda: self._build_form(form, channels_last))
 
-    def _plain_form(self, form: str, channels_last: bool = False):
-        if form not in self.conv_forms:
-            raise ValueError(f"conv_form {form!r} is not available for this layer; valid: {self.conv_forms}")
-        weights = plain_form_weights(self._plain_chain(), form)
+    def _build_form(self, form: str, channels_last: bool) -> PlainForm:
+        if form not in self.forms:
+            raise ValueError(f"form {form!r} is not available for this layer; valid: {self.forms}")
+        if form == "dense":
+            weights = PlainForm((self.dense_weight().contiguous(),), 0)
+        else:
+            weights = plain_form_weights(self._plain_chain(), form)
         if channels_last:
             weights = weights._replace(weights=tuple(w.contiguous(memory_format=torch.channels_last)
                                                      for w in weights.weights))
         return weights
 
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        """The chain on a (N, in_features) input, without the bias."""
-        raise NotImplementedError
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return y
+        return y + self.bias.to(y.dtype).reshape(1, -1, *([1] * len(self.kernel_size)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_size:
-            x, padding = prepare_conv_input(x, self.in_channels, self.padding, self.kernel_size, self.dilation,
-                                            self.padding_mode)
-            y = self._conv(x, self.stride, padding, self.dilation)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype).reshape(1, -1, *([1] * len(self.kernel_size)))
-            return y
+        if self.form != "chain":  # a form on cached weights: an inference call like the last skips the checks
+            config = (self.form, _channels_last(x))
+            run = self._planned(x, config)
+            if run is not None:
+                return run(x)
+        if not self.kernel_size:
+            return self._linear_forward(x)
+        x, padding = prepare_conv_input(x, self.in_channels, self.padding, self.kernel_size, self.dilation,
+                                        self.padding_mode)
+        if self.form == "chain":
+            return self._add_bias(self._chain_conv(x, self.stride, padding, self.dilation))
+        weights = self._form_weights(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = plain_conv(x, weights, self.stride, padding, self.dilation, bias)
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            self._remember_plan(x, config, self._plain_plan(weights))
+        return y
+
+    def _plain_plan(self, weights: PlainForm):
+        """``weights`` run on an input already checked once (zero padding), read at call time: the
+        geometry attributes and the bias."""
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
+        if len(weights.weights) == 1:
+            (W,) = weights.weights
+            return lambda x: conv(x, W, self.bias, self.stride, self.padding, self.dilation)
+        return lambda x: plain_conv(x, weights, self.stride, self.padding, self.dilation, self.bias)
+
+    def _linear_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_tracing() and (x.ndim < 1 or x.shape[-1] != self.in_features):
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        if self.form == "dense":
+            weight = self.weight
+            self._remember_plan(x, (self.form, False), lambda x: F.linear(x, weight, self.bias))
+            return F.linear(x, weight, self.bias)
         lead = x.shape[:-1]
         y = self._linear(x.reshape(-1, self.in_features))
         if self.bias is not None:
@@ -150,8 +188,9 @@ class FusedLayer(InferenceCache):
         probes = torch.eye(n, dtype=reference.dtype, device=reference.device).reshape(n, self.in_channels,
                                                                                      *self.kernel_size)
         ones, zeros = (1,) * len(self.kernel_size), (0,) * len(self.kernel_size)
-        y = self._conv(probes, ones, zeros, ones)  # (n, C_out, 1, ..., 1): y[(i, taps), o] = W[o, i, taps]
-        return y.reshape(self.in_channels, *self.kernel_size, self.out_channels).movedim(-1, 0)
+        y = self._chain_conv(probes, ones, zeros, ones)  # (n, C_out, 1, ..., 1): y[(i, taps), o] = W[o, i, taps]
+        y = y.reshape(self.in_channels, *self.kernel_size, self.out_channels)
+        return y.permute(y.ndim - 1, *range(y.ndim - 1))  # non-negative axes: ONNX rejects movedim(-1, 0)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -196,11 +235,7 @@ class FusedTucker2(FusedLayer):
         super().__init__(layer)
         w = layer.weight_tensor
         with torch.no_grad():
-            if self.kernel_size:
-                core = torch.tensordot(w.core, w.factors[2], dims=([2], [1]))
-                core = core.reshape(w.core.shape[0], w.core.shape[1], *self.kernel_size)
-            else:
-                core = w.core
+            core = tucker2_kernel(w.core, w.factors[2], self.kernel_size) if self.kernel_size else w.core
         self.core = nn.Parameter(core.detach().clone())
         self.U_out = nn.Parameter(w.factors[0].detach().clone())
         self.U_in = nn.Parameter(w.factors[1].detach().clone())
@@ -279,8 +314,9 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         An input batch of the size the model will serve. With it, each layer takes the fastest
         of its forms at that size: its fused contraction chain (for a sequential/ring
         convolution, with each form of its grouped k x k stage, ``FusedSequential.spatial_stage``),
-        its plain-convolution forms (``FusedLayer.conv_form``: weights derived from the merged
-        factors once in inference, a few times the factors' size, faster at batch 1), or the
+        its other forms (``FusedLayer.form``: plain convolutions on weights derived from the merged
+        factors once in inference, a few times the factors' size, faster at batch 1; or the dense
+        op on the rebuilt weight), or the
         factorized layer forced to ``'rebuild'`` (in eval mode it rebuilds the dense weight once
         and reuses it, so it runs like a dense layer while storing only its factors; its runtime
         memory holds the dense weight). Parameters stay the merged factors in every form.
@@ -325,14 +361,14 @@ def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) ->
     chain each grouped-stage form) and ``layer`` rebuilt; return ``'rebuild'`` or ``fused`` set
     to its fastest form."""
     candidates: list[tuple[str, str | None]] = []
-    for form in fused.conv_forms:
+    for form in fused.forms:
         if form == "chain" and isinstance(fused, FusedSequential) and fused.kernel_size and fused.ring * fused.t > 1:
             candidates += [(form, stage) for stage in GROUPED_STAGES]
         else:
             candidates.append((form, None))
     times = {}
     for form, stage in candidates:
-        fused.conv_form = form
+        fused.form = form
         if isinstance(fused, FusedSequential):
             fused.spatial_stage = stage
         times[form, stage] = best_time(lambda: fused(x), x.device, 5)
@@ -340,10 +376,10 @@ def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) ->
     rebuilt.forward_path = "rebuild"
     rebuild_time = best_time(lambda: rebuilt(x), x.device, 5)
     (form, stage), fused_time = min(times.items(), key=lambda item: item[1])
-    fused.__dict__.pop("_inference_cache", None)  # only the chosen form's weights are kept
+    fused._drop_cache()  # only the chosen form's weights are kept (rebuilt on the first call)
     if rebuild_time < fused_time:
         return "rebuild"
-    fused.conv_form = form
+    fused.form = form
     if isinstance(fused, FusedSequential):
         fused.spatial_stage = stage
     return fused

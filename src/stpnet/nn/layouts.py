@@ -34,7 +34,8 @@ import torch
 
 from .._validate import divisors
 from ..functional.contract import (cp_conv, cp_factors, cp_linear, paired_conv, paired_linear, sequential_conv,
-                                   sequential_factors, sequential_linear, tucker2_conv, tucker2_linear)
+                                   sequential_factors, sequential_linear, tucker2_conv_merged, tucker2_kernel,
+                                   tucker2_linear)
 from ..functional.lookup import cp_lookup, paired_lookup, sequential_lookup, sequential_output_factor, tucker2_lookup
 from .cost import GROUP_PENALTY, Stage
 from .modes import channel_modes
@@ -356,8 +357,9 @@ class Tucker2Layout(Layout):
 
     def conv(self, layer, x, padding):
         w = layer.weight_tensor
-        return tucker2_conv(x, w.core, w.factors[0], w.factors[1], w.factors[2], layer.kernel_size, layer.stride,
-                            padding, layer.dilation)
+        # the core merged with the spatial factor: cached in inference like the other layouts' merges
+        W = layer._cached("tucker2_kernel", lambda: tucker2_kernel(w.core, w.factors[2], layer.kernel_size))
+        return tucker2_conv_merged(x, W, w.factors[0], w.factors[1], layer.stride, padding, layer.dilation)
 
     def lookup(self, layer, indices):
         w = layer.weight_tensor
@@ -414,7 +416,8 @@ class CPLayout(Layout):
     def conv_cost(self, layer, p_in, p_out):
         tz, (R,) = layer.tensorization, layer.weight_tensor.rank
         c_in, c_out, K = tz.in_features, tz.out_features, tz.kernel_numel
-        stages = [Stage(c_in * R * p_in, min(c_in, R)), Stage(R * K * p_out, 1), Stage(c_out * R * p_out, min(c_out, R))]
+        stages = [Stage(c_in * R * p_in, min(c_in, R)), Stage(R * K * p_out, 1),
+                  Stage(c_out * R * p_out, min(c_out, R))]
         return stages, R * p_in + R * p_out + c_out * p_out, (c_in + c_out) * R
 
     def fuse(self, layer):
