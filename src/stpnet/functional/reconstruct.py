@@ -72,10 +72,11 @@ def balanced_split(sizes: Sequence[int]) -> int:
     """Where :func:`tr_to_tensor` cuts a ring (and :func:`cp_to_tensor` its factors) over modes
     ``sizes``: the ``m`` (1 <= m < N) whose two halves ``sizes[:m]`` and ``sizes[m:]`` have the
     most balanced numbers of entries."""
-    total = math.log(math.prod(int(n) for n in sizes))
+    logs = [math.log(int(n)) for n in sizes]  # a list, not a generator: torch.compile traces this
+    total = sum(logs)
     best, gap, left = 1, math.inf, 0.0
     for m in range(1, len(sizes)):
-        left += math.log(int(sizes[m - 1]))
+        left += logs[m - 1]
         if abs(2 * left - total) < gap:
             best, gap = m, abs(2 * left - total)
     return best

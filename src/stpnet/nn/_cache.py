@@ -11,14 +11,14 @@ from torch import nn
 
 __all__ = ["InferenceCache", "recording"]
 
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-
-
 def recording() -> bool:
-    """True while tracing, scripting or compiling: the graph must see the real computation."""
+    """True while tracing, scripting or compiling: the graph must see the real computation.
+    (``torch.compiler.is_compiling`` is looked up on every call: dynamo recognises it by that
+    access, not through a reference kept from import time.)"""
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
-    return bool(_is_compiling is not None and _is_compiling())
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 class InferenceCache(nn.Module):
