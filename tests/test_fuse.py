@@ -165,16 +165,7 @@ def test_fused_network_exports_to_torchscript_and_onnx(combo):
 def test_every_fused_form_exports_to_onnx(combo, form):
     """A conv form chosen by fuse(example=) is baked into the export (its weights computed from the
     factors in the graph): each runs in ONNX Runtime."""
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    net = fuse(_small_net(combo))
-    for module in net.modules():
-        if isinstance(module, FusedLayer) and module.kernel_size:
-            module.form = form
-    x = torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
-        expected = net(x)
-    _check_onnx(ort, net, x, expected)
+    _check_fused_onnx(combo, lambda m: isinstance(m, FusedLayer) and m.kernel_size, "form", form, size=8)
 
 
 def test_plain_forms_plan_repeated_inference_calls_and_follow_changes():
@@ -237,13 +228,20 @@ def test_a_form_the_layer_lacks_is_refused():
 @pytest.mark.parametrize("stage", ["depth", "fold", "stacked"])
 def test_every_grouped_stage_form_exports_to_onnx(stage):
     """A stage form chosen by fuse(example=) is baked into the export: each runs in ONNX Runtime."""
+    _check_fused_onnx(("str", "ring", 2), lambda m: isinstance(m, stpnet.nn.FusedSequential), "spatial_stage", stage,
+                      size=16)
+
+
+def _check_fused_onnx(combo, selected, attribute: str, value, size: int) -> None:
+    """Fuse the small network of ``combo``, set ``attribute`` to ``value`` on the fused layers
+    ``selected`` picks, and check its ONNX export in ONNX Runtime."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    net = fuse(_small_net(("str", "ring", 2)))
+    net = fuse(_small_net(combo))
     for module in net.modules():
-        if isinstance(module, stpnet.nn.FusedSequential):
-            module.spatial_stage = stage
-    x = torch.randn(1, 4, 16, 16)
+        if selected(module):
+            setattr(module, attribute, value)
+    x = torch.randn(1, 4, size, size)
     with torch.no_grad():
         expected = net(x)
     _check_onnx(ort, net, x, expected)
