@@ -11,6 +11,7 @@ from torch import nn
 
 __all__ = ["InferenceCache", "recording"]
 
+
 def recording() -> bool:
     """True while tracing, scripting or compiling: the graph must see the real computation.
     (``torch.compiler.is_compiling`` is looked up on every call: dynamo recognises it by that

@@ -316,10 +316,10 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         convolution, with each form of its grouped k x k stage, ``FusedSequential.spatial_stage``),
         its other forms (``FusedLayer.form``: plain convolutions on weights derived from the merged
         factors once in inference, a few times the factors' size, faster at batch 1; or the dense
-        op on the rebuilt weight), or the
-        factorized layer forced to ``'rebuild'`` (in eval mode it rebuilds the dense weight once
-        and reuses it, so it runs like a dense layer while storing only its factors; its runtime
-        memory holds the dense weight). Parameters stay the merged factors in every form.
+        op on the rebuilt weight), or the factorized layer forced to ``'rebuild'`` (in eval mode
+        it rebuilds the dense weight once and reuses it, so it runs like a dense layer while
+        storing only its factors; its runtime memory holds the dense weight). Parameters stay the
+        merged factors in every form.
         Without it, every layer becomes a contraction chain (the form to export: nothing dense
         is ever built).
     decide : {'measure', 'cost'}, default 'measure'
