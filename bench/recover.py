@@ -1,7 +1,9 @@
 """How much accuracy a trained network keeps when compressed, before and after each recovery step.
 
 Starts from the shipped trained ResNet-20 (``stpnet.models.pretrained('resnet20-cifar10')``, or
-``--dense CHECKPOINT``) and compresses it to a whole-model factor (9x in all six formats; 20x in
+``--dense NAME_OR_CHECKPOINT``, e.g. ``--dense resnet32-cifar10`` once it ships: its steps are
+recorded and resumed apart, its runs and metrics in a sub-folder named after it, and ``--report``
+prints one table per network) and compresses it to a whole-model factor (9x in all six formats; 20x in
 STT, TT, STR, TR). Semi-tensor and classic rows at the same factor have the same parameter count
 (within the rank granularity), so each semi-tensor row has its equal-parameter classic control
 beside it. For every configuration it records the test accuracy on the full CIFAR-10 (JPEG q75)
@@ -98,10 +100,16 @@ def plan(seeds: int, recipe: str) -> list[tuple[Config, tuple[int, ...]]]:
     return out
 
 
-def done_steps(path: Path) -> set[tuple[str, str]]:
+#: The network rows without a ``source`` came from (the first sweeps recorded none).
+DEFAULT_SOURCE = "resnet20-cifar10"
+
+
+def done_steps(path: Path) -> set[tuple[str, str, str]]:
+    """(source network, configuration, step) of every recorded row: a step is done per network."""
     if not path.exists():
         return set()
-    return {(r["config"], r["step"]) for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))}
+    rows = map(json.loads, filter(str.strip, path.read_text().splitlines()))
+    return {(r.get("source", DEFAULT_SOURCE), r["config"], r["step"]) for r in rows}
 
 
 class _OutOfTime(Exception):
@@ -116,15 +124,19 @@ class Sweep:
         self.log = self.out / "runs.jsonl"
         self.done = done_steps(self.log)
         self.deadline = time.monotonic() + args.time_limit * 60 if args.time_limit else float("inf")
-        source = args.dense or "resnet20-cifar10"
+        source = args.dense or DEFAULT_SOURCE
         self.dense, self.spec, state = load_trained(source)
         self.dense.eval()
         self.source = str(source)
         self.data = normalized_like(load_dataset(str(DATA)), state)
         self.dense_params = sum(p.numel() for p in self.dense.parameters())
-        self.runs = Path(args.runs)
+        # another network's runs live in their own folder (the same configuration names recur)
+        self.runs = Path(args.runs) if self.source == DEFAULT_SOURCE else Path(args.runs) / Path(self.source).stem
 
     # ------------------------------------------------------------------ helpers
+    def is_done(self, config: Config, step: str) -> bool:
+        return (self.source, config.name, step) in self.done
+
     def accuracy(self, model) -> float:
         d = self.data
         return evaluate(model, d.test_x, d.test_y, d.mean, d.std, device=torch.device("cpu"))["accuracy"]
@@ -135,7 +147,7 @@ class Sweep:
                "threads": torch.get_num_threads(), "torch": torch.__version__, **values}
         with self.log.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        self.done.add((config.name, step))
+        self.done.add((self.source, config.name, step))
         acc = values.get("test_accuracy")
         print(f"{config.name:>16} {step:<14} {acc:.4f}  {values.get('seconds', 0):.1f} s", flush=True)
 
@@ -154,7 +166,7 @@ class Sweep:
 
     # ------------------------------------------------------------------ steps
     def plain_and_bn(self, config: Config) -> None:
-        if (config.name, "plain") in self.done and (config.name, "bn") in self.done:
+        if self.is_done(config, "plain") and self.is_done(config, "bn"):
             return
         small, report, seconds = self.compressed(config)
         params = report.params
@@ -184,13 +196,13 @@ class Sweep:
             spec = ModelSpec(self.spec.name, 3, 10, config.format, config.t, None, report.ranks)
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"spec": spec.to_dict(), "model": small.state_dict()}, cache)
-        if (config.name, step) not in self.done:
+        if not self.is_done(config, step):
             params = sum(p.numel() for p in small.parameters())
             fit = report.fit.to_dict()["layers"] if report is not None and report.fit is not None else None
             self.record(config, step, test_accuracy=self.accuracy(small), params=params,
                         compression=self.dense_params / params, seconds=seconds, allocation=allocation,
                         fit_steps=fit_steps, ranks={k: list(v) for k, v in spec.ranks.items()}, fit=fit)
-        if bn and (config.name, step + "+bn") not in self.done:
+        if bn and not self.is_done(config, step + "+bn"):
             with_bn = copy.deepcopy(small)
             start = time.perf_counter()
             recalibrate_batchnorm(with_bn, self.calibration(config.seed))
@@ -201,7 +213,7 @@ class Sweep:
 
     def fine_tune(self, config: Config, epochs: int, distill: bool = True) -> None:
         step = f"ft{epochs}" + ("" if distill else "-nodistill")
-        if (config.name, step) in self.done:
+        if self.is_done(config, step):
             return
         small, spec = self.recovered(config)
         self.check_time()
@@ -225,7 +237,9 @@ class Sweep:
         model = small.float().eval()
         params = sum(p.numel() for p in model.parameters())
         metrics = self.out / "metrics"
-        metrics.mkdir(exist_ok=True)
+        if self.source != DEFAULT_SOURCE:
+            metrics = metrics / Path(self.source).stem
+        metrics.mkdir(parents=True, exist_ok=True)
         (metrics / f"{config.name}-{step}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         self.record(config, step, test_accuracy=self.accuracy(model), params=params,
                     compression=self.dense_params / params,
@@ -254,7 +268,7 @@ class Sweep:
 
     def dense_row(self) -> None:
         config = Config("dense", 1, recipe="v1")  # the same row whatever the recipe
-        if (config.name, "dense") not in self.done:
+        if not self.is_done(config, "dense"):
             self.record(config, "dense", test_accuracy=self.accuracy(self.dense), params=self.dense_params,
                         compression=1.0, seconds=0.0)
 
@@ -277,7 +291,15 @@ class Sweep:
 
 
 def report(path: Path) -> str:
+    """One table per source network (the shipped ResNet-20 first)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in rows:
+        r.setdefault("source", DEFAULT_SOURCE)
+    sources = sorted({r["source"] for r in rows}, key=lambda name: (name != DEFAULT_SOURCE, name))
+    return "\n\n".join(_report_one(name, [r for r in rows if r["source"] == name]) for name in sources)
+
+
+def _report_one(source: str, rows: list[dict]) -> str:
     dense = next((r["test_accuracy"] for r in rows if r["step"] == "dense"), None)
     steps = ["plain", "bn", "recovered", "recovered+bn", "ft1", "ft5", "ft15"]
     steps += sorted({r["step"] for r in rows if re.fullmatch(r"ft\d+", r["step"]) and r["step"] not in steps},
@@ -288,7 +310,7 @@ def report(path: Path) -> str:
             continue
         key = (r["format"], r["target"], r.get("recipe", "v1"))
         by_config.setdefault(key, {}).setdefault(r["step"], []).append(r)
-    lines = [f"dense ResNet-20: {dense:.2%}" if dense is not None else "dense: not measured", "",
+    lines = [f"dense {source}: {dense:.2%}" if dense is not None else f"dense {source}: not measured", "",
              "params and compression: the allocated network that is fitted and fine-tuned (plain and bn use "
              "the uniform rule, within 2% of it); accuracy on the 10,000 test images; time: wall seconds of "
              "all steps on this machine's cores", "",
