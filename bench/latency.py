@@ -148,8 +148,8 @@ def run(args) -> None:
                            "params": params(small), "dense_params": dense_params, "seconds": seconds,
                            "ratio": {k: v / seconds["onnx_dense" if k.startswith("onnx") else "dense"]
                                      for k, v in seconds.items()},
-                           "threads": args.threads, "repeats": args.repeats, "channels_last": args.channels_last, "cpu": cpu_model(),
-                           "torch": torch.__version__, **extra}
+                           "threads": args.threads, "repeats": args.repeats, "channels_last": args.channels_last,
+                           "cpu": cpu_model(), "torch": torch.__version__, **extra}
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(f"{net:>9} {fmt:>6} {factor:g}x b{batch:<3} " + "  ".join(
@@ -163,8 +163,8 @@ def report(path: Path) -> str:
     for r in rows:
         latest[(r["network"], r["target"], r["batch"], r.get("channels_last", False), r["format"])] = r
     lines = ["time / dense (lower is better; < 1 is faster than dense); ONNX columns: / dense under ONNX Runtime",
-             "", "| network | target | batch | memory | format | compression | dense ms | factorized | fused | fused for batch | "
-             "tltorch | onnx fused |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| network | target | batch | memory | format | compression | dense ms | factorized | fused | "
+             "fused for batch | tltorch | onnx fused |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(latest, key=lambda k: (NETWORKS.index(k[0]) if k[0] in NETWORKS else 9, k[1], k[2], k[3],
                                              FORMATS.index(k[4]))):
         r = latest[key]
@@ -172,7 +172,8 @@ def report(path: Path) -> str:
         tl = f"{ratio['tltorch']:.2f} ({r['tltorch_compression']:.1f}x)" if "tltorch" in ratio else "-"
         onnx = f"{ratio['onnx_fused']:.2f}" if "onnx_fused" in ratio else "-"
         lines.append(f"| {r['network']} | {r['target']:g}x | {r['batch']} | "
-                     f"{'channels_last' if r.get('channels_last') else 'NCHW'} | {r['format']} | {r['compression']:.1f}x | "
+                     f"{'channels_last' if r.get('channels_last') else 'NCHW'} | {r['format']} | "
+                     f"{r['compression']:.1f}x | "
                      f"{r['seconds']['dense'] * 1e3:.2f} | {ratio['factorized']:.2f} | {ratio['fused']:.2f} | "
                      f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} |")
     return "\n".join(lines)

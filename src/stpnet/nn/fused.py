@@ -111,11 +111,11 @@ class FusedLayer(InferenceCache):
             return ("chain", "dense")
         return FUSED_FORMS
 
-    def _form_weights(self, x: torch.Tensor) -> PlainForm:
-        """The convolution weights of ``form`` (not the chain) in ``x``'s memory format (a
+    def _form_weights(self, channels_last: bool) -> PlainForm:
+        """The convolution weights of ``form`` (not the chain) in the input's memory format (a
         channels_last input with NCHW weights makes oneDNN reorder the weights on every call),
         cached in inference."""
-        form, channels_last = self.form, _channels_last(x)
+        form = self.form
         return self._cached((form, channels_last), lambda: self._build_form(form, channels_last))
 
     def _build_form(self, form: str, channels_last: bool) -> PlainForm:
@@ -136,8 +136,9 @@ class FusedLayer(InferenceCache):
         return y + self.bias.to(y.dtype).reshape(1, -1, *([1] * len(self.kernel_size)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels_last = _channels_last(x)
         if self.form != "chain":  # a form on cached weights: an inference call like the last skips the checks
-            config = (self.form, _channels_last(x))
+            config = (self.form, channels_last)
             run = self._planned(x, config)
             if run is not None:
                 return run(x)
@@ -147,7 +148,7 @@ class FusedLayer(InferenceCache):
                                         self.padding_mode)
         if self.form == "chain":
             return self._add_bias(self._chain_conv(x, self.stride, padding, self.dilation))
-        weights = self._form_weights(x)
+        weights = self._form_weights(channels_last)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = plain_conv(x, weights, self.stride, padding, self.dilation, bias)
         if self.padding_mode == "zeros" and not isinstance(self.padding, str):
