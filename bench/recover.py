@@ -66,7 +66,11 @@ SEMI = {"sttu": "tucker", "stt": "tt", "str": "tr"}
 #: normalised weight error, fine-tuning weight decay 5e-4. v2: uniform ranks (which recovered more
 #: before fine-tuning in a first look), and no weight decay on the fine-tuned factors.
 RECIPES = {"v1": {"allocation": "weight", "ft_weight_decay": 5e-4},
-           "v2": {"allocation": "uniform", "ft_weight_decay": 0.0}}
+           "v2": {"allocation": "uniform", "ft_weight_decay": 0.0},
+           "v3": {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200,
+                  "ft_features": 1.0}}
+#: settings a recipe may leave out (fit_steps None: --fit-steps)
+RECIPE_DEFAULTS = {"fit_unit": "layer", "fit_steps": None, "ft_features": 0.0}
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class Config:
 
     @property
     def settings(self) -> dict:
-        return RECIPES[self.recipe]
+        return {**RECIPE_DEFAULTS, **RECIPES[self.recipe]}
 
 
 def plan(seeds: int, recipe: str) -> list[tuple[Config, tuple[int, ...]]]:
@@ -180,7 +184,8 @@ class Sweep:
     def recovered(self, config: Config, allocation=None, fit_steps=None, step="recovered", bn=False):
         """The recovered network (cached in its run directory) and its spec; with ``bn`` also the
         accuracy after BatchNorm recalibration on top (step ``<step>+bn``, not cached)."""
-        fit_steps = self.args.fit_steps if fit_steps is None else fit_steps
+        if fit_steps is None:
+            fit_steps = config.settings["fit_steps"] or self.args.fit_steps
         allocation = config.settings["allocation"] if allocation is None else allocation
         cache = self.runs / config.name / f"{step}.pt"
         small, report, seconds = None, None, 0.0
@@ -191,6 +196,7 @@ class Sweep:
             small.load_state_dict(saved["model"])
         else:
             small, report, seconds = self.compressed(config, allocation=allocation, fit_steps=fit_steps,
+                                                     fit_unit=config.settings["fit_unit"],
                                                      calibration=self.calibration(config.seed),
                                                      recalibrate_bn=fit_steps == 0)
             spec = ModelSpec(self.spec.name, 3, 10, config.format, config.t, None, report.ranks)
@@ -201,7 +207,8 @@ class Sweep:
             fit = report.fit.to_dict()["layers"] if report is not None and report.fit is not None else None
             self.record(config, step, test_accuracy=self.accuracy(small), params=params,
                         compression=self.dense_params / params, seconds=seconds, allocation=allocation,
-                        fit_steps=fit_steps, ranks={k: list(v) for k, v in spec.ranks.items()}, fit=fit)
+                        fit_steps=fit_steps, fit_unit=config.settings["fit_unit"],
+                        ranks={k: list(v) for k, v in spec.ranks.items()}, fit=fit)
         if bn and not self.is_done(config, step + "+bn"):
             with_bn = copy.deepcopy(small)
             start = time.perf_counter()
@@ -221,7 +228,8 @@ class Sweep:
         weight_decay = config.settings["ft_weight_decay"]
         train_config = TrainConfig(epochs=epochs, batch_size=128, lr=args.lr, weight_decay=weight_decay, schedule="cosine",
                                    seed=config.seed, amp=args.amp, distill_alpha=0.9 if distill else 0.0,
-                                   distill_temperature=4.0)
+                                   distill_temperature=4.0,
+                                   distill_features=config.settings["ft_features"] if distill else 0.0)
 
         def on_epoch(record):
             print(f"  {config.name} {step} epoch {record['epoch']}/{epochs}: test {record['test_accuracy']:.4f}, "
@@ -244,7 +252,7 @@ class Sweep:
         self.record(config, step, test_accuracy=self.accuracy(model), params=params,
                     compression=self.dense_params / params,
                     seconds=sum(r["epoch_time"] + r["eval_time"] for r in history), lr=args.lr, amp=args.amp,
-                    weight_decay=weight_decay,
+                    weight_decay=weight_decay, distill_features=train_config.distill_features,
                     last_epoch_test_accuracy_amp=history[-1]["test_accuracy"])
 
     def ablation(self) -> None:

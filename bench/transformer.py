@@ -166,7 +166,7 @@ class Sweep:
                                 seconds=round(time.perf_counter() - start, 1))
                 start = time.perf_counter()
                 fitted, report = compress(dense, fmt, compression=factor, t=t, calibration=calibration, fit_steps=100,
-                                          attention=self.args.attention)
+                                          fit_unit="layer", attention=self.args.attention)
                 fit_seconds = time.perf_counter() - start
                 if (name, "fit") not in self.done:
                     self.record(name, "fit", test_accuracy=self.accuracy(fitted), **common,

@@ -157,7 +157,8 @@ def _train_loop(args, spec, data, model=None, extra=None, teacher=None):
     config = _config(args)
     if teacher is not None:
         config = dataclasses.replace(config, distill_alpha=args.distill_alpha,
-                                     distill_temperature=args.distill_temperature)
+                                     distill_temperature=args.distill_temperature,
+                                     distill_features=args.distill_features)
     bar = None if args.quiet else ProgressBar(config.epochs)
     model, history = train_spec(spec, data, config, args.run_dir, model=model, device=_device(args.device),
                                 on_step=bar.step if bar else None, on_epoch=bar.epoch if bar else None,
@@ -203,6 +204,11 @@ def _cmd_compress(args) -> int:
 
     _writable_dir(args.run_dir, "--run-dir")
     _device(args.device)
+    if args.distill and args.epochs == 0:
+        raise ValueError("--distill fine-tunes with the dense network as teacher; give --epochs N > 0")
+    if args.distill_features and not args.distill:
+        raise ValueError("--distill-features matches the dense network's block outputs while fine-tuning; "
+                         "add --distill (and --epochs N > 0)")
     model, spec, state = load_trained(args.checkpoint)
     data = _load_data(args.data)
     c, h, w = data.train_x.shape[1:]
@@ -226,15 +232,16 @@ def _cmd_compress(args) -> int:
     small, new_spec, report = compress_trained(model, spec, args.format, rank=args.rank,
                                                compression=args.compression, t=args.t, layout=args.layout,
                                                n_iter=args.n_iter, input_shape=(1, c, h, w), allocation=allocation,
-                                               calibration=calibration, fit_steps=fit_steps, recalibrate_bn=bn)
+                                               calibration=calibration, fit_steps=fit_steps,
+                                               fit_unit=args.fit_unit, recalibrate_bn=bn)
     print(report.to_markdown())
     made = {"source": str(args.checkpoint), "format": args.format, "compression_target": args.compression,
             "rank": args.rank, "t": args.t, "allocation": allocation, "fit_steps": fit_steps,
+            "fit_unit": args.fit_unit if fit_steps else None,
             "bn_recalibrated": bn, "calibration_images": None if calibration is None else int(calibration.shape[0]),
             "distill": bool(args.distill), "distill_alpha": args.distill_alpha if args.distill else 0.0,
-            "distill_temperature": args.distill_temperature, "fine_tune_epochs": args.epochs}
-    if args.distill and args.epochs == 0:
-        raise ValueError("--distill fine-tunes with the dense network as teacher; give --epochs N > 0")
+            "distill_temperature": args.distill_temperature,
+            "distill_features": args.distill_features if args.distill else 0.0, "fine_tune_epochs": args.epochs}
     history = []
     if args.epochs > 0:
         small, history = _train_loop(args, new_spec, data, small, extra={"source": str(args.checkpoint),
@@ -433,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "ones more after it, BENCHMARKS.md)")
     rec.add_argument("--fit-steps", type=int, default=None,
                      help="L-BFGS iterations per layer fitting the dense activations (default 0; 100 with --recover)")
+    rec.add_argument("--fit-unit", choices=("block", "layer"), default="block",
+                     help="fit each block's factorized layers together to the dense block's output (default; "
+                          "every residual block of a ResNet), or each factorized layer to its dense output")
     rec.add_argument("--bn-recalibrate", action="store_true",
                      help="re-estimate BatchNorm statistics (helps a plain decomposition; after fitting, which "
                           "targets the dense statistics, it measured worse: BENCHMARKS.md)")
@@ -441,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--distill", action="store_true", help="fine-tune with the dense network as teacher")
     rec.add_argument("--distill-alpha", type=float, default=0.9, help="weight of the distillation term (default 0.9)")
     rec.add_argument("--distill-temperature", type=float, default=4.0, help="softening temperature (default 4)")
+    rec.add_argument("--distill-features", type=float, default=0.0, metavar="WEIGHT",
+                     help="with --distill, also match the dense network's block outputs (every residual block of "
+                          "a ResNet), with this weight on the relative squared error (default 0: logits only)")
     _add_training(p, default_epochs=5, default_lr=0.01)
     p.set_defaults(run=_cmd_compress)
 

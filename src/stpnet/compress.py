@@ -133,6 +133,10 @@ class CompressionReport:
             notes.append(f"rank allocation: {self.allocation}")
         if self.fit is not None:
             notes.append(f"fitted to the dense activations on {self.fit.images} calibration inputs")
+            blocks = [f for f in self.fit.layers if f.name not in {r.name for r in self.layers}]
+            if blocks:
+                notes.append("block fit errors (before -> after): " + ", ".join(
+                    f"{f.name} {f.error_before:.3f} -> {f.error_after:.3f}" for f in blocks))
         if self.bn_recalibrated:
             notes.append("BatchNorm statistics re-estimated")
         if self.kept_tied:
@@ -313,6 +317,7 @@ def compress(
     allocation: str = "uniform",
     calibration: torch.Tensor | None = None,
     fit_steps: int = 0,
+    fit_unit: str = "block",
     recalibrate_bn: bool = False,
     attention: str = "packed",
 ) -> tuple[nn.Module, CompressionReport]:
@@ -362,6 +367,13 @@ def compress(
         dense network's activations on ``calibration``, layer by layer in execution order
         (:func:`stpnet.recovery.fit_to_activations`); 100 is a good value (about a minute for
         ResNet-20 on 512 images, 2 CPU cores).
+    fit_unit : {'block', 'layer'}
+        What each fit matches: the factorized layers of each block (every residual block of a
+        ResNet) together, the block's output (default), or every factorized layer its dense
+        layer's output (``unit`` of :func:`stpnet.recovery.fit_to_activations`; layers outside
+        every block are fitted alone either way). On the trained ResNet-20 at 9x (STT, no
+        fine-tuning) block fitting kept 55.9% test accuracy where layer fitting kept 30.4%
+        (BENCHMARKS.md).
     attention : {'packed', 'separate'}
         How an attention's query/key/value projection is factorized: one (3E x E) matrix, run once
         in self-attention (``'in_proj'``), or three (E x E) matrices (``'q_proj'``, ``'k_proj'``,
@@ -402,6 +414,10 @@ def compress(
         raise ValueError(f"attention must be 'packed' or 'separate', got {attention!r}")
     if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0:
         raise ValueError(f"fit_steps must be an int >= 0, got {fit_steps!r}")
+    from .recovery.fit import UNITS
+
+    if fit_unit not in UNITS:
+        raise ValueError(f"fit_unit must be one of {UNITS}, got {fit_unit!r}")
     needs_data = [what for what, on in (("fit_steps > 0", fit_steps > 0), ("recalibrate_bn", recalibrate_bn),
                                         ("allocation='activation'", allocation == "activation")) if on]
     if needs_data and calibration is None:
@@ -483,7 +499,7 @@ def compress(
     replace_modules(model, lambda m: id(m) in name_of, factorized)  # a shared module stays one shared module
     fit = None
     if fit_steps > 0:
-        fit = fit_to_activations(model, reference, calibration, steps=fit_steps)
+        fit = fit_to_activations(model, reference, calibration, steps=fit_steps, unit=fit_unit)
     if recalibrate_bn:
         recalibrate_batchnorm(model, calibration)
     report = model_report(model, input_shape, dense_params)

@@ -39,8 +39,8 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
 
     For each format: compress to ``compression`` (whole model) with the uniform rule and measure
     the test accuracy straight away; then compress again with rank allocation (by weight error)
-    and fit every layer to the dense activations (``fit_steps`` L-BFGS iterations per layer on
-    ``calibration_size`` training images); then fine-tune ``fine_tune_epochs`` epochs on the
+    and fit each residual block's factorized layers to the dense block's output (``fit_steps``
+    L-BFGS iterations per block on ``calibration_size`` training images); then fine-tune ``fine_tune_epochs`` epochs on the
     embedded training images with the dense network as teacher (SGD lr 0.01, cosine, weight decay
     5e-4, distillation alpha 0.9, T 4). Accuracies are on the embedded 1,000-image test subset.
 
@@ -85,7 +85,7 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
         plain_accuracy = accuracy(plain)
         say(f"{fmt}: straight after compression {plain_accuracy:.2%}; recovering")
         small, report = compress_model(dense, fmt, compression=compression, t=t, allocation="weight",
-                                       calibration=calibration, fit_steps=fit_steps)
+                                       calibration=calibration, fit_steps=fit_steps, fit_unit="block")
         recovered = accuracy(small)
         say(f"{fmt}: after rank allocation and fitting {recovered:.2%}")
         spec = ModelSpec(DEMO_MODEL, 3, data.num_classes, fmt, t, None, report.ranks)

@@ -8,6 +8,12 @@ them, so that on a calibration batch it maps the inputs that the *already fitted
 layers before it produce to the outputs the *dense* network computes at that point. A layer can
 therefore also correct the error that reaches it from the layers before, and errors do not
 accumulate through depth.
+
+``unit='block'`` fits a whole block at a time instead (a residual block, an attention or MLP
+sub-block: :func:`stpnet.train.distillation_points`): all factorized layers inside it together,
+so that the block's output, after its BatchNorms, nonlinearities and shortcut, matches the dense
+block's (block-wise reconstruction, as in BRECQ, Li et al. 2021, for quantization). The layers of
+a block can then share out its error instead of each matching its own dense output.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ __all__ = ["LayerFit", "FitReport", "fit_to_activations", "activation_errors", "
 
 TARGETS = ("network", "layer")
 WEIGHTINGS = ("channel", "none")
+UNITS = ("layer", "block")
 
 
 @dataclass(frozen=True)
 class LayerFit:
-    """One layer's relative output error ``||f(X) - Y|| / ||Y||`` on the calibration batch."""
+    """One layer's (or block's) relative output error ``||f(X) - Y|| / ||Y||`` on the calibration batch."""
 
     name: str
     error_before: float
@@ -46,15 +53,21 @@ class FitReport:
     layers: tuple[LayerFit, ...]
     target: str
     images: int
+    unit: str = "layer"
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "images": self.images,
+        return {"target": self.target, "images": self.images, "unit": self.unit,
                 "layers": [{"name": f.name, "error_before": f.error_before, "error_after": f.error_after,
                             "steps": f.steps} for f in self.layers]}
 
 
 class _Stop(Exception):
     """Raised from a forward hook to end a forward pass once the wanted activation is captured."""
+
+
+class _NotOneInput(Exception):
+    """The module was called with other than one positional tensor (no keywords): it cannot be
+    refitted from a captured input alone."""
 
 
 def factorized_layer_order(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -73,11 +86,16 @@ def _capture(model: nn.Module, module: nn.Module, images: torch.Tensor, batch_si
     each forward pass stops as soon as it is captured."""
     parts: list[torch.Tensor] = []
 
-    def hook(mod, args, output):
-        parts.append((args[0] if what == "input" else output).detach())
+    def hook(mod, args, kwargs, output):
+        if what == "input" and (len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor)):
+            raise _NotOneInput
+        value = args[0] if what == "input" else output
+        if not isinstance(value, torch.Tensor):
+            raise _NotOneInput
+        parts.append(value.detach())
         raise _Stop
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
         for batch in iterate_images(images, batch_size, model):
             try:
@@ -122,11 +140,15 @@ def _relative_error(layer: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_si
     return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
-def _fit_layer(layer: FactorizedLayer, X: torch.Tensor, Y: torch.Tensor, steps: int, batch_size: int,
-               weights: torch.Tensor | None) -> int:
-    """Minimize the squared output error over the layer's factors and bias with L-BFGS (full batch,
-    strong-Wolfe line search: no step size to tune, whatever the scale of the factors)."""
-    params = [p for p in layer.parameters() if p.requires_grad]
+def _fit_layer(layer: nn.Module, X: torch.Tensor, Y: torch.Tensor, steps: int, batch_size: int,
+               weights: torch.Tensor | None, fitted: list[FactorizedLayer] | None = None) -> int:
+    """Minimize the squared output error over the factors and biases of the factorized layers in
+    ``layer`` (itself one, or a block holding some) with L-BFGS (full batch, strong-Wolfe line
+    search: no step size to tune, whatever the scale of the factors). The rest of a block (its
+    BatchNorms, a dense shortcut) stays fixed and in eval mode. ``fitted``: only these layers."""
+    if fitted is None:
+        fitted = [m for m in layer.modules() if isinstance(m, FactorizedLayer)]
+    params = [p for m in fitted for p in m.parameters() if p.requires_grad]
     if steps == 0 or not params:
         return 0
     w = weights if weights is not None else torch.ones((), dtype=Y.dtype)
@@ -146,19 +168,73 @@ def _fit_layer(layer: FactorizedLayer, X: torch.Tensor, Y: torch.Tensor, steps: 
                 p.grad = p.grad.contiguous()
         return torch.tensor(total)
 
-    was_training = layer.training
-    layer.train()  # the factors change: no cached eval-mode weights
-    try:
+    with modes_restored(layer):
+        layer.eval()
+        for m in fitted:
+            m.train()  # the factors change: no cached eval-mode weights
         with torch.enable_grad():
             optimizer.step(closure)
-    finally:
-        layer.train(was_training)
     return int(optimizer.state[params[0]].get("n_iter", steps))
+
+
+def _units(compressed: nn.Module, dense: nn.Module, order: list[str], unit: str) -> list[tuple[str | None, list[str]]]:
+    """``(block name or None, its factorized layers to fit)`` in execution order; ``None``: fit the
+    layers one at a time (``unit='layer'``, or layers outside every block)."""
+    if unit == "layer":
+        return [(None, order)]
+    from ..train.features import distillation_points
+
+    try:
+        blocks = distillation_points(compressed, dense)
+    except ValueError:
+        blocks = ()
+    units: list[tuple[str | None, list[str]]] = []
+    for name in order:
+        block = next((b for b in blocks if name.startswith(b + ".")), None)
+        if block is not None and units and units[-1][0] == block:
+            units[-1][1].append(name)
+        else:
+            units.append((block, [name]))
+    return units
+
+
+def _fit_unit(compressed: nn.Module, dense: nn.Module, name: str, layer_names: list[str], images: torch.Tensor,
+              steps: int, target: str, weighting: str, batch_size: int) -> LayerFit:
+    """Fit the factorized layers ``layer_names`` so that module ``name`` (one of them, or the block
+    holding them) reproduces the dense network's output of the same module."""
+    module = compressed.get_submodule(name)
+    try:
+        reference = dense.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the dense model has no module {name!r}; pass the model that was compressed") from None
+    if isinstance(reference, FactorizedLayer):
+        raise ValueError(f"layer {name!r} of the dense model is factorized; pass the uncompressed model")
+    layers = [compressed.get_submodule(n) for n in layer_names]
+    X = _capture(compressed, module, images, batch_size, "input")
+    with torch.no_grad():
+        if target == "network":
+            Y = _capture(dense, reference, images, batch_size, "output")
+        else:
+            with modes_restored(reference):
+                reference.eval()
+                Y = torch.cat([reference(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)])
+    channel_dim = 1 if any(isinstance(m, _FactorizedConvNd) for m in layers) and Y.ndim >= 3 else -1
+    weights = _channel_weights(Y, weighting, channel_dim)
+    with modes_restored(module):
+        module.eval()
+        before = _relative_error(module, X, Y, batch_size, weights)
+        saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        n = _fit_layer(module, X, Y, steps, batch_size, weights, layers)
+        after = _relative_error(module, X, Y, batch_size, weights)
+        if not after <= before:  # also catches NaN
+            module.load_state_dict(saved)
+            after = before
+    return LayerFit(name, before, after, n)
 
 
 def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Tensor, *, steps: int = 30,
                        target: str = "network", weighting: str = "channel", batch_size: int = 128,
-                       layers: list[str] | None = None,
+                       layers: list[str] | None = None, unit: str = "layer",
                        callback: Callable[[LayerFit], None] | None = None) -> FitReport:
     """Refine every factorized layer of ``compressed`` to reproduce ``dense``'s activations, in place.
 
@@ -192,6 +268,12 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
         Images per forward pass (memory), not an optimization setting.
     layers : list of str, optional
         Fit only these factorized layers (default all).
+    unit : {'layer', 'block'}
+        ``'layer'`` (default): each factorized layer matches its dense layer's output.
+        ``'block'``: the factorized layers of each block (:func:`stpnet.train.distillation_points`)
+        are fitted together so that the block's output matches the dense block's; layers outside
+        every block, and blocks called with more than one input, are fitted layer by layer. The
+        report then has one entry per block.
     callback : callable, optional
         Called with each :class:`LayerFit` as it completes (progress).
 
@@ -211,6 +293,8 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -228,35 +312,21 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
                 raise ValueError(f"layers {unknown} are not factorized layers of the model; valid: {order}")
             order = [n for n in order if n in set(layers)]
         fits = []
-        for name in order:
-            layer = compressed.get_submodule(name)
-            try:
-                reference = dense.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"the dense model has no layer {name!r}; pass the model that was compressed") from None
-            if isinstance(reference, FactorizedLayer):
-                raise ValueError(f"layer {name!r} of the dense model is factorized; pass the uncompressed model")
-            X = _capture(compressed, layer, images, batch_size, "input")
-            with torch.no_grad():
-                if target == "network":
-                    Y = _capture(dense, reference, images, batch_size, "output")
-                else:
-                    Y = torch.cat([reference(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)])
-            channel_dim = 1 if isinstance(layer, _FactorizedConvNd) else -1
-            weights = _channel_weights(Y, weighting, channel_dim)
-            before = _relative_error(layer, X, Y, batch_size, weights)
-            saved = {k: v.detach().clone() for k, v in layer.state_dict().items()}
-            n = _fit_layer(layer, X, Y, steps, batch_size, weights)
-            after = _relative_error(layer, X, Y, batch_size, weights)
-            if not after <= before:  # also catches NaN
-                layer.load_state_dict(saved)
-                after = before
-            fit = LayerFit(name, before, after, n)
-            fits.append(fit)
-            if callback is not None:
-                callback(fit)
-            del X, Y
-    return FitReport(tuple(fits), target, int(images.shape[0]))
+        for unit_name, names in _units(compressed, dense, order, unit):
+            if unit_name is not None:
+                try:
+                    fits.append(_fit_unit(compressed, dense, unit_name, names, images, steps, target, weighting,
+                                          batch_size))
+                    if callback is not None:
+                        callback(fits[-1])
+                    continue
+                except _NotOneInput:  # a block taking several inputs: its layers one at a time
+                    pass
+            for name in names:
+                fits.append(_fit_unit(compressed, dense, name, [name], images, steps, target, weighting, batch_size))
+                if callback is not None:
+                    callback(fits[-1])
+    return FitReport(tuple(fits), target, int(images.shape[0]), unit)
 
 
 @torch.no_grad()

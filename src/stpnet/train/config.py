@@ -55,6 +55,13 @@ class TrainConfig:
         Knowledge distillation from a teacher network given to the :class:`Trainer`: the loss is
         ``(1 - alpha) * CE + alpha * T^2 * KL`` (:func:`stpnet.train.distillation_loss`);
         ``alpha = 0`` (default) trains on the labels alone.
+    distill_features : float
+        Weight of block-wise feature distillation: adds ``distill_features *``
+        :func:`stpnet.train.feature_distillation_loss` between the student's and the teacher's
+        outputs at ``distill_points`` to the loss. 0 (default) matches the logits only.
+    distill_points : tuple of str
+        Module names (in both networks) whose outputs are matched; empty (default) takes
+        :func:`stpnet.train.distillation_points` (for a ResNet, every residual block).
     """
 
     epochs: int = 10
@@ -78,6 +85,8 @@ class TrainConfig:
     train_subset: int | None = None
     distill_alpha: float = 0.0
     distill_temperature: float = 4.0
+    distill_features: float = 0.0
+    distill_points: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -109,18 +118,26 @@ class TrainConfig:
         if not (isinstance(self.distill_temperature, (int, float)) and math.isfinite(self.distill_temperature)
                 and self.distill_temperature > 0):
             raise ValueError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature}")
+        if not (isinstance(self.distill_features, (int, float)) and math.isfinite(self.distill_features)
+                and self.distill_features >= 0):
+            raise ValueError(f"distill_features must be a finite number >= 0, got {self.distill_features}")
+        if isinstance(self.distill_points, str) or not all(isinstance(n, str) and n for n in self.distill_points):
+            raise ValueError(f"distill_points must be a sequence of module names, got {self.distill_points!r}")
+        object.__setattr__(self, "distill_points", tuple(self.distill_points))
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["milestones"] = list(self.milestones)
+        d["distill_points"] = list(self.distill_points)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
         d["milestones"] = tuple(d.get("milestones", (0.5, 0.75)))
+        d["distill_points"] = tuple(d.get("distill_points", ()))
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown TrainConfig settings {unknown}; valid: {[f.name for f in fields(cls)]}")

@@ -14,7 +14,8 @@ from torch import nn
 from ..data import ImageDataset, iterate_batches, normalize, random_crop, random_hflip
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .distill import distillation_loss
+from .distill import distillation_loss, feature_distillation_loss
+from .features import FeatureTaps, distillation_points
 from .distributed import DistributedContext, all_reduce_sum, setup_distributed
 from .metrics import MetricsLog
 
@@ -23,7 +24,7 @@ __all__ = ["Trainer", "TrainingDivergedError", "amp_dtype", "resolve_amp", "eval
 # settings that must match for a resumed run to continue the same run (epochs may grow)
 _RESUME_KEYS = ("batch_size", "lr", "momentum", "nesterov", "weight_decay", "optimizer", "schedule", "milestones", "gamma",
                 "warmup_epochs", "label_smoothing", "grad_clip", "augment", "seed", "train_subset", "distill_alpha",
-                "distill_temperature")
+                "distill_temperature", "distill_features", "distill_points")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -143,7 +144,8 @@ class Trainer:
     teacher : nn.Module, optional
         A trained network over the same classes (for example the dense network a compressed one
         came from), run in eval mode without gradients on each batch; with
-        ``config.distill_alpha > 0`` the loss distils its predictions.
+        ``config.distill_alpha > 0`` the loss distils its predictions, with
+        ``config.distill_features > 0`` its intermediate outputs (block-wise).
     """
 
     def __init__(self, model: nn.Module, data: ImageDataset, config: TrainConfig, run_dir=None, *,
@@ -159,11 +161,18 @@ class Trainer:
         # the preprocessing travels with the weights, so eval and compress normalize the same way
         self.metadata.setdefault("preprocessing", {"mean": list(data.mean), "std": list(data.std)})
         self.on_step, self.on_epoch = on_step, on_epoch
-        if config.distill_alpha > 0 and teacher is None:
-            raise ValueError(f"distill_alpha={config.distill_alpha} needs a teacher network (Trainer(teacher=...))")
+        distills = config.distill_alpha > 0 or config.distill_features > 0
+        if distills and teacher is None:
+            raise ValueError(f"distill_alpha={config.distill_alpha} and distill_features={config.distill_features} "
+                             "need a teacher network (Trainer(teacher=...))")
         self.teacher = None
-        if teacher is not None and config.distill_alpha > 0:
+        self.distill_points: tuple[str, ...] = ()
+        if teacher is not None and distills:
             self.teacher = teacher.to(self.device).eval()
+            if config.distill_features > 0:
+                self.distill_points = config.distill_points or distillation_points(model, teacher)
+                FeatureTaps(model, self.distill_points).remove()  # names checked now, not mid-run
+                FeatureTaps(teacher, self.distill_points).remove()
         autocast = resolve_amp(config.amp, self.device)
         self.amp = autocast is not None
         self.amp_dtype = autocast or torch.float32  # float16 on CUDA gets a GradScaler in fit()
@@ -203,6 +212,15 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         """Train for ``config.epochs`` epochs (resuming if a checkpoint exists); return the history."""
+        taps = (FeatureTaps(self.model, self.distill_points), FeatureTaps(self.teacher, self.distill_points)) \
+            if self.distill_points else None
+        try:
+            return self._fit(taps)
+        finally:
+            for tap in taps or ():
+                tap.remove()
+
+    def _fit(self, taps: tuple[FeatureTaps, FeatureTaps] | None) -> list[dict]:
         cfg = self.config
         ctx = setup_distributed(self.device)
         model = self.model
@@ -256,6 +274,9 @@ class Trainer:
                             loss = distillation_loss(logits, teacher_logits, yb, alpha=cfg.distill_alpha,
                                                      temperature=cfg.distill_temperature,
                                                      label_smoothing=cfg.label_smoothing)
+                            if taps is not None:
+                                loss = loss + cfg.distill_features * feature_distillation_loss(
+                                    taps[0].collect(), taps[1].collect())
                         else:
                             loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
                     loss_value = loss.item()
@@ -281,6 +302,8 @@ class Trainer:
             test = evaluate(model, self.data.test_x, self.data.test_y, mean, std, batch_size=cfg.eval_batch_size,
                             device=self.device, ctx=ctx, amp=self.amp_dtype if self.amp else False,
                             channels_last=self.channels_last)
+            for tap in taps or ():
+                tap.clear()
             record = {"epoch": epoch + 1, "train_loss": float(sums[0] / sums[2]),
                       "train_accuracy": float(sums[1] / sums[2]), "test_loss": test["loss"],
                       "test_accuracy": test["accuracy"], "lr": lr_at(step - 1, steps_per_epoch, cfg),
