@@ -153,3 +153,11 @@ def test_compression_demo_small(tmp_path):
     assert all(0 <= tt[k] <= 1 for k in ("plain", "recovered", "accuracy"))
     assert tt["plain"] < dense["accuracy"] - 0.3  # 9x without recovery loses most of it
     assert plot is not None and plot.stat().st_size > 1000
+    # a rerun into the same folder fine-tunes its own network, never resumes the earlier run
+    from stpnet.train import load_checkpoint
+
+    first = load_checkpoint(tmp_path / "tt" / "checkpoint.pt")["model"]
+    run_compression_demo(formats=("tt",), out_dir=tmp_path, fine_tune_epochs=1, fit_steps=4, calibration_size=32,
+                         train_subset=64)
+    second = load_checkpoint(tmp_path / "tt" / "checkpoint.pt")["model"]
+    assert any(not torch.equal(first[k], second[k]) for k in first)

@@ -94,6 +94,8 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
             config = TrainConfig(epochs=fine_tune_epochs, batch_size=128, lr=0.01, weight_decay=5e-4,
                                  schedule="cosine", seed=seed, distill_alpha=0.9, distill_temperature=4.0)
             bar = ProgressBar(fine_tune_epochs, progress) if progress is not None else None
+            for stale in ("checkpoint.pt", "metrics.jsonl"):  # a new compression: never resume an earlier run
+                (out_dir / fmt / stale).unlink(missing_ok=True)
             small, history = train_spec(spec, data, config, out_dir / fmt, model=small, device="cpu",
                                         teacher=dense, on_step=bar.step if bar else None,
                                         on_epoch=bar.epoch if bar else None,
