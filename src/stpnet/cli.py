@@ -241,7 +241,7 @@ def _cmd_compress(args) -> int:
             "bn_recalibrated": bn, "calibration_images": None if calibration is None else int(calibration.shape[0]),
             "distill": bool(args.distill), "distill_alpha": args.distill_alpha if args.distill else 0.0,
             "distill_temperature": args.distill_temperature,
-            "distill_features": args.distill_features if args.distill else 0.0, "fine_tune_epochs": args.epochs}
+            "distill_features": args.distill_features, "fine_tune_epochs": args.epochs}
     history = []
     if args.epochs > 0:
         small, history = _train_loop(args, new_spec, data, small, extra={"source": str(args.checkpoint),

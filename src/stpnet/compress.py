@@ -133,7 +133,8 @@ class CompressionReport:
             notes.append(f"rank allocation: {self.allocation}")
         if self.fit is not None:
             notes.append(f"fitted to the dense activations on {self.fit.images} calibration inputs")
-            blocks = [f for f in self.fit.layers if f.name not in {r.name for r in self.layers}]
+            layer_names = {r.name for r in self.layers}
+            blocks = [f for f in self.fit.layers if f.name not in layer_names]
             if blocks:
                 notes.append("block fit errors (before -> after): " + ", ".join(
                     f"{f.name} {f.error_before:.3f} -> {f.error_after:.3f}" for f in blocks))

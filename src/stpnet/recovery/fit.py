@@ -211,24 +211,20 @@ def _fit_unit(compressed: nn.Module, dense: nn.Module, name: str, layer_names: l
         raise ValueError(f"layer {name!r} of the dense model is factorized; pass the uncompressed model")
     layers = [compressed.get_submodule(n) for n in layer_names]
     X = _capture(compressed, module, images, batch_size, "input")
-    with torch.no_grad():
+    with torch.no_grad():  # both networks are in eval mode here (fit_to_activations)
         if target == "network":
             Y = _capture(dense, reference, images, batch_size, "output")
         else:
-            with modes_restored(reference):
-                reference.eval()
-                Y = torch.cat([reference(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)])
+            Y = torch.cat([reference(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)])
     channel_dim = 1 if any(isinstance(m, _FactorizedConvNd) for m in layers) and Y.ndim >= 3 else -1
     weights = _channel_weights(Y, weighting, channel_dim)
-    with modes_restored(module):
-        module.eval()
-        before = _relative_error(module, X, Y, batch_size, weights)
-        saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        n = _fit_layer(module, X, Y, steps, batch_size, weights, layers)
-        after = _relative_error(module, X, Y, batch_size, weights)
-        if not after <= before:  # also catches NaN
-            module.load_state_dict(saved)
-            after = before
+    before = _relative_error(module, X, Y, batch_size, weights)
+    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    n = _fit_layer(module, X, Y, steps, batch_size, weights, layers)
+    after = _relative_error(module, X, Y, batch_size, weights)
+    if not after <= before:  # also catches NaN
+        module.load_state_dict(saved)
+        after = before
     return LayerFit(name, before, after, n)
 
 

@@ -7,13 +7,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["FeatureTaps", "distillation_points"]
+from ..nn import FactorizedLayer, FusedLayer
 
-
-def _factorized_types() -> tuple[type, ...]:
-    from ..nn import FactorizedLayer, FusedLayer
-
-    return (FactorizedLayer, FusedLayer)
+__all__ = ["FeatureTaps", "distillation_points", "modules_named"]
 
 
 def distillation_points(student: nn.Module, teacher: nn.Module) -> tuple[str, ...]:
@@ -41,8 +37,7 @@ def distillation_points(student: nn.Module, teacher: nn.Module) -> tuple[str, ..
     ValueError
         If the student holds no factorized layer inside a named sub-module that the teacher also has.
     """
-    factorized = _factorized_types()
-    layer_names = [n for n, m in student.named_modules() if isinstance(m, factorized)]
+    layer_names = [n for n, m in student.named_modules() if isinstance(m, (FactorizedLayer, FusedLayer))]
     teacher_names = {n for n, _ in teacher.named_modules()}
 
     def inside_layer(name: str) -> bool:
@@ -59,6 +54,22 @@ def distillation_points(student: nn.Module, teacher: nn.Module) -> tuple[str, ..
                          f"teacher (factorized layers: {layer_names[:5] or 'none'}); name the points to match "
                          "(TrainConfig.distill_points)")
     return points
+
+
+def modules_named(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    """The sub-modules of ``model`` with these names (as in ``model.named_modules()``).
+
+    Raises
+    ------
+    ValueError
+        If ``names`` is empty or a name is not a module of ``model``; the message lists valid names.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing or not names:
+        raise ValueError(f"no module named {missing or 'any'} in the model; valid names include "
+                         f"{[n for n in modules if n][:12]}")
+    return [modules[n] for n in names]
 
 
 class FeatureTaps:
@@ -79,15 +90,10 @@ class FeatureTaps:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]):
-        modules = dict(model.named_modules())
-        names = tuple(names)
-        missing = [n for n in names if n not in modules]
-        if missing or not names:
-            raise ValueError(f"no module named {missing or 'any'} in the model; valid names include "
-                             f"{[n for n in modules if n][:12]}")
-        self.names = names
+        self.names = tuple(names)
         self._outputs: dict[str, torch.Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+        self._handles = [m.register_forward_hook(self._hook(n))
+                         for n, m in zip(self.names, modules_named(model, self.names))]
 
     def _hook(self, name: str):
         def keep(module, inputs, output):

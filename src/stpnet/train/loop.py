@@ -15,7 +15,7 @@ from ..data import ImageDataset, iterate_batches, normalize, random_crop, random
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distill import distillation_loss, feature_distillation_loss
-from .features import FeatureTaps, distillation_points
+from .features import FeatureTaps, distillation_points, modules_named
 from .distributed import DistributedContext, all_reduce_sum, setup_distributed
 from .metrics import MetricsLog
 
@@ -171,8 +171,8 @@ class Trainer:
             self.teacher = teacher.to(self.device).eval()
             if config.distill_features > 0:
                 self.distill_points = config.distill_points or distillation_points(model, teacher)
-                FeatureTaps(model, self.distill_points).remove()  # names checked now, not mid-run
-                FeatureTaps(teacher, self.distill_points).remove()
+                modules_named(model, self.distill_points)  # names checked now, not mid-run
+                modules_named(teacher, self.distill_points)
         autocast = resolve_amp(config.amp, self.device)
         self.amp = autocast is not None
         self.amp_dtype = autocast or torch.float32  # float16 on CUDA gets a GradScaler in fit()
