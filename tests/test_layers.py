@@ -469,14 +469,15 @@ def test_renamed_methods_keep_deprecated_aliases():
 
 
 @pytest.mark.parametrize("fmt,t", [("stt", 2), ("str", 2), ("tr", 1), ("tt", 1)])
-@pytest.mark.parametrize("stage", ["depth", "fold", "stacked", None])
+@pytest.mark.parametrize("stage", ["depth", "fold", "stacked", "block", None])
 @pytest.mark.parametrize("geometry", [
     dict(kernel_size=3, stride=1, padding=1), dict(kernel_size=3, stride=2, padding=1),
     dict(kernel_size=(3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)), dict(kernel_size=3, padding="same"),
     dict(kernel_size=(2, 3), padding=0)], ids=["3x3", "strided", "rect-dilated", "same", "2x3-valid"])
 def test_grouped_spatial_stage_every_form_matches_dense(fmt, t, stage, geometry):
-    """The a*t groups' shared kernel as a depth convolution, folded into the batch, or stacked
-    along the height (with a padding band per group): each against the dense convolution."""
+    """The a*t groups' shared kernel as a depth convolution, folded into the batch, stacked along
+    the height (with a padding band per group), or as ``S ⊗ I_g`` on channel blocks: each against
+    the dense convolution."""
     from stpnet.functional.contract import sequential_conv, sequential_factors
     from stpnet.nn.conv import prepare_conv_input
 
@@ -507,6 +508,13 @@ def test_grouped_stage_rule_and_its_batch_one_form_match_dense():
     assert grouped_stage(1, (16, 16), (1, 1)) == "stacked"
     assert grouped_stage(1, (8, 8), (1, 1)) == "depth"  # small maps: the depth convolution is faster
     assert grouped_stage(32, (32, 32), (1, 1)) == "depth"  # batches: the depth convolution is faster
+    # a rank space a few channels wide: one plain convolution on S ⊗ I_g is faster on CPU
+    assert grouped_stage(32, (32, 32), (1, 1), "cpu", channels=6) == "block"
+    assert grouped_stage(128, (16, 16), (1, 1), "cpu", channels=12) == "depth"
+    assert grouped_stage(128, (16, 16), (2, 2), "cpu", channels=8, needs_grad=True) == "block"
+    assert grouped_stage(128, (16, 16), (1, 1), "cpu", channels=8) == "depth"
+    assert grouped_stage(32, (32, 32), (1, 1), "cuda", channels=6) == "depth"  # not measured there
+    assert grouped_stage(1, (32, 32), (1, 1), "cpu", channels=6) == "stacked"
     assert grouped_stage(1, (32, 32), (2, 2)) == "depth"  # the stacked form needs height stride 1
     assert grouped_stage(1, (32,), (1,)) == "depth"
     torch.manual_seed(7)

@@ -26,6 +26,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from .conv import _recording, conv_nd
+from .plain import kron_identity
 from .reconstruct import _chain, khatri_rao
 from .retensorize import first_core_to_classic
 
@@ -93,30 +95,36 @@ def sequential_factors(cores: Sequence[torch.Tensor], t: int, n_in: int, has_ker
 #: kernel): ``'depth'``, one (d+1)-D convolution with unit extent along the group index (no copy);
 #: ``'fold'``, the groups moved into the batch (a copy in and out, one batched convolution);
 #: ``'stacked'``, 2-D only: the groups stacked along the height with their padding rows between
-#: them (a copy in), one plain 2-D convolution, a strided view out. ``bench/spatial_stage.py``
-#: measures them.
-GROUPED_STAGES = ("depth", "fold", "stacked")
+#: them (a copy in), one plain 2-D convolution, a strided view out; ``'block'``, the groups as
+#: channel blocks of one plain convolution whose kernel is ``S ⊗ I_g`` (no copy of the
+#: activations; ``g`` times the multiply-adds, spent on zeros, for an op of ``g`` times the width,
+#: which oneDNN runs faster than the narrow ones when the rank space is a few channels wide).
+#: ``bench/spatial_stage.py`` measures them.
+GROUPED_STAGES = ("depth", "fold", "stacked", "block")
 
 
-def grouped_stage(batch: int, spatial: Sequence[int], stride: Sequence[int], device_type: str = "cpu") -> str:
-    """The default form of the grouped k x k stage: on CPU, ``'stacked'`` for one sample of 2-D maps
-    of at least 16x16 positions with height stride 1; ``'depth'`` otherwise (and on other devices,
-    where it has not been measured). Measured (one thread,
-    ``bench/spatial_stage.py --micro``, BENCHMARKS.md): at batch 1 the stacked form takes 0.4-0.75x
-    the depth form's time from 16x16 maps up (1.05-1.5x at 8x8); at batch 32 the depth form is the
-    fastest of the three at every measured shape."""
-    if (device_type == "cpu" and batch == 1 and len(spatial) == 2 and stride[0] == 1
-            and spatial[0] * spatial[1] >= 256):
-        return "stacked"
+def grouped_stage(batch: int, spatial: Sequence[int], stride: Sequence[int], device_type: str = "cpu",
+                  channels: int | None = None, needs_grad: bool = False) -> str:
+    """The default form of the grouped k x k stage.
+
+    On CPU: ``'stacked'`` for one sample of 2-D maps of at least 16x16 positions with height
+    stride 1; for batches, ``'block'`` when the stage's input is ``channels`` = r * g <= 12
+    channels wide on maps of at least 32x32 positions, or <= 8 wide when gradients are wanted;
+    ``'depth'`` otherwise (and on other devices, where it has not been measured). Measured (one
+    thread, ``bench/spatial_stage.py --micro``, BENCHMARKS.md): at batch 1 the stacked form takes
+    0.4-0.75x the depth form's time from 16x16 maps up (1.05-1.5x at 8x8). At batch 128 (2
+    threads), forward + backward, the block form took 0.16-0.34x the depth form's time for 6-12
+    channels on 32x32 maps and 0.84x for 8 channels on 16x16, 1.0-1.4x for 12-24 channels on
+    16x16 and 8x8 maps; forward only at batch 32 and 128, 0.17-0.94x on 32x32 maps up to 12
+    channels, 0.95-2.4x on smaller maps."""
+    if device_type != "cpu":
+        return "depth"
+    if batch == 1:
+        return "stacked" if len(spatial) == 2 and stride[0] == 1 and math.prod(spatial) >= 256 else "depth"
+    if channels is not None and len(spatial) <= 2 and (
+            (channels <= 12 and math.prod(spatial) >= 1024) or (needs_grad and channels <= 8)):
+        return "block"
     return "depth"
-
-
-def _recording() -> bool:
-    """True under torch.jit.trace, torch.compile or torch.export: a choice on the batch size there
-    would become a guard on the (possibly dynamic) batch, so the default form is fixed."""
-    compiler = getattr(torch, "compiler", None)
-    return torch.jit.is_tracing() or bool(compiler is not None and hasattr(compiler, "is_compiling")
-                                          and compiler.is_compiling())
 
 
 def _mix(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -142,18 +150,22 @@ def grouped_shared_conv(z: torch.Tensor, S: torch.Tensor, stride: Sequence[int],
     n, r, g = z.shape[:3]
     spatial = z.shape[3:]
     if stage is None:
-        stage = "depth" if _recording() else grouped_stage(n, spatial, stride, z.device.type)
+        needs_grad = torch.is_grad_enabled() and (z.requires_grad or S.requires_grad)
+        stage = "depth" if _recording() else grouped_stage(n, spatial, stride, z.device.type, r * g, needs_grad)
     elif stage not in GROUPED_STAGES:
         raise ValueError(f"stage must be one of {GROUPED_STAGES} or None, got {stage!r}")
+    if stage == "block":
+        y = conv_nd(z.reshape(n, r * g, *spatial), kron_identity(S, g), stride, padding, dilation)
+        return y.reshape(n, S.shape[0], g, *y.shape[2:])
     if stage == "stacked" and len(spatial) == 2 and stride[0] == 1 and not isinstance(padding, str):
         return _stacked_conv(z, S, stride, padding, dilation)
     if stage == "fold" or len(spatial) == 3:  # 3-D maps: torch has no 4-D convolution
-        y = _conv_nd(z.movedim(2, 1).reshape(n * g, r, *spatial), S, stride, padding, dilation)
+        y = conv_nd(z.movedim(2, 1).reshape(n * g, r, *spatial), S, stride, padding, dilation)
         return y.reshape(n, g, S.shape[0], *y.shape[2:]).movedim(1, 2)
     # the group index becomes a depth dimension: one (d+1)-D convolution whose kernel has extent
     # 1 along it shares the spatial kernel across all groups, no copy
     pad = padding if isinstance(padding, str) else (0, *padding)
-    return _conv_nd(z, S.unsqueeze(2), (1, *stride), pad, (1, *dilation))
+    return conv_nd(z, S.unsqueeze(2), (1, *stride), pad, (1, *dilation))
 
 
 def _stacked_conv(z: torch.Tensor, S: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
@@ -167,12 +179,6 @@ def _stacked_conv(z: torch.Tensor, S: torch.Tensor, stride, padding, dilation) -
     y = F.conv2d(stacked, S, None, (1, stride[1]), (0, pw), dilation)  # (n, r', g*Hp - dh*(kh-1), W_out)
     H_out = Hp - dilation[0] * (S.shape[2] - 1)
     return y.unfold(2, H_out, Hp).transpose(-1, -2)  # windows of H_out rows every Hp rows: one per group
-
-
-def _conv_nd(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
-    dim = weight.ndim - 2
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
-    return conv(x, weight, None, stride, padding, dilation)
 
 
 def sequential_conv(
@@ -203,7 +209,7 @@ def sequential_conv(
     if g == 1:
         if stage is not None and stage not in GROUPED_STAGES:
             raise ValueError(f"stage must be one of {GROUPED_STAGES} or None, got {stage!r}")
-        z = _conv_nd(z.reshape(n, r, *spatial), S, stride, padding, dilation)
+        z = conv_nd(z.reshape(n, r, *spatial), S, stride, padding, dilation)
     else:
         z = grouped_shared_conv(z.reshape(n, r, g, *spatial), S, stride, padding, dilation, stage)
     out_spatial = z.shape[-len(spatial):]
@@ -262,7 +268,7 @@ def tucker2_conv_merged(x: torch.Tensor, W: torch.Tensor, U_out: torch.Tensor, U
     spatial = x.shape[2:]
     z = mix(U_in.transpose(-1, -2), x.reshape(n, U_in.shape[0], -1))  # (n, R_i/t, t*P)
     r_in = W.shape[1]
-    z = _conv_nd(z.reshape(n, r_in, *spatial), W, stride, padding, dilation)
+    z = conv_nd(z.reshape(n, r_in, *spatial), W, stride, padding, dilation)
     out_spatial = z.shape[2:]
     out = mix(U_out, z.reshape(n, U_out.shape[1], -1))  # (n, C_out/t, t*P)
     return out.reshape(n, -1, *out_spatial)
@@ -326,7 +332,7 @@ def paired_conv(x: torch.Tensor, cores: Sequence[torch.Tensor], in_modes: Sequen
     G0 = cores[0]  # (1, K, R_1)
     r1 = G0.shape[-1]
     filters = G0[0].transpose(-1, -2).reshape(r1, 1, *kernel_size)
-    y = _conv_nd(x.reshape(n * c_in, 1, *spatial), filters, stride, padding, dilation)
+    y = conv_nd(x.reshape(n * c_in, 1, *spatial), filters, stride, padding, dilation)
     out_spatial = y.shape[2:]
     state = y.reshape(n, c_in, r1 // t, t, -1)  # (N, I..., b, u, P)
     state = _paired_cores(state, cores[1:], in_modes, out_modes, t)
@@ -369,8 +375,6 @@ def cp_conv(x: torch.Tensor, f: CPFactors, kernel_size: Sequence[int], stride, p
     spatial = x.shape[2:]
     R = f.A.shape[1]
     z = mix(f.A.transpose(0, 1), x.reshape(n, c_in, -1)).reshape(n, R, *spatial)
-    dim = len(kernel_size)
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dim - 1]
-    z = conv(z, f.S.reshape(R, 1, *kernel_size), None, stride, padding, dilation, R)
+    z = conv_nd(z, f.S.reshape(R, 1, *kernel_size), stride, padding, dilation, R)
     out_spatial = z.shape[2:]
     return mix(f.B, z.reshape(n, R, -1)).reshape(n, -1, *out_spatial)

@@ -23,8 +23,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PLAIN_FORMS", "PlainChain", "sequential_plain", "tucker2_plain", "cp_plain", "PlainForm",
-           "plain_form_weights", "plain_conv"]
+__all__ = ["PLAIN_FORMS", "PlainChain", "kron_identity", "sequential_plain", "tucker2_plain", "cp_plain",
+           "PlainForm", "plain_form_weights", "plain_conv"]
 
 #: The plain-convolution forms of a factorized convolution: ``'plain'`` (1x1 -> k x k -> 1x1),
 #: ``'merged_in'`` (k x k with the input 1x1 merged in -> 1x1), ``'merged_out'`` (1x1 -> k x k
@@ -57,10 +57,13 @@ def _block_diagonal(kernel: torch.Tensor, groups: int) -> torch.Tensor:
     return (eye * kernel.reshape(1, m2, 1, m1, *k)).reshape(groups * m2, groups * m1, *k)
 
 
-def _kron_identity(U: torch.Tensor, t: int) -> torch.Tensor:
-    """``U ⊗ I_t`` for a (m, c) matrix: ``[(i, u), (j, v)] = U[i, j] δ(u, v)``, (m t, c t)."""
-    m, c = U.shape
-    return (U.reshape(m, 1, c, 1) * _eye(t, U).reshape(1, t, 1, t)).reshape(m * t, c * t)
+def kron_identity(U: torch.Tensor, t: int) -> torch.Tensor:
+    """``U ⊗ I_t`` over the first two dimensions of a (m, c, *k) matrix or kernel:
+    ``[(i, u), (j, v), ...] = U[i, j, ...] δ(u, v)``, shape (m t, c t, *k). Differentiable."""
+    m, c = U.shape[:2]
+    k = U.shape[2:]
+    eye = _eye(t, U).reshape(1, t, 1, t, *([1] * len(k)))
+    return (U.reshape(m, 1, c, 1, *k) * eye).reshape(m * t, c * t, *k)
 
 
 def sequential_plain(A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, rank_in: int, ring: int, t: int,
@@ -88,7 +91,7 @@ def sequential_plain(A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, rank_in:
 def tucker2_plain(core: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor, t_out: int, t_in: int) -> PlainChain:
     """The plain chain of a Tucker-2 / STTu convolution: ``U_in^T ⊗ I_t`` -> the merged rank-space
     kernel ``core`` (R_o, R_i, *k) -> ``U_out ⊗ I_t``."""
-    return PlainChain(_kron_identity(U_in.transpose(0, 1), t_in), core, _kron_identity(U_out, t_out))
+    return PlainChain(kron_identity(U_in.transpose(0, 1), t_in), core, kron_identity(U_out, t_out))
 
 
 def cp_plain(A: torch.Tensor, S: torch.Tensor, B: torch.Tensor, kernel_size: Sequence[int]) -> PlainChain:
