@@ -15,11 +15,15 @@ The a * t groups of an STT / TR / STR layer share one k x k kernel. Three ways t
 one process (alternating blocks, median; ``latency.time_in_blocks``).
 
 ``--micro`` times the stage alone instead (one thread; rank-space input (n, r, g, H, W), a
-shared r x r 3x3 kernel): each form, and im2col (``unfold``) + matmul.
+shared r x r 3x3 kernel): each form, and im2col (``unfold``) + matmul. ``--micro-train`` times
+forward + backward (input and kernel gradients) of each form alone at batch 128, ``--threads``
+threads, with ``stpnet.functional.conv``'s input gradient (as the training path runs them) and,
+for the depth form, torch's own (``depth_torch``); ``--micro-train --forward`` times forward only.
 
 Run (repository root; nothing else running):
     .venv/bin/python bench/spatial_stage.py
     .venv/bin/python bench/spatial_stage.py --micro
+    .venv/bin/python bench/spatial_stage.py --micro-train
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +80,44 @@ def micro() -> None:
                       flush=True)
 
 
+def micro_train(threads: int, forward_only: bool) -> None:
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    n = 128
+    stages = [s for s in contract.GROUPED_STAGES if s != "stacked"]  # stacked: batch 1, inference
+    names = stages + ([] if forward_only else ["depth_torch"])
+    print(f"batch {n}, {threads} threads, " + ("forward only" if forward_only else "forward + backward"))
+    print("| r | H | groups | r*g | " + " | ".join(f"{k} ms" for k in names) + " | block/depth | rule |\n"
+          + "|---|---|---|---|" + "---|" * len(names) + "---|---|")
+    for r, H, g in [(3, 32, 2), (2, 32, 4), (3, 32, 4), (4, 16, 2), (6, 16, 2), (8, 16, 2), (12, 8, 2)]:
+        z = torch.randn(n, r, g, H, H, requires_grad=not forward_only)
+        S = torch.randn(r, r, 3, 3, requires_grad=not forward_only)
+        grad = torch.randn(n, r, g, H, H)
+
+        def run(stage):
+            if stage == "depth_torch":
+                return lambda: F.conv3d(z, S.unsqueeze(2), None, 1, (0, 1, 1)).backward(grad)
+            if forward_only:
+                return lambda: contract.grouped_shared_conv(z, S, (1, 1), (1, 1), (1, 1), stage)
+            return lambda: contract.grouped_shared_conv(z, S, (1, 1), (1, 1), (1, 1), stage).backward(grad)
+
+        sec = {}
+        with torch.set_grad_enabled(not forward_only):
+            for _ in range(3):  # rounds: every form in each, so drift hits all alike
+                for k in names:
+                    f = run(k)
+                    f()
+                    for _ in range(5):
+                        start = time.perf_counter()
+                        f()
+                        sec.setdefault(k, []).append(time.perf_counter() - start)
+        sec = {k: statistics.median(v) for k, v in sec.items()}
+        rule = contract.grouped_stage(n, (H, H), (1, 1), "cpu", r * g, needs_grad=not forward_only)
+        print(f"| {r} | {H} | {g} | {r * g} | " + " | ".join(f"{sec[k] * 1e3:.2f}" for k in names)
+              + f" | {sec['block'] / sec['depth']:.2f} | {rule} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--networks", nargs="*", default=["resnet20", "wrn-16-8"])
@@ -84,9 +128,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=str(ROOT / "results" / "latency" / "spatial_stage.jsonl"))
     parser.add_argument("--micro", action="store_true", help="time the stage alone (one thread)")
+    parser.add_argument("--micro-train", action="store_true",
+                        help="time each form's forward + backward alone at batch 128 (--threads)")
+    parser.add_argument("--forward", action="store_true", help="with --micro-train: forward only")
     args = parser.parse_args()
     if args.micro:
         micro()
+        return
+    if args.micro_train:
+        micro_train(args.threads, args.forward)
         return
     torch.set_num_threads(args.threads)
     out = Path(args.out)

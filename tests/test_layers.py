@@ -508,13 +508,13 @@ def test_grouped_stage_rule_and_its_batch_one_form_match_dense():
     assert grouped_stage(1, (16, 16), (1, 1)) == "stacked"
     assert grouped_stage(1, (8, 8), (1, 1)) == "depth"  # small maps: the depth convolution is faster
     assert grouped_stage(32, (32, 32), (1, 1)) == "depth"  # batches: the depth convolution is faster
-    # a rank space a few channels wide: one plain convolution on S ⊗ I_g is faster on CPU
-    assert grouped_stage(32, (32, 32), (1, 1), "cpu", channels=6) == "block"
-    assert grouped_stage(128, (16, 16), (1, 1), "cpu", channels=12) == "depth"
+    # training, a rank space a few channels wide: one plain convolution on S ⊗ I_g is faster on CPU
+    assert grouped_stage(128, (32, 32), (1, 1), "cpu", channels=12, needs_grad=True) == "block"
+    assert grouped_stage(128, (16, 16), (1, 1), "cpu", channels=12, needs_grad=True) == "depth"
     assert grouped_stage(128, (16, 16), (2, 2), "cpu", channels=8, needs_grad=True) == "block"
-    assert grouped_stage(128, (16, 16), (1, 1), "cpu", channels=8) == "depth"
-    assert grouped_stage(32, (32, 32), (1, 1), "cuda", channels=6) == "depth"  # not measured there
-    assert grouped_stage(1, (32, 32), (1, 1), "cpu", channels=6) == "stacked"
+    assert grouped_stage(32, (32, 32), (1, 1), "cpu", channels=6) == "depth"  # inference: depth
+    assert grouped_stage(128, (32, 32), (1, 1), "cuda", channels=6, needs_grad=True) == "depth"  # not measured
+    assert grouped_stage(1, (32, 32), (1, 1), "cpu", channels=6, needs_grad=True) == "stacked"
     assert grouped_stage(1, (32, 32), (2, 2)) == "depth"  # the stacked form needs height stride 1
     assert grouped_stage(1, (32,), (1,)) == "depth"
     torch.manual_seed(7)

@@ -108,21 +108,22 @@ def grouped_stage(batch: int, spatial: Sequence[int], stride: Sequence[int], dev
     """The default form of the grouped k x k stage.
 
     On CPU: ``'stacked'`` for one sample of 2-D maps of at least 16x16 positions with height
-    stride 1; for batches, ``'block'`` when the stage's input is ``channels`` = r * g <= 12
-    channels wide on maps of at least 32x32 positions, or <= 8 wide when gradients are wanted;
-    ``'depth'`` otherwise (and on other devices, where it has not been measured). Measured (one
-    thread, ``bench/spatial_stage.py --micro``, BENCHMARKS.md): at batch 1 the stacked form takes
-    0.4-0.75x the depth form's time from 16x16 maps up (1.05-1.5x at 8x8). At batch 128 (2
-    threads), forward + backward, the block form took 0.16-0.34x the depth form's time for 6-12
-    channels on 32x32 maps and 0.84x for 8 channels on 16x16, 1.0-1.4x for 12-24 channels on
-    16x16 and 8x8 maps; forward only at batch 32 and 128, 0.17-0.94x on 32x32 maps up to 12
-    channels, 0.95-2.4x on smaller maps."""
+    stride 1; for batches that need gradients, ``'block'`` when the stage's input is ``channels``
+    = r * g <= 8 channels wide, or <= 12 wide on maps of at least 32x32 positions; ``'depth'``
+    otherwise (and on other devices, where it has not been measured). Measured
+    (``bench/spatial_stage.py --micro``, BENCHMARKS.md): at batch 1 (one thread) the stacked form
+    takes 0.4-0.75x the depth form's time from 16x16 maps up (1.05-1.5x at 8x8). At batch 128 (2
+    threads, ``bench/spatial_stage.py --micro-train``), forward + backward, the block form took
+    0.17-0.93x the depth form's time for 6-12 channels on 32x32 maps and 0.78x for 8 channels on
+    16x16, 1.03-1.45x for 12-24 channels on 16x16 and 8x8 maps. Forward only it was 0.16-0.94x
+    alone up to 12 channels, but ResNet-20 STT 9x at batch 32 ran 5-10% slower with it in the
+    network, so inference keeps the depth form."""
     if device_type != "cpu":
         return "depth"
     if batch == 1:
         return "stacked" if len(spatial) == 2 and stride[0] == 1 and math.prod(spatial) >= 256 else "depth"
-    if channels is not None and len(spatial) <= 2 and (
-            (channels <= 12 and math.prod(spatial) >= 1024) or (needs_grad and channels <= 8)):
+    if needs_grad and channels is not None and len(spatial) <= 2 and (
+            channels <= 8 or (channels <= 12 and math.prod(spatial) >= 1024)):
         return "block"
     return "depth"
 
