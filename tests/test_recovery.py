@@ -292,6 +292,44 @@ def test_allocation_rejects_an_unreachable_target_and_bad_options():
         stpnet.compress(net, "tt", rank=2, recalibrate_bn=True)
 
 
+def test_allocation_chooses_t_per_layer_in_the_same_search():
+    """t_choices: every layer's candidates at t = 1, 2 and 4 enter one search; the target is met,
+    the largest error is no worse than with t = 2 alone, and compress builds each layer with the
+    t chosen for it (the report gives it back, and the architecture rebuilds from ranks and t)."""
+    net = _two_spectra_net()
+    fixed = allocate_ranks(net, "stt", 3.0, t=2)
+    searched = allocate_ranks(net, "stt", 3.0, t_choices=(4, 1, 2))
+    assert abs(searched.compression - 3.0) / 3.0 < 0.02 and searched.params <= searched.dense_params / 3.0 * 1.0001
+    assert set(searched.t) == set(searched.ranks) and set(searched.t.values()) <= {1, 2, 4}
+    assert set(fixed.t.values()) == {2}
+    assert max(searched.layer_errors.values()) <= max(fixed.layer_errors.values()) + 1e-12
+    small, report = stpnet.compress(net, "stt", compression=3.0, allocation="weight", t_choices=(1, 2, 4))
+    assert report.t == searched.t and report.ranks == searched.ranks
+    for name, t in searched.t.items():
+        assert small.get_submodule(name).t == t
+    rebuilt, again = stpnet.compress(net, "stt", rank=report.ranks, t=report.t, init="random")
+    assert again.params == report.params and again.t == report.t
+
+
+def test_t_choices_and_per_layer_t_errors():
+    net = _two_spectra_net()
+    with pytest.raises(ValueError, match="needs a semi-tensor format"):
+        allocate_ranks(net, "tt", 3.0, t_choices=(1, 2))
+    with pytest.raises(ValueError, match="non-empty sequence of positive ints"):
+        allocate_ranks(net, "stt", 3.0, t_choices=(0, 2))
+    with pytest.raises(ValueError, match="needs allocation='weight' or 'activation'"):
+        stpnet.compress(net, "stt", compression=3.0, t_choices=(1, 2))
+    with pytest.raises(ValueError, match="and no t="):
+        stpnet.compress(net, "stt", compression=3.0, allocation="weight", t=2, t_choices=(1, 2))
+    with pytest.raises(ValueError, match="none of t_choices=\\(3,\\) fits"):
+        allocate_ranks(net, "stt", 3.0, t_choices=(3,))
+    ranks = {"2": (2, 2, 2, 2, 2, 2), "4": (2, 2, 2, 2, 2, 2)}
+    with pytest.raises(ValueError, match="needs rank as a mapping of the same layer names"):
+        stpnet.compress(net, "stt", rank=ranks, t={"2": 2}, init="random")
+    with pytest.raises(ValueError, match="layer '4': t=3"):
+        stpnet.compress(net, "stt", rank=ranks, t={"2": 2, "4": 3}, init="random")
+
+
 def test_compress_with_every_recovery_step_reports_them():
     dense = _net()
     calib = _images(64, 7)
@@ -502,6 +540,23 @@ def test_cli_recover_and_distill_writes_a_checkpoint_that_evaluates(dense_checkp
     assert made["bn_recalibrated"] and made["calibration_images"] == 32
     assert state["config"]["distill_alpha"] == 0.9
     assert state["config"]["distill_features"] == 0.5 and made["distill_features"] == 0.5
+    assert main(["eval", str(run / "checkpoint.pt"), "--data", str(cifar_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "stt"
+
+
+def test_cli_t_choices_records_each_layers_t_and_the_checkpoint_rebuilds(dense_checkpoint, cifar_dir, tmp_path,
+                                                                          capsys):
+    run = tmp_path / "tchoice"
+    assert main(["compress", str(dense_checkpoint), "--data", str(cifar_dir), "--format", "stt", "--compression", "4",
+                 "--allocation", "weight", "--t-choices", "1", "2", "--epochs", "0", "--run-dir", str(run),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    from stpnet.train import load_checkpoint
+
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["metadata"]["made_by"]["t_choices"] == [1, 2]
+    t = state["metadata"]["spec"]["t"]
+    assert isinstance(t, dict) and set(t.values()) <= {1, 2}
     assert main(["eval", str(run / "checkpoint.pt"), "--data", str(cifar_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "stt"
 

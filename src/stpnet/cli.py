@@ -233,10 +233,12 @@ def _cmd_compress(args) -> int:
                                                compression=args.compression, t=args.t, layout=args.layout,
                                                n_iter=args.n_iter, input_shape=(1, c, h, w), allocation=allocation,
                                                calibration=calibration, fit_steps=fit_steps,
-                                               fit_unit=args.fit_unit, recalibrate_bn=bn)
+                                               fit_unit=args.fit_unit, recalibrate_bn=bn,
+                                               t_choices=args.t_choices)
     print(report.to_markdown())
     made = {"source": str(args.checkpoint), "format": args.format, "compression_target": args.compression,
-            "rank": args.rank, "t": args.t, "allocation": allocation, "fit_steps": fit_steps,
+            "rank": args.rank, "t": args.t, "t_choices": args.t_choices, "allocation": allocation,
+            "fit_steps": fit_steps,
             "fit_unit": args.fit_unit if fit_steps else None,
             "bn_recalibrated": bn, "calibration_images": None if calibration is None else int(calibration.shape[0]),
             "distill": bool(args.distill), "distill_alpha": args.distill_alpha if args.distill else 0.0,
@@ -438,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how --compression is shared among layers (default uniform; weight with --recover: "
                           "on ResNet-20 uniform ranks recovered more without fine-tuning, weight-allocated "
                           "ones more after it, BENCHMARKS.md)")
+    rec.add_argument("--t-choices", type=int, nargs="+", default=None, metavar="T",
+                     help="semi-tensor formats with --allocation weight/activation (or --recover): the STP "
+                          "factors each layer may take, chosen per layer with its ranks (e.g. 1 2 4; not with --t)")
     rec.add_argument("--fit-steps", type=int, default=None,
                      help="L-BFGS iterations per layer fitting the dense activations (default 0; 100 with --recover)")
     rec.add_argument("--fit-unit", choices=("block", "layer"), default="block",

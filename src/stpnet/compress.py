@@ -90,6 +90,12 @@ class CompressionReport:
         return {r.name: r.rank for r in self.layers if r.rank is not None}
 
     @property
+    def t(self) -> dict[str, int]:
+        """Each factorized layer's STP factor by name (a Tucker-2 layer's per-mode t as the channel
+        modes' t); pass to ``compress(rank=report.ranks, t=report.t)`` to rebuild."""
+        return {r.name: max(r.t) if isinstance(r.t, tuple) else r.t for r in self.layers if r.rank is not None}
+
+    @property
     def dense_macs(self) -> int | None:
         values = [r.dense_macs for r in self.layers]
         return None if any(v is None for v in values) else sum(values)
@@ -303,7 +309,7 @@ def compress(
     *,
     rank: int | Mapping[str, int | Sequence[int]] | None = None,
     compression: float | None = None,
-    t: int | None = None,
+    t: int | Mapping[str, int] | None = None,
     layout: str | None = None,
     init: str = "decompose",
     n_iter: int = 0,
@@ -316,6 +322,7 @@ def compress(
     input_shape: Sequence[int] | None = None,
     inplace: bool = False,
     allocation: str = "uniform",
+    t_choices: Sequence[int] | None = None,
     calibration: torch.Tensor | None = None,
     fit_steps: int = 0,
     fit_unit: str = "block",
@@ -339,8 +346,10 @@ def compress(
         Target compression factor of the **whole model** (all its parameters, BatchNorm and the
         layers kept dense included). Every replaced layer gets the same weight compression,
         chosen by bisection so the model's factor is as close to the target as the ranks allow.
-    t : int, optional
-        STP factor (default 1 classic, 2 semi-tensor).
+    t : int or mapping, optional
+        STP factor (default 1 classic, 2 semi-tensor); with ``rank`` a mapping, also a mapping from
+        the same layer names to each layer's t (as :attr:`CompressionReport.t` gives it, to rebuild
+        a network whose t was chosen per layer by ``t_choices``).
     layout : str, optional
         Tensorization layout (see :class:`stpnet.nn.FactorizedConv2d`).
     init : {'decompose', 'random'}
@@ -361,6 +370,11 @@ def compress(
         weight compression. ``'weight'`` / ``'activation'``: per-layer ranks that minimise the
         largest normalised weight / output error (:func:`stpnet.recovery.allocate_ranks`;
         ``'activation'`` needs ``calibration``). Needs ``init='decompose'``.
+    t_choices : sequence of int, optional
+        With a semi-tensor format and ``allocation='weight'`` or ``'activation'``: the STP factors
+        a layer may take (e.g. ``(1, 2, 4)``), chosen per layer in the same search as its ranks
+        (``t_choices`` of :func:`stpnet.recovery.allocate_ranks`); the report lists each layer's
+        t. Not with ``t``.
     calibration : torch.Tensor, optional
         A few hundred preprocessed training inputs (no augmentation) for the data-aware steps.
     fit_steps : int
@@ -411,6 +425,9 @@ def compress(
     if allocation != "uniform" and (compression is None or init != "decompose"):
         raise ValueError(f"allocation={allocation!r} shares a compression target among trained layers; it needs "
                          "compression=... and init='decompose'")
+    if t_choices is not None and (allocation == "uniform" or t is not None):
+        raise ValueError("t_choices chooses each layer's t in the rank allocation: it needs allocation='weight' or "
+                         "'activation' (with compression=...), and no t=")
     if attention not in ("packed", "separate"):
         raise ValueError(f"attention must be 'packed' or 'separate', got {attention!r}")
     if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0:
@@ -425,7 +442,20 @@ def compress(
         raise ValueError(f"{' and '.join(needs_data)} need calibration inputs (calibration=a few hundred "
                          "preprocessed training images)")
     format_cls, semi = format_class(format)
-    requested_t = format_cls.t_for(semi, t)
+    if t_choices is not None:
+        from .recovery.allocate import _check_t_choices
+
+        t_choices = _check_t_choices(format, t_choices)
+    per_layer_t = dict(t) if isinstance(t, Mapping) else None
+    if per_layer_t is not None:
+        if not isinstance(rank, Mapping) or set(per_layer_t) != set(rank):
+            raise ValueError("t as a mapping gives each layer's t: it needs rank as a mapping of the same layer names "
+                             f"(t names {sorted(per_layer_t)}, rank names "
+                             f"{sorted(rank) if isinstance(rank, Mapping) else rank!r})")
+        for name, value in per_layer_t.items():
+            format_cls.t_for(semi, value)  # a clear error for a bad value
+        t = None
+    requested_t = format_cls.t_for(semi, t if t_choices is None else min(t_choices))
     dense_params = sum(p.numel() for p in model.parameters())
     reference = model
     if not inplace:
@@ -472,15 +502,21 @@ def compress(
                          "first convolution and classifier (see include=/keep_first_conv=)"
                          + (f". Layers seen: {reasons}" if reasons else ". It holds no weight matrix or kernel"))
     layers = {n: model.get_submodule(n) for n in names}
-    layer_t, adjusted = _settle_t(layers, format, requested_t, layout, n_modes)
+    if per_layer_t is not None:
+        layer_t, adjusted = _check_layer_t(layers, format, per_layer_t, layout, n_modes), []
+    else:
+        layer_t, adjusted = _settle_t(layers, format, requested_t, layout, n_modes)
     if adjusted:
         warnings.warn("; ".join(f"{note.name}: {note.reason}" for note in adjusted), stacklevel=2)
     skipped = [LayerNote(n, type(model.get_submodule(n)).__name__, "weight tied to another module" if n in tied
                          else reason) for n, reason in eligibility.items() if n not in layers]
     clip = init == "decompose"
     if compression is not None and allocation != "uniform":
-        plan = allocate_ranks(model, format, compression, t=layer_t, layout=layout, n_modes=n_modes, criterion=allocation,
-                              images=calibration, layers=names).ranks
+        allocated = allocate_ranks(model, format, compression, t=layer_t, layout=layout, n_modes=n_modes,
+                                   criterion=allocation, images=calibration, layers=names, t_choices=t_choices)
+        plan = allocated.ranks
+        if t_choices is not None:
+            layer_t = allocated.t
     elif compression is not None:
         plan = _rank_plan_for_target(model, layers, dense_params, format, layer_t, layout, n_modes, compression, clip)
     elif isinstance(rank, Mapping):
@@ -553,6 +589,18 @@ def _settle_t(layers: Mapping[str, nn.Module], format: str, t: int, layout: str 
                 notes.append(LayerNote(name, type(m).__name__, f"t={t} does not fit ({first_error}); uses t={candidate}"))
             break
     return out, notes
+
+
+def _check_layer_t(layers: Mapping[str, nn.Module], format: str, t: Mapping[str, int], layout: str | None,
+                   n_modes: int) -> dict[str, int]:
+    """Each layer's given t, refused with the layer's name where it does not fit."""
+    for name, m in layers.items():
+        c_in, c_out, kernel = dense_geometry(m)
+        try:
+            layer_tensorization(format, t[name], layout, c_in, c_out, kernel, None, None, n_modes)
+        except ValueError as error:
+            raise ValueError(f"layer {name!r}: t={t[name]}: {error}") from None
+    return {name: t[name] for name in layers}
 
 
 def _tied_layers(model: nn.Module, names: Sequence[str]) -> list[str]:

@@ -24,7 +24,8 @@ class ModelSpec:
     in_channels, num_classes : int
     format : str
         'dense' or one of the six formats.
-    t : int or None
+    t : int, dict or None
+        One STP factor, or layer name -> t when it was chosen per layer (``t_choices``).
     layout : str or None
     ranks : dict
         Layer name -> ranks of each factorized layer (empty when dense).
@@ -34,7 +35,7 @@ class ModelSpec:
     in_channels: int = 3
     num_classes: int = 10
     format: str = "dense"
-    t: int | None = None
+    t: int | dict | None = None
     layout: str | None = None
     ranks: dict = field(default_factory=dict)
 
@@ -51,6 +52,8 @@ class ModelSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["ranks"] = {k: list(v) for k, v in self.ranks.items()}
+        if isinstance(self.t, dict):
+            d["t"] = dict(self.t)
         return d
 
     @classmethod

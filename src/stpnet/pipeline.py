@@ -102,16 +102,19 @@ def calibration_images(data: ImageDataset, n: int, seed: int = 0) -> torch.Tenso
 def compress_trained(model: nn.Module, spec: ModelSpec, format: str, *, rank=None, compression=None, t=None,
                      layout=None, n_iter: int = 0, input_shape: Sequence[int] | None = None,
                      allocation: str = "uniform", calibration: torch.Tensor | None = None, fit_steps: int = 0,
-                     fit_unit: str = "block",
-                     recalibrate_bn: bool = False) -> tuple[nn.Module, ModelSpec, CompressionReport]:
+                     fit_unit: str = "block", recalibrate_bn: bool = False,
+                     t_choices: Sequence[int] | None = None) -> tuple[nn.Module, ModelSpec, CompressionReport]:
     """Compress a trained dense zoo model through the decompositions (and the recovery steps of
-    :func:`stpnet.compress`); return it, its spec and report."""
+    :func:`stpnet.compress`); return it, its spec and report. With ``t_choices`` the spec records
+    each layer's t."""
     if spec.format != "dense":
         raise ValueError(f"the model is already compressed ({spec.format}); compress a dense checkpoint")
     small, report = compress(model, format, rank=rank, compression=compression, t=t, layout=layout, init="decompose",
                              n_iter=n_iter, input_shape=input_shape, allocation=allocation, calibration=calibration,
-                             fit_steps=fit_steps, fit_unit=fit_unit, recalibrate_bn=recalibrate_bn)
-    new_spec = ModelSpec(spec.name, spec.in_channels, spec.num_classes, format, t, layout, report.ranks)
+                             fit_steps=fit_steps, fit_unit=fit_unit, recalibrate_bn=recalibrate_bn,
+                             t_choices=t_choices)
+    new_spec = ModelSpec(spec.name, spec.in_channels, spec.num_classes, format,
+                         t if t_choices is None else report.t, layout, report.ranks)
     return small, new_spec, report
 
 

@@ -16,7 +16,7 @@ matrix without storing them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -36,7 +36,7 @@ OBJECTIVES = ("max", "sum")
 
 @dataclass(frozen=True)
 class RankAllocation:
-    """Chosen ranks per layer with their parameter counts and normalised errors."""
+    """Chosen ranks (and STP factor t) per layer with their parameter counts and normalised errors."""
 
     ranks: dict[str, tuple[int, ...]]
     layer_params: dict[str, int]
@@ -44,6 +44,7 @@ class RankAllocation:
     params: int
     dense_params: int
     criterion: str
+    t: dict[str, int] = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
@@ -87,7 +88,8 @@ def _unfold_gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int | Mapping[str, int] | None = None,
                    layout: str | None = None, n_modes: int = 3, criterion: str = "weight",
                    objective: str = "max", images: torch.Tensor | None = None,
-                   layers: Sequence[str] | None = None, batch_size: int = 128) -> RankAllocation:
+                   layers: Sequence[str] | None = None, batch_size: int = 128,
+                   t_choices: Sequence[int] | None = None) -> RankAllocation:
     """Per-layer ranks for ``format`` that bring ``model`` to ``compression`` with the least total error.
 
     Parameters
@@ -115,12 +117,17 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
         Preprocessed calibration inputs, needed for ``criterion='activation'``.
     layers : sequence of str, optional
         The layers to factorize (default: :func:`stpnet.compress.eligible_layers`).
+    t_choices : sequence of int, optional
+        For a semi-tensor format, the STP factors each layer may take (e.g. ``(1, 2, 4)``; t = 1 is
+        the classic format): every layer's candidates at every t that fits it enter the same search,
+        so a layer gets the t whose ranks give the least error for their parameters. ``t`` is then
+        ignored. Default: each layer's ``t`` only.
 
     Returns
     -------
     RankAllocation
-        ``ranks`` can be passed to ``compress(rank=...)``; the whole-model count is within one
-        candidate step of the target and never above the budget.
+        ``ranks`` and ``t`` can be passed to ``compress(rank=..., t=...)``; the whole-model count is
+        within one candidate step of the target and never above the budget.
 
     Raises
     ------
@@ -140,6 +147,8 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
         if images is None:
             raise ValueError("criterion='activation' needs calibration images (images=...)")
         check_images(images)
+    if t_choices is not None:
+        t_choices = _check_t_choices(format, t_choices)
     names = list(layers) if layers is not None else eligible_layers(model)
     modules = {n: model.get_submodule(n) for n in names}
     for n, m in modules.items():
@@ -150,10 +159,19 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
     dense_params = sum(p.numel() for p in model.parameters())
     rest = dense_params - sum(sum(p.numel() for p in m.parameters()) for m in modules.values())
     budget = dense_params / compression - rest
-    options: dict[str, list[tuple[int, float, tuple[int, ...]]]] = {}
+    options: dict[str, list[tuple[int, float, tuple[int, ...], int]]] = {}
     for name, layer in modules.items():
-        layer_t = t.get(name) if isinstance(t, Mapping) else t
-        options[name] = _falling(_layer_options(layer, format, layer_t, layout, n_modes, grams.get(name)))
+        choices = t_choices if t_choices is not None else [t.get(name) if isinstance(t, Mapping) else t]
+        candidates = []
+        for layer_t in choices:
+            try:
+                candidates += _layer_options(layer, format, layer_t, layout, n_modes, grams.get(name))
+            except ValueError:  # this t does not fit the layer's channels
+                if t_choices is None:
+                    raise
+        if not candidates:
+            raise ValueError(f"layer {name!r}: none of t_choices={tuple(t_choices)} fits its channels")
+        options[name] = _falling(candidates)
     smallest = sum(opts[0][0] for opts in options.values())
     if smallest > budget:
         raise ValueError(f"compression {compression}x is unreachable with {format}: the smallest ranks leave "
@@ -163,7 +181,21 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
     ranks = {n: options[n][i][2] for n, i in choice.items()}
     layer_params = {n: options[n][i][0] for n, i in choice.items()}
     errors = {n: options[n][i][1] for n, i in choice.items()}
-    return RankAllocation(ranks, layer_params, errors, rest + sum(layer_params.values()), dense_params, criterion)
+    chosen_t = {n: options[n][i][3] for n, i in choice.items()}
+    return RankAllocation(ranks, layer_params, errors, rest + sum(layer_params.values()), dense_params, criterion,
+                          chosen_t)
+
+
+def _check_t_choices(format: str, t_choices: Sequence[int]) -> tuple[int, ...]:
+    from ..formats import format_class
+
+    cls, semi = format_class(format)
+    values = tuple(t_choices)
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ValueError(f"t_choices must be a non-empty sequence of positive ints, got {t_choices!r}")
+    if not semi:
+        raise ValueError(f"t_choices needs a semi-tensor format ({cls.semi_name!r}); {format!r} is classic (t = 1)")
+    return tuple(sorted(set(values)))
 
 
 @torch.no_grad()
@@ -182,7 +214,7 @@ def _grams(model: nn.Module, modules: dict[str, nn.Module], images: torch.Tensor
 
 @torch.no_grad()
 def _layer_options(layer: nn.Module, format: str, t, layout, n_modes, gram):
-    """(params, normalised error, ranks) for every candidate rank."""
+    """(params, normalised error, ranks, t) for every candidate rank."""
     W = dense_matrix(layer)
     c_out, c_in, *kernel = W.shape
     cls, tt, tz = layer_tensorization(format, t, layout, c_in, c_out, tuple(kernel), None, None, n_modes)
@@ -212,7 +244,7 @@ def _layer_options(layer: nn.Module, format: str, t, layout, n_modes, gram):
             approx = tz.tensor_to_weight(decompose(X, name, rank=ranks, t=ts).to_tensor()).reshape(c_out, -1)
             D = Wm - approx
             err = _weighted_norm(D, gram) / norm
-        options.append((params, max(err, 0.0), ranks))
+        options.append((params, max(err, 0.0), ranks, tt))
     return options
 
 
@@ -238,17 +270,18 @@ def _falling(options):
 def _lower_hull(options):
     """Keep the options on the lower convex hull of (params, error), errors strictly falling."""
     pts = []
-    for p, e, r in sorted(options, key=lambda o: (o[0], o[1])):
+    for option in sorted(options, key=lambda o: (o[0], o[1])):
+        p, e = option[:2]
         if pts and e >= pts[-1][1]:
             continue  # more parameters, no less error
         while len(pts) >= 2:
-            (p1, e1, _), (p2, e2, _) = pts[-2], pts[-1]
+            (p1, e1), (p2, e2) = pts[-2][:2], pts[-1][:2]
             # drop the middle point if it lies above the segment from pts[-2] to the new point
             if (e2 - e1) * (p - p1) >= (e - e1) * (p2 - p1):
                 pts.pop()
             else:
                 break
-        pts.append((p, e, r))
+        pts.append(option)
     return pts
 
 
