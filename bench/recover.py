@@ -12,7 +12,8 @@ test set:
 - ``plain``: straight after the decomposition (uniform rule: every layer the same compression);
 - ``bn``: plain, then BatchNorm recalibration on the calibration images;
 - ``recovered``: the recipe's ranks (``--recipe``, see RECIPES: v2 uniform, v1 allocated by
-  weight error) and data-aware fitting (100 L-BFGS iterations per layer; the BatchNorm
+  weight error; v4 also chooses each layer's t in {1, 2, 4} for the semi-tensor formats) and
+  data-aware fitting (100 L-BFGS iterations per layer; the BatchNorm
   statistics stay the dense network's, which the fit targets), with no gradient-descent epoch;
   ``recovered+bn``: then BatchNorm recalibration;
 - ``ft1``, ``ft5``, ``ft15``: the recovered network fine-tuned N epochs with the dense network as
@@ -68,9 +69,12 @@ SEMI = {"sttu": "tucker", "stt": "tt", "str": "tr"}
 RECIPES = {"v1": {"allocation": "weight", "ft_weight_decay": 5e-4},
            "v2": {"allocation": "uniform", "ft_weight_decay": 0.0},
            "v3": {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200,
-                  "ft_features": 1.0}}
-#: settings a recipe may leave out (fit_steps None: --fit-steps)
-RECIPE_DEFAULTS = {"fit_unit": "layer", "fit_steps": None, "ft_features": 0.0}
+                  "ft_features": 1.0},
+           "v4": {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200,
+                  "ft_features": 1.0, "t_choices": (1, 2, 4)}}
+#: settings a recipe may leave out (fit_steps None: --fit-steps; t_choices: v4 chooses each layer's t
+#: of a semi-tensor format among them in the allocation, the plain and bn rows keep t = 2)
+RECIPE_DEFAULTS = {"fit_unit": "layer", "fit_steps": None, "ft_features": 0.0, "t_choices": None}
 
 
 @dataclass(frozen=True)
@@ -164,8 +168,8 @@ class Sweep:
 
     def compressed(self, config: Config, **options):
         start = time.perf_counter()
-        small, report = compress(self.dense, config.format, compression=config.compression, t=config.t,
-                                 **options)
+        t = None if options.get("t_choices") is not None else config.t
+        small, report = compress(self.dense, config.format, compression=config.compression, t=t, **options)
         return small, report, time.perf_counter() - start
 
     # ------------------------------------------------------------------ steps
@@ -195,11 +199,13 @@ class Sweep:
             small = spec.build()
             small.load_state_dict(saved["model"])
         else:
+            t_choices = config.settings["t_choices"] if config.format in SEMI and allocation != "uniform" else None
             small, report, seconds = self.compressed(config, allocation=allocation, fit_steps=fit_steps,
                                                      fit_unit=config.settings["fit_unit"],
                                                      calibration=self.calibration(config.seed),
-                                                     recalibrate_bn=fit_steps == 0)
-            spec = ModelSpec(self.spec.name, 3, 10, config.format, config.t, None, report.ranks)
+                                                     recalibrate_bn=fit_steps == 0, t_choices=t_choices)
+            spec = ModelSpec(self.spec.name, 3, 10, config.format, config.t if t_choices is None else report.t, None,
+                             report.ranks)
             cache.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"spec": spec.to_dict(), "model": small.state_dict()}, cache)
         if not self.is_done(config, step):
@@ -208,7 +214,8 @@ class Sweep:
             self.record(config, step, test_accuracy=self.accuracy(small), params=params,
                         compression=self.dense_params / params, seconds=seconds, allocation=allocation,
                         fit_steps=fit_steps, fit_unit=config.settings["fit_unit"],
-                        ranks={k: list(v) for k, v in spec.ranks.items()}, fit=fit)
+                        ranks={k: list(v) for k, v in spec.ranks.items()}, fit=fit,
+                        layer_t=spec.t if isinstance(spec.t, dict) else None)
         if bn and not self.is_done(config, step + "+bn"):
             with_bn = copy.deepcopy(small)
             start = time.perf_counter()
