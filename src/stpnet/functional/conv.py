@@ -74,6 +74,8 @@ def _as_tuple(value, dims: int) -> tuple[int, ...]:
 
 
 def _recording() -> bool:
+    """True under torch.jit.trace/script, torch.compile or torch.export: there the plain op is
+    recorded (and a choice on the batch size would become a guard on a possibly dynamic batch)."""
     compiler = getattr(torch, "compiler", None)
     return torch.jit.is_tracing() or torch.jit.is_scripting() or bool(
         compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
