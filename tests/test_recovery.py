@@ -78,6 +78,30 @@ def test_bn_recalibration_changes_only_batchnorm_buffers():
     assert not small.training and small.bn1.momentum == 0.1  # mode and momentum restored
 
 
+def test_augmented_calibration_images_are_shifted_and_flipped_training_images():
+    """augment=True: each image is its unaugmented self shifted by at most 4 pixels (zeros coming in)
+    and possibly mirrored, as the trainer augments; the same seed gives the same images."""
+    from stpnet.data import ImageDataset, normalize
+    from stpnet.pipeline import calibration_images
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageDataset(torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=g),
+                        torch.randint(0, 3, (40,), generator=g),
+                        torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=g),
+                        torch.randint(0, 3, (4,), generator=g), ("a", "b", "c"), "toy")
+    plain = calibration_images(data, 16, seed=3)
+    aug = calibration_images(data, 16, seed=3, augment=True)
+    assert torch.equal(aug, calibration_images(data, 16, seed=3, augment=True)) and aug.shape == plain.shape
+    assert not torch.equal(aug, plain)
+    zero = normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), data.mean, data.std)  # a padded pixel
+    raw = torch.nn.functional.pad(plain - zero, (4, 4, 4, 4)) + zero  # padded with what 0 becomes
+    for i in range(16):
+        matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                   if torch.allclose((raw[i, :, dy:dy + 12, dx:dx + 12].flip(-1) if flip else
+                                      raw[i, :, dy:dy + 12, dx:dx + 12]), aug[i])]
+        assert matches, f"image {i} is not a shifted / mirrored training image"
+
+
 def test_bn_recalibration_equals_the_exact_batch_statistics():
     net = _net()
     x = _images(48, 2)
