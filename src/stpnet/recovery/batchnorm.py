@@ -32,7 +32,9 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
     model : nn.Module
     images : torch.Tensor
         Preprocessed float inputs ``N x C x ...`` as the model takes them (for images: normalized
-        with the model's mean and std), typically training images without augmentation.
+        with the model's mean and std): a few hundred training images, best augmented as in
+        training (:func:`stpnet.pipeline.calibration_images` with ``augment=True``), since the
+        statistics being replaced were gathered on augmented batches.
     batch_size : int
         Forward passes take this many images at a time; each batch's statistics are averaged in.
 
