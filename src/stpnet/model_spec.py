@@ -52,8 +52,6 @@ class ModelSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["ranks"] = {k: list(v) for k, v in self.ranks.items()}
-        if isinstance(self.t, dict):
-            d["t"] = dict(self.t)
         return d
 
     @classmethod
