@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .compress import CompressionReport, compress
-from .data import ImageDataset, normalize, random_crop, random_hflip
+from .data import ImageDataset, normalize, training_augment
 from .model_spec import ModelSpec
 from .train import CheckpointError, TrainConfig, Trainer, load_checkpoint
 
@@ -94,10 +94,10 @@ def calibration_images(data: ImageDataset, n: int, seed: int = 0, *, augment: bo
     and std: the calibration batch of the recovery steps.
 
     Without augmentation by default (what the fits match). ``augment=True`` applies the training
-    augmentation of :class:`stpnet.train.Trainer` (random 4-pixel-padded crop and horizontal flip,
-    seeded by ``seed``) for BatchNorm recalibration, whose statistics should describe what the
-    network was trained on: re-estimated on unaugmented images they cost the dense ResNet-20 2.9
-    points of test accuracy, on augmented ones nothing (BENCHMARKS.md)."""
+    augmentation of :class:`stpnet.train.Trainer` (:func:`stpnet.data.training_augment`, seeded by
+    ``seed``) for BatchNorm recalibration, whose statistics should describe what the
+    network was trained on: re-estimated on unaugmented images they cost the dense ResNet-20 3.2
+    points of test accuracy, on augmented ones 0.1 (BENCHMARKS.md)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"the calibration batch needs an int >= 2 images, got {n!r}")
     n = min(n, len(data.train_y))
@@ -105,7 +105,7 @@ def calibration_images(data: ImageDataset, n: int, seed: int = 0, *, augment: bo
     images = data.train_x[idx]
     if augment:
         gen = torch.Generator().manual_seed(seed + 1)
-        images = random_hflip(random_crop(images, 4, generator=gen), generator=gen)
+        images = training_augment(images, generator=gen)
     return normalize(images, data.mean, data.std)
 
 

@@ -3,7 +3,7 @@
 * :func:`load_dataset` -- one entry point: ``"cifar10-subset"`` or a path to CIFAR-10 (python
   batches or ImageFolder, as a directory or tarball) or to an MNIST / Fashion-MNIST IDX directory.
 * :class:`ImageDataset` -- the in-memory result (uint8 ``N x C x H x W`` images, int64 labels).
-* :func:`random_crop`, :func:`random_hflip`, :func:`normalize` -- batched augmentation on tensors.
+* :func:`random_crop`, :func:`random_hflip`, :func:`training_augment`, :func:`normalize` -- batched augmentation on tensors.
 * :func:`iterate_batches` -- deterministic, resumable, shardable minibatches.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-from .augment import crop_padded, normalize, random_crop, random_hflip
+from .augment import crop_padded, normalize, random_crop, random_hflip, training_augment
 from .batches import batches_per_epoch, epoch_indices, iterate_batches
 from .cache import cache_dir
 from .cifar import CIFAR10_CLASSES, load_cifar10
@@ -33,6 +33,7 @@ __all__ = [
     "crop_padded",
     "random_crop",
     "random_hflip",
+    "training_augment",
     "normalize",
     "iterate_batches",
     "epoch_indices",

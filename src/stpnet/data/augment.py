@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["crop_padded", "random_crop", "random_hflip", "normalize"]
+__all__ = ["crop_padded", "random_crop", "random_hflip", "training_augment", "normalize"]
 
 
 def _check_images(x: object, name: str = "x") -> None:
@@ -139,3 +139,9 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     scale = (1.0 / (255.0 * std_t)).view(1, c, 1, 1)
     shift = (mean_t / std_t).view(1, c, 1, 1)
     return x.to(torch.float32) * scale - shift
+
+
+def training_augment(x: torch.Tensor, *, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """The training augmentation of :class:`stpnet.train.Trainer`: :func:`random_crop` with
+    ``padding`` zero pixels, then :func:`random_hflip`, both drawn from ``generator``."""
+    return random_hflip(random_crop(x, padding, generator=generator), generator=generator)

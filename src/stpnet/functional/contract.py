@@ -26,7 +26,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .conv import _recording, conv_nd
+from .conv import conv_nd, recording
 from .plain import kron_identity
 from .reconstruct import _chain, khatri_rao
 from .retensorize import first_core_to_classic
@@ -152,7 +152,7 @@ def grouped_shared_conv(z: torch.Tensor, S: torch.Tensor, stride: Sequence[int],
     spatial = z.shape[3:]
     if stage is None:
         needs_grad = torch.is_grad_enabled() and (z.requires_grad or S.requires_grad)
-        stage = "depth" if _recording() else grouped_stage(n, spatial, stride, z.device.type, r * g, needs_grad)
+        stage = "depth" if recording() else grouped_stage(n, spatial, stride, z.device.type, r * g, needs_grad)
     elif stage not in GROUPED_STAGES:
         raise ValueError(f"stage must be one of {GROUPED_STAGES} or None, got {stage!r}")
     if stage == "block":

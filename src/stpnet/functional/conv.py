@@ -73,12 +73,15 @@ def _as_tuple(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
-def _recording() -> bool:
-    """True under torch.jit.trace/script, torch.compile or torch.export: there the plain op is
-    recorded (and a choice on the batch size would become a guard on a possibly dynamic batch)."""
+def recording() -> bool:
+    """True while tracing, scripting or compiling (torch.jit, torch.compile, torch.export): the
+    graph must see the plain computation, and a choice on the batch size would become a guard on a
+    possibly dynamic batch. (``torch.compiler.is_compiling`` is looked up on every call: dynamo
+    recognises it by that access, not through a reference kept from import time.)"""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
     compiler = getattr(torch, "compiler", None)
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or bool(
-        compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def _cpu_autocast() -> bool:
@@ -90,7 +93,7 @@ def _cpu_autocast() -> bool:
 
 def _input_grad_by_forward(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> bool:
     """Whether the slow case applies (see the module docstring)."""
-    if _recording():
+    if recording():
         return False
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         return False

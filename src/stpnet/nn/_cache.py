@@ -9,17 +9,9 @@ from typing import Callable, Hashable
 import torch
 from torch import nn
 
+from ..functional.conv import recording
+
 __all__ = ["InferenceCache", "recording"]
-
-
-def recording() -> bool:
-    """True while tracing, scripting or compiling: the graph must see the real computation.
-    (``torch.compiler.is_compiling`` is looked up on every call: dynamo recognises it by that
-    access, not through a reference kept from import time.)"""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 class InferenceCache(nn.Module):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import ImageDataset, iterate_batches, normalize, random_crop, random_hflip
+from ..data import ImageDataset, iterate_batches, normalize, training_augment
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distill import distillation_loss, feature_distillation_loss
@@ -258,7 +258,7 @@ class Trainer:
                                                              shuffle=True, seed=cfg.seed, epoch=epoch,
                                                              rank=ctx.rank, world_size=ctx.world_size)):
                     if cfg.augment:
-                        xb = random_hflip(random_crop(xb, 4, generator=gen), generator=gen)
+                        xb = training_augment(xb, generator=gen)
                     xb = normalize(xb, mean, std).to(self.device, non_blocking=True)
                     if self.channels_last:
                         xb = _channels_last(xb)
