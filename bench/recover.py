@@ -17,7 +17,8 @@ test set:
   statistics stay the dense network's, which the fit targets), with no gradient-descent epoch;
   ``recovered+bn``: then BatchNorm recalibration;
 - ``ft1``, ``ft5``, ``ft15``: the recovered network fine-tuned N epochs with the dense network as
-  teacher (distillation alpha 0.9, T 4), SGD Nesterov, cosine from ``--lr``, batch 128, bf16 on CPU.
+  teacher (distillation alpha 0.9, T 4), SGD Nesterov, cosine from ``--lr``, batch 128, bf16 on CPU
+  (15 epochs for the STT/TT pairs only, at 9x and 20x: the targets' rows).
 
 ``--long N`` runs only an N-epoch distilled fine-tune (step ``ftN``) of the seed-0 STT/TT 9x pair
 (or what ``--only`` selects): how far a longer fine-tune takes the same recovered networks.
@@ -71,10 +72,15 @@ RECIPES = {"v1": {"allocation": "weight", "ft_weight_decay": 5e-4},
            "v3": {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200,
                   "ft_features": 1.0},
            "v4": {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200,
-                  "ft_features": 1.0, "t_choices": (1, 2, 4)}}
+                  "ft_features": 1.0, "t_choices": (1, 2, 4)},
+           "v5": {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200,
+                  "ft_features": 1.0, "t_choices": (1, 2, 4), "ft_bn_keep_function": True}}
 #: settings a recipe may leave out (fit_steps None: --fit-steps; t_choices: v4 chooses each layer's t
-#: of a semi-tensor format among them in the allocation, the plain and bn rows keep t = 2)
-RECIPE_DEFAULTS = {"fit_unit": "layer", "fit_steps": None, "ft_features": 0.0, "t_choices": None}
+#: of a semi-tensor format among them in the allocation, the plain and bn rows keep t = 2;
+#: ft_bn_keep_function: v5 moves every BatchNorm's statistics to the fitted network's own (on augmented
+#: calibration images) and rescales its weight and bias to keep the function, before fine-tuning)
+RECIPE_DEFAULTS = {"fit_unit": "layer", "fit_steps": None, "ft_features": 0.0, "t_choices": None,
+                   "ft_bn_keep_function": False}
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ def plan(seeds: int, recipe: str) -> list[tuple[Config, tuple[int, ...]]]:
     """(configuration, fine-tuning epochs) in the order that makes a partial sweep most useful."""
     out = [(Config("stt", 9, 0, recipe), (1, 5, 15)), (Config("tt", 9, 0, recipe), (1, 5, 15))]
     out += [(Config(f, 9, 0, recipe), (1, 5)) for f in ("tucker", "sttu", "tr", "str")]
-    out += [(Config(f, 20, 0, recipe), (1, 5)) for f in ("stt", "tt", "str", "tr")]
+    out += [(Config(f, 20, 0, recipe), (1, 5, 15) if f in ("stt", "tt") else (1, 5)) for f in ("stt", "tt", "str", "tr")]
     for seed in range(1, seeds):
         out += [(Config("stt", 9, seed, recipe), (1, 5, 15)), (Config("tt", 9, seed, recipe), (1, 5, 15))]
     return out
@@ -231,6 +237,9 @@ class Sweep:
             return
         small, spec = self.recovered(config)
         self.check_time()
+        if config.settings["ft_bn_keep_function"]:
+            images = calibration_images(self.data, self.args.calibration_images, config.seed, augment=True)
+            recalibrate_batchnorm(small, images, keep_function=True)
         args = self.args
         weight_decay = config.settings["ft_weight_decay"]
         train_config = TrainConfig(epochs=epochs, batch_size=128, lr=args.lr, weight_decay=weight_decay, schedule="cosine",
@@ -260,6 +269,7 @@ class Sweep:
                     compression=self.dense_params / params,
                     seconds=sum(r["epoch_time"] + r["eval_time"] for r in history), lr=args.lr, amp=args.amp,
                     weight_decay=weight_decay, distill_features=train_config.distill_features,
+                    bn_keep_function=config.settings["ft_bn_keep_function"],
                     last_epoch_test_accuracy_amp=history[-1]["test_accuracy"])
 
     def ablation(self) -> None:

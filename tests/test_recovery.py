@@ -113,6 +113,71 @@ def test_bn_recalibration_equals_the_exact_batch_statistics():
     assert torch.allclose(net.bn0.running_var, h.var((0, 2, 3), unbiased=False) * n / (n - 1), rtol=1e-4)
 
 
+def _bn_inputs_eval(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What reaches each BatchNorm in eval mode (the function the network computes now)."""
+    seen, hooks = {}, []
+    for name, m in net.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            hooks.append(m.register_forward_pre_hook(lambda m, i, name=name: seen.__setitem__(name, i[0].detach())))
+    with torch.no_grad():
+        net.eval()(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("fmt,t", [("tt", None), ("stt", 2), ("str", 2)])
+def test_bn_keep_function_keeps_the_eval_function_and_measures_the_real_statistics(fmt, t):
+    small, _ = stpnet.compress(_net().double(), fmt, rank=2, t=t)  # stale (dense) statistics, as after a fit
+    x = _images(40, 6).double()
+    ref = copy.deepcopy(small)
+    inputs = _bn_inputs_eval(small, x)
+    others = {k: p.clone() for k, p in small.named_parameters() if not k.startswith("bn")}
+    assert recalibrate_batchnorm(small, x, batch_size=16, keep_function=True) == 3
+    held_out = _images(8, 7).double()
+    with torch.no_grad():
+        assert torch.allclose(small.eval()(held_out), ref.eval()(held_out), rtol=1e-10, atol=1e-10)
+    for name, h in inputs.items():  # the statistics are the exact ones of the eval-mode inputs
+        bn = small.get_submodule(name)
+        assert torch.allclose(bn.running_mean, h.mean((0, 2, 3)), atol=1e-12)
+        assert torch.allclose(bn.running_var, h.var((0, 2, 3), unbiased=True), rtol=1e-10)
+    assert all(torch.equal(others[k], p) for k, p in small.named_parameters() if k in others)
+    assert not small.training and small.bn1.momentum == 0.1
+
+
+def test_bn_keep_function_makes_training_mode_compute_the_fitted_function():
+    """After keep_function, BatchNorm in training mode (batch statistics) on the calibration batch
+    computes what the network computed in eval mode; before it, it does not."""
+    small, _ = stpnet.compress(_net().double(), "stt", rank=2, t=2)
+    x = _images(64, 8).double()
+    with torch.no_grad():
+        target = small.eval()(x)
+        stale = copy.deepcopy(small).train()(x)  # (a training-mode call also moves the running statistics)
+        recalibrate_batchnorm(small, x, batch_size=64, keep_function=True)
+        now = small.train()(x)
+    error = lambda y: ((y - target).norm() / target.norm()).item()  # noqa: E731
+    assert error(now) < 1e-6 and error(stale) > 0.05, (error(now), error(stale))
+
+
+def test_bn_keep_function_errors():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False))
+    with pytest.raises(ValueError, match=r"affine=False.*\['1'\]"):
+        recalibrate_batchnorm(net, _images(4, 0), keep_function=True)
+    with pytest.raises(ValueError, match="False, True or 'keep_function'"):
+        stpnet.compress(_net(), "tt", rank=2, calibration=_images(8, 0), recalibrate_bn="keep")
+
+
+def test_compress_recalibrate_bn_keep_function():
+    dense = _net()
+    x = _images(48, 9)
+    small, report = stpnet.compress(dense, "tt", rank=2, calibration=x, fit_steps=3, recalibrate_bn="keep_function")
+    fitted, _ = stpnet.compress(dense, "tt", rank=2, calibration=x, fit_steps=3)
+    with torch.no_grad():
+        assert torch.allclose(small(x), fitted(x), atol=1e-4)
+    assert not torch.equal(small.bn1.running_mean, fitted.bn1.running_mean)
+    assert report.bn_recalibrated == "keep_function" and "keep the function" in report.to_markdown()
+
+
 # ------------------------------------------------------------------ data-aware fitting
 @pytest.mark.parametrize("fmt,t", FORMATS)
 def test_fitting_lowers_the_output_error_on_held_out_images(fmt, t):
@@ -551,21 +616,35 @@ def dense_checkpoint(cifar_dir, tmp_path_factory):
 def test_cli_recover_and_distill_writes_a_checkpoint_that_evaluates(dense_checkpoint, cifar_dir, tmp_path, capsys):
     run = tmp_path / "small"
     assert main(["compress", str(dense_checkpoint), "--data", str(cifar_dir), "--format", "stt", "--compression", "4",
-                 "--recover", "--fit-steps", "3", "--bn-recalibrate", "--calibration-images", "32", "--distill",
+                 "--recover", "--fit-steps", "3", "--bn-recalibrate", "keep-function", "--calibration-images", "32",
+                 "--distill",
                  "--distill-features", "0.5", "--epochs", "1",
                  "--batch-size", "40", "--run-dir", str(run), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "rank allocation: weight" in out and "BatchNorm statistics re-estimated" in out
+    assert "rank allocation: weight" in out and "weights rescaled to keep the function" in out
     from stpnet.train import load_checkpoint
 
     state = load_checkpoint(run / "checkpoint.pt")
     made = state["metadata"]["made_by"]
     assert made["distill"] and made["allocation"] == "weight" and made["fit_steps"] == 3
-    assert made["bn_recalibrated"] and made["calibration_images"] == 32
+    assert made["bn_recalibrated"] == "keep_function" and made["calibration_images"] == 32
     assert state["config"]["distill_alpha"] == 0.9
     assert state["config"]["distill_features"] == 0.5 and made["distill_features"] == 0.5
     assert main(["eval", str(run / "checkpoint.pt"), "--data", str(cifar_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "stt"
+
+
+def test_cli_bn_recalibrate_takes_an_optional_mode():
+    from stpnet.cli import build_parser
+
+    parse = lambda *flags: build_parser().parse_args(["compress", "ckpt", "--format", "tt", "--compression", "4",
+                                                      "--run-dir", "r", *flags])  # noqa: E731
+    assert parse().bn_recalibrate is None
+    assert parse("--bn-recalibrate").bn_recalibrate == "estimate"
+    assert parse("--bn-recalibrate", "--recover").bn_recalibrate == "estimate"
+    assert parse("--bn-recalibrate", "keep-function").bn_recalibrate == "keep-function"
+    with pytest.raises(SystemExit):
+        parse("--bn-recalibrate", "sometimes")
 
 
 def test_cli_t_choices_records_each_layers_t_and_the_checkpoint_rebuilds(dense_checkpoint, cifar_dir, tmp_path,

@@ -75,7 +75,7 @@ class CompressionReport:
     input_shape: tuple[int, ...] | None
     allocation: str | None = None
     fit: "FitReport | None" = None
-    bn_recalibrated: bool = False
+    bn_recalibrated: bool | str = False
     kept_tied: tuple[str, ...] = ()
     skipped: tuple[LayerNote, ...] = ()
     adjusted: tuple[LayerNote, ...] = ()
@@ -144,7 +144,9 @@ class CompressionReport:
             if blocks:
                 notes.append("block fit errors (before -> after): " + ", ".join(
                     f"{f.name} {f.error_before:.3f} -> {f.error_after:.3f}" for f in blocks))
-        if self.bn_recalibrated:
+        if self.bn_recalibrated == "keep_function":
+            notes.append("BatchNorm statistics re-estimated, its weights rescaled to keep the function")
+        elif self.bn_recalibrated:
             notes.append("BatchNorm statistics re-estimated")
         if self.kept_tied:
             notes.append(f"kept dense because their weights are tied to another module: {', '.join(self.kept_tied)}")
@@ -326,7 +328,7 @@ def compress(
     calibration: torch.Tensor | None = None,
     fit_steps: int = 0,
     fit_unit: str = "block",
-    recalibrate_bn: bool = False,
+    recalibrate_bn: bool | str = False,
     attention: str = "packed",
 ) -> tuple[nn.Module, CompressionReport]:
     """Replace the eligible Conv/Linear/Embedding layers of ``model`` with factorized layers.
@@ -393,11 +395,14 @@ def compress(
         How an attention's query/key/value projection is factorized: one (3E x E) matrix, run once
         in self-attention (``'in_proj'``), or three (E x E) matrices (``'q_proj'``, ``'k_proj'``,
         ``'v_proj'``).
-    recalibrate_bn : bool
+    recalibrate_bn : {False, True, 'keep_function'}
         Re-estimate BatchNorm running statistics on ``calibration`` at the end
-        (:func:`stpnet.recovery.recalibrate_batchnorm`). It recovers much of a plain
+        (:func:`stpnet.recovery.recalibrate_batchnorm`). ``True`` recovers much of a plain
         decomposition's loss; after fitting, which targets the dense network's statistics, it
-        measured worse on ResNet-20 (BENCHMARKS.md), so combine the two only after checking.
+        measured worse on ResNet-20 (BENCHMARKS.md). ``'keep_function'`` also rescales every
+        BatchNorm's weight and bias so the network computes the same function as before, now with
+        statistics that describe its real activations: what to use after fitting when fine-tuning
+        follows, since training-mode BatchNorm normalizes with batch statistics.
 
     Returns
     -------
@@ -430,6 +435,8 @@ def compress(
                          "'activation' (with compression=...), and no t=")
     if attention not in ("packed", "separate"):
         raise ValueError(f"attention must be 'packed' or 'separate', got {attention!r}")
+    if not (isinstance(recalibrate_bn, bool) or recalibrate_bn == "keep_function"):
+        raise ValueError(f"recalibrate_bn must be False, True or 'keep_function', got {recalibrate_bn!r}")
     if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0:
         raise ValueError(f"fit_steps must be an int >= 0, got {fit_steps!r}")
     from .recovery.fit import UNITS
@@ -538,7 +545,7 @@ def compress(
     if fit_steps > 0:
         fit = fit_to_activations(model, reference, calibration, steps=fit_steps, unit=fit_unit)
     if recalibrate_bn:
-        recalibrate_batchnorm(model, calibration)
+        recalibrate_batchnorm(model, calibration, keep_function=recalibrate_bn == "keep_function")
     report = model_report(model, input_shape, dense_params)
     return model, dataclasses.replace(report, allocation=allocation if compression is not None else None, fit=fit,
                                       bn_recalibrated=recalibrate_bn, kept_tied=tuple(tied), skipped=tuple(skipped),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._calibration import check_images, iterate_images, modes_restored
+from ._calibration import check_images, forward_with_hooks, iterate_images, modes_restored
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -13,7 +13,8 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size: int = 128) -> int:
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size: int = 128,
+                          keep_function: bool = False) -> int:
     """Re-estimate the running mean and variance of every BatchNorm layer of ``model`` on ``images``.
 
     Compressing the convolutions before a BatchNorm changes the statistics of what it normalizes,
@@ -27,6 +28,18 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
     no parameter, and no other buffer. The model's train/eval mode and each BatchNorm's
     ``momentum`` are restored afterwards.
 
+    With ``keep_function=True`` the network's eval-mode function does not change: each BatchNorm's
+    statistics are measured on what reaches it while the network computes what it computes now,
+    and its affine weight and bias are rescaled to absorb the change
+    (``weight' = weight * sqrt(var' + eps) / sqrt(var + eps)``, ``bias' = bias + weight * (mean' -
+    mean) / sqrt(var + eps)``). Use it before fine-tuning a network fitted to the dense network's
+    activations (:func:`stpnet.recovery.fit_to_activations`): the fit relies on the dense running
+    statistics, which no longer describe the compressed layers' outputs, so in training mode, where
+    BatchNorm normalizes with the batch's own statistics, the fitted function is lost at the first
+    step (ResNet-20 STT 20x: 36.9% in eval mode, 13.7% with batch statistics; 33.4% after this,
+    BENCHMARKS.md). Here the BatchNorm weights and biases change too, and ``num_batches_tracked``
+    does not.
+
     Parameters
     ----------
     model : nn.Module
@@ -37,6 +50,10 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
         statistics being replaced were gathered on augmented batches.
     batch_size : int
         Forward passes take this many images at a time; each batch's statistics are averaged in.
+    keep_function : bool, default False
+        Also rescale each BatchNorm's affine weight and bias so that the network computes the
+        same function in eval mode as before (to rounding), with statistics that describe its
+        actual inputs. Every BatchNorm tracked must be affine.
 
     Returns
     -------
@@ -47,7 +64,8 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
     ------
     ValueError
         If ``images`` is not a non-empty floating tensor, or ``batch_size`` < 2 (a BatchNorm needs
-        more than one value per channel).
+        more than one value per channel), or with ``keep_function`` a BatchNorm is not affine or
+        sees fewer than two values per channel.
     """
     check_images(images)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
@@ -55,6 +73,9 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORMS) and m.track_running_stats]
     if not norms:
         return 0
+    if keep_function:
+        _restate(model, norms, images, batch_size)
+        return len(norms)
     momenta = {m: m.momentum for m in norms}
     try:
         with modes_restored(model):
@@ -69,3 +90,40 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
         for m, momentum in momenta.items():
             m.momentum = momentum
     return len(norms)
+
+
+def _restate(model: nn.Module, norms: list[nn.Module], images: torch.Tensor, batch_size: int) -> None:
+    """``keep_function``: measure each BatchNorm's input statistics in eval mode, then move its running
+    statistics there and rescale its affine parameters so its eval-mode output is unchanged."""
+    names = {m: n for n, m in model.named_modules()}
+    plain = [names[m] for m in norms if not m.affine]
+    if plain:
+        raise ValueError(f"keep_function rescales each BatchNorm's affine weight and bias; these have none "
+                         f"(affine=False): {plain}")
+    # per channel: count, sum and sum of squares of (x - running_mean), in float64
+    sums: dict[nn.Module, list] = {m: [0, 0.0, 0.0] for m in norms}
+
+    def hook(module, inputs, output):
+        x = inputs[0]
+        x = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double() - module.running_mean.double()[:, None]
+        acc = sums[module]
+        acc[0] += x.shape[1]
+        acc[1] = acc[1] + x.sum(1)
+        acc[2] = acc[2] + (x * x).sum(1)
+
+    forward_with_hooks(model, {m: hook for m in norms}, iterate_images(images, batch_size, model))
+    for m in norms:
+        n, shifted_sum, shifted_squares = sums[m]
+        if n < 2:
+            raise ValueError(f"BatchNorm {names[m]!r} saw {n} value(s) per channel; keep_function needs at least "
+                             "two (more images, or larger inputs)")
+        old_mean, old_var = m.running_mean.double(), m.running_var.double()
+        shift = shifted_sum / n
+        mean = old_mean + shift
+        var = (shifted_squares / n - shift * shift).clamp_min(0) * (n / (n - 1))  # unbiased, as BatchNorm keeps it
+        old_scale = torch.rsqrt(old_var + m.eps)
+        weight = m.weight.double()
+        m.bias.copy_(m.bias.double() + weight * old_scale * (mean - old_mean))
+        m.weight.copy_(weight * old_scale * torch.sqrt(var + m.eps))
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
