@@ -643,6 +643,7 @@ def test_cli_bn_recalibrate_takes_an_optional_mode():
     assert parse("--bn-recalibrate").bn_recalibrate == "estimate"
     assert parse("--bn-recalibrate", "--recover").bn_recalibrate == "estimate"
     assert parse("--bn-recalibrate", "keep-function").bn_recalibrate == "keep-function"
+    assert parse("--bn-recalibrate", "off", "--recover").bn_recalibrate == "off"
     with pytest.raises(SystemExit):
         parse("--bn-recalibrate", "sometimes")
 

@@ -218,11 +218,11 @@ def _cmd_compress(args) -> int:
     if args.rank is None and args.compression is None:
         raise ValueError("compress needs --rank or --compression")
     data = normalized_like(data, state)
-    allocation, fit_steps = args.allocation, args.fit_steps
-    bn = {None: False, "estimate": True, "keep-function": "keep_function"}[args.bn_recalibrate]
+    allocation, fit_steps, bn_mode = args.allocation, args.fit_steps, args.bn_recalibrate
     if args.recover:  # the recommended recovery, each part overridable
         allocation = "weight" if allocation is None else allocation
         fit_steps = 100 if fit_steps is None else fit_steps
+    bn = {None: False, "off": False, "estimate": True, "keep-function": "keep_function"}[bn_mode]
     allocation = allocation or "uniform"
     if allocation != "uniform" and args.compression is None:
         raise ValueError(f"--allocation {allocation} shares a --compression target among the layers; give "
@@ -449,12 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--fit-unit", choices=("block", "layer"), default="block",
                      help="fit each block's factorized layers together to the dense block's output (default; "
                           "every residual block of a ResNet), or each factorized layer to its dense output")
-    rec.add_argument("--bn-recalibrate", nargs="?", const="estimate", choices=("estimate", "keep-function"),
+    rec.add_argument("--bn-recalibrate", nargs="?", const="estimate", choices=("off", "estimate", "keep-function"),
                      default=None,
-                     help="re-estimate BatchNorm statistics: 'estimate' (the default with no value) helps a plain "
+                     help="re-estimate BatchNorm statistics: 'estimate' (the flag alone) helps a plain "
                           "decomposition but after fitting, which targets the dense statistics, measured worse; "
                           "'keep-function' also rescales each BatchNorm's weight and bias so the network computes "
-                          "the same function, with statistics that training-mode batches then match (BENCHMARKS.md)")
+                          "the same function, with statistics that training-mode batches then match; 'off' neither "
+                          "(BENCHMARKS.md)")
     rec.add_argument("--calibration-images", type=int, default=512,
                      help="training images for the data-aware steps (default 512)")
     rec.add_argument("--distill", action="store_true", help="fine-tune with the dense network as teacher")

@@ -36,8 +36,8 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
     activations (:func:`stpnet.recovery.fit_to_activations`): the fit relies on the dense running
     statistics, which no longer describe the compressed layers' outputs, so in training mode, where
     BatchNorm normalizes with the batch's own statistics, the fitted function is lost at the first
-    step (ResNet-20 STT 20x: 36.9% in eval mode, 13.7% with batch statistics; 33.4% after this,
-    BENCHMARKS.md). Here the BatchNorm weights and biases change too, and ``num_batches_tracked``
+    step (ResNet-20 STT 9x fitted: 61.6% in eval mode, 31.6% with batch statistics; 55.0% after
+    this, BENCHMARKS.md). Here the BatchNorm weights and biases change too, and ``num_batches_tracked``
     does not.
 
     Parameters
