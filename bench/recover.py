@@ -67,14 +67,14 @@ SEMI = {"sttu": "tucker", "stt": "tt", "str": "tr"}
 #: How the ``recovered`` network is made and fine-tuned. v1: rank allocation by the largest
 #: normalised weight error, fine-tuning weight decay 5e-4. v2: uniform ranks (which recovered more
 #: before fine-tuning in a first look), and no weight decay on the fine-tuned factors.
+_V4 = {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200, "ft_features": 1.0,
+       "t_choices": (1, 2, 4)}
 RECIPES = {"v1": {"allocation": "weight", "ft_weight_decay": 5e-4},
            "v2": {"allocation": "uniform", "ft_weight_decay": 0.0},
            "v3": {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200,
                   "ft_features": 1.0},
-           "v4": {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200,
-                  "ft_features": 1.0, "t_choices": (1, 2, 4)},
-           "v5": {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200,
-                  "ft_features": 1.0, "t_choices": (1, 2, 4), "ft_bn_keep_function": True}}
+           "v4": _V4,
+           "v5": {**_V4, "ft_bn_keep_function": True}}
 #: settings a recipe may leave out (fit_steps None: --fit-steps; t_choices: v4 chooses each layer's t
 #: of a semi-tensor format among them in the allocation, the plain and bn rows keep t = 2;
 #: ft_bn_keep_function: v5 moves every BatchNorm's statistics to the fitted network's own (on augmented
