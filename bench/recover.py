@@ -114,6 +114,9 @@ def plan(seeds: int, recipe: str) -> list[tuple[Config, tuple[int, ...]]]:
     return out
 
 
+#: The fine-tuning peak learning rate of every recipe (0.01 peaked in the session-8 probe).
+DEFAULT_LR = 0.01
+
 #: The network rows without a ``source`` came from (the first sweeps recorded none).
 DEFAULT_SOURCE = "resnet20-cifar10"
 
@@ -232,7 +235,8 @@ class Sweep:
         return small, spec
 
     def fine_tune(self, config: Config, epochs: int, distill: bool = True) -> None:
-        step = f"ft{epochs}" + ("" if distill else "-nodistill")
+        lr = "" if self.args.lr == DEFAULT_LR else f"-lr{self.args.lr:g}"  # another peak: its own step
+        step = f"ft{epochs}{lr}" + ("" if distill else "-nodistill")
         if self.is_done(config, step):
             return
         small, spec = self.recovered(config)
@@ -358,10 +362,11 @@ def _report_one(source: str, rows: list[dict]) -> str:
         lines.append(f"| {fmt} | {target:g}x | {recipe} | {any_row['params']:,} | {any_row['compression']:.2f}x | "
                      + " | ".join(cells) + f" | {seconds:.0f} |")
     extra = [r for r in rows if r["step"] in ("uniform+fit", "uniform+fit+bn", "alloc+bn", "alloc-weight+fit",
-                                              "alloc-activation+fit", "ft5-nodistill")]
+                                              "alloc-activation+fit", "ft5-nodistill")
+             or re.fullmatch(r"ft\d+-lr.+", r["step"])]
     if extra:
-        lines += ["", "Ablation (STT 9x): " + "; ".join(f"{r['step']} ({r.get('recipe', 'v1')}) "
-                                                         f"{r['test_accuracy']:.2%}" for r in extra)]
+        lines += ["", "Ablation and learning rates: " + "; ".join(
+            f"{r['config']} {r['step']} {r['test_accuracy']:.2%}" for r in extra)]
     return "\n".join(lines)
 
 
@@ -377,7 +382,8 @@ def main() -> None:
                              "(default: the seed-0 STT/TT 9x pair): how far longer fine-tuning goes")
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--fit-steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning peak learning rate")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR,
+                        help="fine-tuning peak learning rate (another than the default is recorded as step ftN-lrX)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="v2", help="see RECIPES")
     parser.add_argument("--amp", default="bf16", choices=("auto", "bf16", "fp16", "off"))
     parser.add_argument("--time-limit", type=float, help="minutes; stop after the step that crosses it")
