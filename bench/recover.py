@@ -18,7 +18,9 @@ test set:
   ``recovered+bn``: then BatchNorm recalibration;
 - ``ft1``, ``ft5``, ``ft15``: the recovered network fine-tuned N epochs with the dense network as
   teacher (distillation alpha 0.9, T 4), SGD Nesterov, cosine from ``--lr``, batch 128, bf16 on CPU
-  (15 epochs for the STT/TT pairs only, at 9x and 20x: the targets' rows).
+  (15 epochs for the STT/TT pairs only, at 9x and 20x: the targets' rows); v5 first sets each
+  BatchNorm's statistics to the fitted network's own keeping its function (v4 and v5 fit the same
+  network: only the fine-tune differs).
 
 ``--long N`` runs only an N-epoch distilled fine-tune (step ``ftN``) of the seed-0 STT/TT 9x pair
 (or what ``--only`` selects): how far a longer fine-tune takes the same recovered networks.

@@ -122,6 +122,13 @@ def test_report_of_a_zoo_model(capsys):
     assert "61,706" in capsys.readouterr().out
 
 
+def test_compression_demo_table_names_its_epochs_and_draws_the_stages(tmp_path, capsys):
+    assert run("demo", "--formats", "tt", "--epochs", 1, "--train-subset", 64, "--out-dir", tmp_path, "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "after 1 distilled epoch " in out and "\ntt " in out and "\ndense " in out
+    assert (tmp_path / "accuracy_by_stage.png").stat().st_size > 1000
+
+
 def test_demo_from_scratch_small(tmp_path, capsys):
     assert run("demo", "--from-scratch", "--epochs", 1, "--train-subset", 64, "--out-dir", tmp_path, "--quiet") == 0
     out = capsys.readouterr().out

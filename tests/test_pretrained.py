@@ -141,6 +141,36 @@ def test_cli_compress_accepts_a_name(tmp_path, capsys):
     assert spec.format == "tt"
 
 
+def test_compression_demo_semi_tensor_with_per_layer_t_and_kept_function(tmp_path):
+    """The demo's semi-tensor path with each layer's t chosen and BatchNorm moved keeping the
+    function: the fine-tuned checkpoint records each layer's t and reloads to the same accuracy."""
+    from stpnet.demo import run_compression_demo
+    from stpnet.pipeline import load_trained
+    from stpnet.train import evaluate
+
+    rows, _ = run_compression_demo(formats=("stt",), out_dir=tmp_path, fine_tune_epochs=1, fit_steps=2,
+                                   calibration_size=32, train_subset=64, t_choices=(1, 2), bn_keep_function=True)
+    stt = rows[1]
+    assert 8.5 < stt["compression"] < 9.5
+    small, spec, state = load_trained(tmp_path / "stt" / "checkpoint.pt")
+    assert isinstance(spec.t, dict) and set(spec.t.values()) <= {1, 2}
+    data = load_embedded_cifar10().with_normalization(state["metadata"]["preprocessing"]["mean"],
+                                                      state["metadata"]["preprocessing"]["std"])
+    reloaded = evaluate(small, data.test_x, data.test_y, data.mean, data.std, device=torch.device("cpu"))
+    assert reloaded["accuracy"] == pytest.approx(stt["accuracy"], abs=1e-9)
+
+
+def test_recovery_stage_plot_draws_missing_stages_as_empty(tmp_path):
+    pytest.importorskip("matplotlib")
+    from stpnet.plot import plot_recovery_stages
+
+    networks = [{"format": "tt", "compression": 9.0, "params": 29959, "plain": 0.12, "accuracy": 0.68},
+                {"format": "stt", "compression": 9.0, "params": 29938, "plain": 0.10, "accuracy": None}]
+    path = plot_recovery_stages(networks, {"plain": "straight after compression", "accuracy": "fine-tuned"},
+                                tmp_path / "sub" / "stages.png", dense_accuracy=0.885, title="t")
+    assert path == tmp_path / "sub" / "stages.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_compression_demo_small(tmp_path):
     from stpnet.demo import run_compression_demo
 

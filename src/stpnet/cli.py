@@ -385,7 +385,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_compression_demo, run_demo
+    from .demo import DEMO_FINE_TUNE_EPOCHS, run_compression_demo, run_demo
 
     progress = None if args.quiet else sys.stderr
     if args.from_scratch:
@@ -396,17 +396,18 @@ def _cmd_demo(args) -> int:
                      [[r["format"], f"{r['params']:,}", f"{r['compression']:.2f}x", f"{r['accuracy']:.2%}",
                        f"{r['train_seconds']:.1f}"] for r in rows])
     else:
+        epochs = DEMO_FINE_TUNE_EPOCHS if args.epochs is None else args.epochs
         rows, plot = run_compression_demo(args.formats, args.compression, args.out_dir, args.seed, progress,
-                                          fine_tune_epochs=1 if args.epochs is None else args.epochs,
-                                          train_subset=args.train_subset)
+                                          fine_tune_epochs=epochs, train_subset=args.train_subset)
         print()
         pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
         _print_table(["network", "parameters", "compression", "straight after compression",
-                      "after allocation + fit (no epoch)", "after 1 distilled epoch", "time (s)"],
+                      "after allocation + fit (no epoch)", f"after {epochs} distilled epoch{'s' * (epochs != 1)}",
+                       "time (s)"],
                      [[r["format"], f"{r['params']:,}", f"{r['compression']:.2f}x", pct(r["plain"]),
                        pct(r["recovered"]), f"{r['accuracy']:.2%}", f"{r['seconds']:.1f}"] for r in rows])
     if plot:
-        print(f"\nplot of accuracy against compression: {plot}")
+        print(f"\nplot: {plot}")
     return 0
 
 
@@ -518,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="formats to compress to (default tt stt str)")
     p.add_argument("--compression", type=float, default=9.0, help="whole-model factor (default 9)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="fine-tuning epochs per format (default 1), or with --from-scratch training epochs (5)")
+                   help="fine-tuning epochs per format (default 3), or with --from-scratch training epochs (5)")
     p.add_argument("--rank", type=int, default=8, help="rank of TT and STT with --from-scratch")
     p.add_argument("--out-dir", default="stpnet-demo", help="where the plot and logs go")
     p.add_argument("--seed", type=int, default=0)

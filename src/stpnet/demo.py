@@ -21,28 +21,51 @@ from .formats import format_class
 from .model_spec import ModelSpec
 from .progress import ProgressBar
 
-__all__ = ["run_demo", "run_compression_demo", "DEMO_MODEL", "DEMO_PRETRAINED", "DEMO_FORMATS"]
+__all__ = ["run_demo", "run_compression_demo", "DEMO_MODEL", "DEMO_PRETRAINED", "DEMO_FORMATS",
+           "DEMO_FINE_TUNE_EPOCHS"]
 
 #: The small ResNet of the demo (CIFAR ResNet-20, option A shortcuts).
 DEMO_MODEL = "resnet20"
 #: The shipped trained network the compression demo starts from.
 DEMO_PRETRAINED = "resnet20-cifar10"
+#: Distilled fine-tuning epochs of the compression demo on the embedded 5,000 training images.
+DEMO_FINE_TUNE_EPOCHS = 3
 #: Formats of the compression demo (t = 2 for the semi-tensor ones).
 DEMO_FORMATS = ("tt", "stt", "str")
 
 
 def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir: str | Path = "stpnet-demo",
-                         seed: int = 0, progress: TextIO | None = None, fine_tune_epochs: int = 1,
-                         fit_steps: int = 20, calibration_size: int = 256, train_subset: int | None = None,
-                         ) -> tuple[list[dict], Path | None]:
+                         seed: int = 0, progress: TextIO | None = None, fine_tune_epochs: int = DEMO_FINE_TUNE_EPOCHS,
+                         fit_steps: int = 60, calibration_size: int = 256, train_subset: int | None = None,
+                         bn_keep_function: bool = True, distill_features: float = 0.0,
+                         t_choices: tuple[int, ...] | None = None) -> tuple[list[dict], Path | None]:
     """Compress the shipped trained ResNet-20 in each format and recover its accuracy.
 
     For each format: compress to ``compression`` (whole model) with the uniform rule and measure
     the test accuracy straight away; then compress again with rank allocation (by weight error)
     and fit each residual block's factorized layers to the dense block's output (``fit_steps``
-    L-BFGS iterations per block on ``calibration_size`` training images); then fine-tune ``fine_tune_epochs`` epochs on the
-    embedded training images with the dense network as teacher (SGD lr 0.01, cosine, weight decay
-    5e-4, distillation alpha 0.9, T 4). Accuracies are on the embedded 1,000-image test subset.
+    L-BFGS iterations per block on ``calibration_size`` training images); then, with
+    ``bn_keep_function``, move each BatchNorm's statistics to the fitted network's own (on
+    augmented calibration images) keeping its function (:func:`stpnet.recovery.recalibrate_batchnorm`),
+    and fine-tune ``fine_tune_epochs`` epochs on the embedded training images with the dense
+    network as teacher (SGD lr 0.01, cosine, weight decay 5e-4, distillation alpha 0.9, T 4; block
+    outputs matched with weight ``distill_features``). Accuracies are on the embedded 1,000-image test subset. The defaults
+    were chosen by measurement within the 5-minute budget (BENCHMARKS.md, "Demo").
+
+    Parameters
+    ----------
+    formats : sequence of str
+        Formats to compress to (t = 2 for the semi-tensor ones, or chosen per layer among
+        ``t_choices``).
+    compression : float
+        Whole-model compression target.
+    out_dir : path
+        Receives one run folder per format and ``accuracy_by_stage.png`` (each network's accuracy
+        at each stage, the dense accuracy as a line).
+    progress : text stream, optional
+        Where to report progress (None: silent).
+    train_subset : int, optional
+        Fine-tune on this many embedded training images (tests).
 
     Returns
     -------
@@ -56,6 +79,7 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
     from .data import load_embedded_cifar10
     from .models import pretrained
     from .pipeline import calibration_images, train_spec
+    from .recovery import recalibrate_batchnorm
     from .train import TrainConfig, evaluate
 
     dense, card = pretrained(DEMO_PRETRAINED)
@@ -84,15 +108,21 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
         plain, _ = compress_model(dense, fmt, compression=compression, t=t)
         plain_accuracy = accuracy(plain)
         say(f"{fmt}: straight after compression {plain_accuracy:.2%}; recovering")
-        small, report = compress_model(dense, fmt, compression=compression, t=t, allocation="weight",
-                                       calibration=calibration, fit_steps=fit_steps, fit_unit="block")
+        choose_t = bool(t_choices) and t is not None  # each layer's t chosen with its ranks
+        small, report = compress_model(dense, fmt, compression=compression, t=None if choose_t else t,
+                                       allocation="weight", calibration=calibration, fit_steps=fit_steps,
+                                       fit_unit="block", t_choices=t_choices if choose_t else None)
         recovered = accuracy(small)
         say(f"{fmt}: after rank allocation and fitting {recovered:.2%}")
-        spec = ModelSpec(DEMO_MODEL, 3, data.num_classes, fmt, t, None, report.ranks)
+        spec = ModelSpec(DEMO_MODEL, 3, data.num_classes, fmt, report.t if choose_t else t, None, report.ranks)
         final = recovered
         if fine_tune_epochs > 0:
+            if bn_keep_function:
+                recalibrate_batchnorm(small, calibration_images(data, calibration_size, seed, augment=True),
+                                      keep_function=True)
             config = TrainConfig(epochs=fine_tune_epochs, batch_size=128, lr=0.01, weight_decay=5e-4,
-                                 schedule="cosine", seed=seed, distill_alpha=0.9, distill_temperature=4.0)
+                                 schedule="cosine", seed=seed, distill_alpha=0.9, distill_temperature=4.0,
+                                 distill_features=distill_features)
             bar = ProgressBar(fine_tune_epochs, progress) if progress is not None else None
             for stale in ("checkpoint.pt", "metrics.jsonl"):  # a new compression: never resume an earlier run
                 (out_dir / fmt / stale).unlink(missing_ok=True)
@@ -106,12 +136,13 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
                      "seconds": time.perf_counter() - start})
     plot = None
     try:
-        from .plot import plot_accuracy_vs_compression
+        from .plot import plot_recovery_stages
 
-        points = [dict(r, label="dense" if r["format"] == "dense" else f"{r['format']} recovered") for r in rows]
-        points += [dict(r, accuracy=r["plain"], label=f"{r['format']} plain") for r in rows[1:]]
-        plot = plot_accuracy_vs_compression(
-            points, out_dir / "accuracy_vs_compression.png",
+        epochs = f"{fine_tune_epochs} distilled epoch{'s' * (fine_tune_epochs != 1)}"
+        plot = plot_recovery_stages(
+            rows[1:], {"plain": "straight after compression", "recovered": "after allocation + fit (no epoch)",
+                       "accuracy": f"after {epochs}"},
+            out_dir / "accuracy_by_stage.png", dense_accuracy=rows[0]["accuracy"],
             title=f"trained {DEMO_MODEL} compressed ~{compression:g}x, embedded CIFAR-10 subset (JPEG q75)")
     except ImportError as exc:
         warnings.warn(str(exc))

@@ -1,4 +1,4 @@
-"""Accuracy-against-compression plots (needs matplotlib, the ``plot`` extra)."""
+"""Accuracy plots: against compression, and by recovery stage (need matplotlib, the ``plot`` extra)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Iterable, Mapping
 
 from .formats import FORMATS
 
-__all__ = ["plot_accuracy_vs_compression"]
+__all__ = ["plot_accuracy_vs_compression", "plot_recovery_stages"]
 
 _COLOURS = {"dense": "black", "tucker": "tab:green", "tt": "tab:blue", "tr": "tab:red", "cp": "tab:orange"}
 _FAMILY = {"dense": "dense", **{name: cls.family for name, (cls, _) in FORMATS.items()}}
@@ -25,13 +25,7 @@ def plot_accuracy_vs_compression(points: Iterable[Mapping], path: str | Path, ti
     ImportError
         If matplotlib is not installed (``pip install stpnet[plot]``).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("plotting needs matplotlib: pip install 'stpnet[plot]'") from exc
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     seen = set()
     for p in points:
@@ -52,6 +46,68 @@ def plot_accuracy_vs_compression(points: Iterable[Mapping], path: str | Path, ti
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, ax, path, title)
+
+
+def plot_recovery_stages(networks: Iterable[Mapping], stages: Mapping[str, str], path: str | Path,
+                         dense_accuracy: float | None = None, title: str = "") -> Path:
+    """Write a PNG: each compressed network's test accuracy at each recovery stage, as grouped bars.
+
+    Parameters
+    ----------
+    networks : iterable of mappings
+        One per compressed network: 'format', 'compression', 'params' and, for each key of
+        ``stages``, an accuracy (a fraction, or None where the stage was not run).
+    stages : mapping of str to str
+        Keys of ``networks`` to draw, in order, with the legend text of each (e.g.
+        ``{'plain': 'straight after compression', 'accuracy': 'after fine-tuning'}``).
+    dense_accuracy : float, optional
+        Drawn as a dashed line across the bars.
+
+    Raises
+    ------
+    ImportError
+        If matplotlib is not installed (``pip install stpnet[plot]``).
+    """
+    plt = _pyplot()
+    networks = list(networks)
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    width = 0.8 / max(len(stages), 1)
+    shades = plt.get_cmap("Blues")
+    for i, (key, text) in enumerate(stages.items()):
+        xs = [n + (i - (len(stages) - 1) / 2) * width for n in range(len(networks))]
+        values = [100 * (net.get(key) or 0.0) for net in networks]
+        bars = ax.bar(xs, values, width, label=text, color=shades(0.35 + 0.55 * i / max(len(stages) - 1, 1)))
+        ax.bar_label(bars, labels=[f"{v:.0f}" if net.get(key) is not None else "" for v, net in zip(values, networks)],
+                     fontsize=7, padding=2)
+    if dense_accuracy is not None:
+        ax.axhline(100 * dense_accuracy, color="black", linestyle="--", linewidth=1,
+                   label=f"dense {100 * dense_accuracy:.1f}%")
+    ax.set_xticks(range(len(networks)))
+    ax.set_xticklabels([f"{net['format']}\n{net['compression']:.1f}x, {net['params']:,} params" for net in networks],
+                       fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 120)  # room for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    return _save(fig, ax, path, title)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("plotting needs matplotlib: pip install 'stpnet[plot]'") from exc
+    return plt
+
+
+def _save(fig, ax, path: str | Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
