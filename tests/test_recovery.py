@@ -616,7 +616,7 @@ def dense_checkpoint(cifar_dir, tmp_path_factory):
 def test_cli_recover_and_distill_writes_a_checkpoint_that_evaluates(dense_checkpoint, cifar_dir, tmp_path, capsys):
     run = tmp_path / "small"
     assert main(["compress", str(dense_checkpoint), "--data", str(cifar_dir), "--format", "stt", "--compression", "4",
-                 "--recover", "--fit-steps", "3", "--bn-recalibrate", "keep-function", "--calibration-images", "32",
+                 "--recover", "--fit-steps", "3", "--calibration-images", "32",
                  "--distill",
                  "--distill-features", "0.5", "--epochs", "1",
                  "--batch-size", "40", "--run-dir", str(run), "--quiet"]) == 0
@@ -627,11 +627,25 @@ def test_cli_recover_and_distill_writes_a_checkpoint_that_evaluates(dense_checkp
     state = load_checkpoint(run / "checkpoint.pt")
     made = state["metadata"]["made_by"]
     assert made["distill"] and made["allocation"] == "weight" and made["fit_steps"] == 3
-    assert made["bn_recalibrated"] == "keep_function" and made["calibration_images"] == 32
+    # --recover with fine-tuning moves the BatchNorm statistics keeping the function, on augmented images
+    assert made["bn_recalibrated"] == "keep_function" and made["bn_calibration"] == "augmented"
+    assert made["calibration_images"] == 32
     assert state["config"]["distill_alpha"] == 0.9
     assert state["config"]["distill_features"] == 0.5 and made["distill_features"] == 0.5
     assert main(["eval", str(run / "checkpoint.pt"), "--data", str(cifar_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["format"] == "stt"
+
+
+def test_cli_recover_without_epochs_leaves_batchnorm_alone(dense_checkpoint, cifar_dir, tmp_path, capsys):
+    run = tmp_path / "noft"
+    assert main(["compress", str(dense_checkpoint), "--data", str(cifar_dir), "--format", "tt", "--compression", "4",
+                 "--recover", "--fit-steps", "2", "--calibration-images", "32", "--epochs", "0",
+                 "--run-dir", str(run), "--quiet"]) == 0
+    assert "keep the function" not in capsys.readouterr().out
+    from stpnet.train import load_checkpoint
+
+    made = load_checkpoint(run / "checkpoint.pt")["metadata"]["made_by"]
+    assert made["bn_recalibrated"] is False and made["bn_calibration"] is None
 
 
 def test_cli_bn_recalibrate_takes_an_optional_mode():

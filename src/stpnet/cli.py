@@ -222,7 +222,10 @@ def _cmd_compress(args) -> int:
     if args.recover:  # the recommended recovery, each part overridable
         allocation = "weight" if allocation is None else allocation
         fit_steps = 100 if fit_steps is None else fit_steps
+        if bn_mode is None and args.epochs > 0:  # fine-tuning runs BatchNorm on batch statistics
+            bn_mode = "keep-function"
     bn = {None: False, "off": False, "estimate": True, "keep-function": "keep_function"}[bn_mode]
+    keep_function = bn == "keep_function"  # done after compression, on augmented images (below)
     allocation = allocation or "uniform"
     if allocation != "uniform" and args.compression is None:
         raise ValueError(f"--allocation {allocation} shares a --compression target among the layers; give "
@@ -234,14 +237,23 @@ def _cmd_compress(args) -> int:
                                                compression=args.compression, t=args.t, layout=args.layout,
                                                n_iter=args.n_iter, input_shape=(1, c, h, w), allocation=allocation,
                                                calibration=calibration, fit_steps=fit_steps,
-                                               fit_unit=args.fit_unit, recalibrate_bn=bn,
+                                               fit_unit=args.fit_unit, recalibrate_bn=False if keep_function else bn,
                                                t_choices=args.t_choices)
     print(report.to_markdown())
+    if keep_function:
+        from .recovery import recalibrate_batchnorm
+
+        # statistics of what training will feed the network: augmented images (BENCHMARKS.md)
+        recalibrate_batchnorm(small, calibration_images(data, args.calibration_images, args.seed, augment=True),
+                              keep_function=True)
+        print(f"BatchNorm: statistics moved to the network's own on {calibration.shape[0]} augmented calibration "
+              "images, weights rescaled to keep the function")
     made = {"source": str(args.checkpoint), "format": args.format, "compression_target": args.compression,
             "rank": args.rank, "t": args.t, "t_choices": args.t_choices, "allocation": allocation,
             "fit_steps": fit_steps,
             "fit_unit": args.fit_unit if fit_steps else None,
-            "bn_recalibrated": bn, "calibration_images": None if calibration is None else int(calibration.shape[0]),
+            "bn_recalibrated": bn, "bn_calibration": "augmented" if keep_function else ("plain" if bn else None),
+            "calibration_images": None if calibration is None else int(calibration.shape[0]),
             "distill": bool(args.distill), "distill_alpha": args.distill_alpha if args.distill else 0.0,
             "distill_temperature": args.distill_temperature,
             "distill_features": args.distill_features, "fine_tune_epochs": args.epochs}
@@ -436,8 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-iter", type=int, default=0, help="refinement sweeps (HOOI / ALS) of the fit")
     rec = p.add_argument_group("recovery", "keep the trained network's accuracy (--recover turns on the "
                                "recommended set for fine-tuning afterwards: --allocation weight --fit-steps 100)")
-    rec.add_argument("--recover", action="store_true", help="allocate ranks and fit the layers to the dense "
-                                                            "activations")
+    rec.add_argument("--recover", action="store_true",
+                     help="allocate ranks (--allocation weight), fit the layers to the dense activations "
+                          "(--fit-steps 100) and, with --epochs N > 0, --bn-recalibrate keep-function")
     rec.add_argument("--allocation", choices=("uniform", "weight", "activation"), default=None,
                      help="how --compression is shared among layers (default uniform; weight with --recover: "
                           "on ResNet-20 uniform ranks recovered more without fine-tuning, weight-allocated "
@@ -455,8 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="re-estimate BatchNorm statistics: 'estimate' (the flag alone) helps a plain "
                           "decomposition but after fitting, which targets the dense statistics, measured worse; "
                           "'keep-function' also rescales each BatchNorm's weight and bias so the network computes "
-                          "the same function, with statistics that training-mode batches then match; 'off' neither "
-                          "(BENCHMARKS.md)")
+                          "the same function, with statistics that training-mode batches then match (measured on "
+                          "augmented calibration images; the default of --recover with --epochs N > 0); 'off' "
+                          "neither (BENCHMARKS.md)")
     rec.add_argument("--calibration-images", type=int, default=512,
                      help="training images for the data-aware steps (default 512)")
     rec.add_argument("--distill", action="store_true", help="fine-tune with the dense network as teacher")
