@@ -49,8 +49,9 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
     augmented calibration images) keeping its function (:func:`stpnet.recovery.recalibrate_batchnorm`),
     and fine-tune ``fine_tune_epochs`` epochs on the embedded training images with the dense
     network as teacher (SGD lr 0.01, cosine, weight decay 5e-4, distillation alpha 0.9, T 4; block
-    outputs matched with weight ``distill_features``). Accuracies are on the embedded 1,000-image test subset. The defaults
-    were chosen by measurement within the 5-minute budget (BENCHMARKS.md, "Demo").
+    outputs matched with weight ``distill_features``). Accuracies are on the embedded 1,000-image
+    test subset. The defaults were chosen by measurement within the 5-minute budget (BENCHMARKS.md,
+    "Demo").
 
     Parameters
     ----------
@@ -101,6 +102,7 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
              "recovered": None, "accuracy": accuracy(dense), "seconds": 0.0}]
     say(f"{DEMO_PRETRAINED}: {rows[0]['accuracy']:.2%} on the embedded test subset")
     calibration = calibration_images(data, calibration_size, seed)
+    augmented = calibration_images(data, calibration_size, seed, augment=True)  # what training feeds BatchNorm
     out_dir = Path(out_dir)
     for fmt in formats:
         t = 2 if format_class(fmt)[1] else None
@@ -118,8 +120,7 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
         final = recovered
         if fine_tune_epochs > 0:
             if bn_keep_function:
-                recalibrate_batchnorm(small, calibration_images(data, calibration_size, seed, augment=True),
-                                      keep_function=True)
+                recalibrate_batchnorm(small, augmented, keep_function=True)
             config = TrainConfig(epochs=fine_tune_epochs, batch_size=128, lr=0.01, weight_decay=5e-4,
                                  schedule="cosine", seed=seed, distill_alpha=0.9, distill_temperature=4.0,
                                  distill_features=distill_features)
