@@ -20,7 +20,7 @@ test set:
   teacher (distillation alpha 0.9, T 4), SGD Nesterov, cosine from ``--lr``, batch 128, bf16 on CPU
   (15 epochs for the STT/TT pairs only, at 9x and 20x: the targets' rows); v5 first sets each
   BatchNorm's statistics to the fitted network's own keeping its function (v4 and v5 fit the same
-  network: only the fine-tune differs).
+  network: only the fine-tune differs); v6 is v5 on the uniform rule's ranks (t = 2).
 
 ``--long N`` runs only an N-epoch distilled fine-tune (step ``ftN``) of the seed-0 STT/TT 9x pair
 (or what ``--only`` selects): how far a longer fine-tune takes the same recovered networks.
@@ -76,11 +76,13 @@ RECIPES = {"v1": {"allocation": "weight", "ft_weight_decay": 5e-4},
            "v3": {"allocation": "weight", "ft_weight_decay": 5e-4, "fit_unit": "block", "fit_steps": 200,
                   "ft_features": 1.0},
            "v4": _V4,
-           "v5": {**_V4, "ft_bn_keep_function": True}}
+           "v5": {**_V4, "ft_bn_keep_function": True},
+           "v6": {**_V4, "allocation": "uniform", "ft_bn_keep_function": True}}
 #: settings a recipe may leave out (fit_steps None: --fit-steps; t_choices: v4 chooses each layer's t
 #: of a semi-tensor format among them in the allocation, the plain and bn rows keep t = 2;
 #: ft_bn_keep_function: v5 moves every BatchNorm's statistics to the fitted network's own (on augmented
-#: calibration images) and rescales its weight and bias to keep the function, before fine-tuning)
+#: calibration images) and rescales its weight and bias to keep the function, before fine-tuning;
+#: v6 is v5 on uniform ranks, t = 2: for Tucker and STTu it fitted 12 points better than v3, BENCHMARKS.md)
 RECIPE_DEFAULTS = {"fit_unit": "layer", "fit_steps": None, "ft_features": 0.0, "t_choices": None,
                    "ft_bn_keep_function": False}
 
