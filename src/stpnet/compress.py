@@ -402,8 +402,9 @@ def compress(
         measured worse on ResNet-20 (BENCHMARKS.md). ``'keep_function'`` also rescales every
         BatchNorm's weight and bias so the network computes the same function as before, now with
         statistics that describe its real activations, so that training-mode BatchNorm (batch
-        statistics) computes the fitted function too: before fine-tuning ResNet-20 on the full
-        training set it helped, in the one-epoch demo on 5,000 images not (BENCHMARKS.md).
+        statistics) computes the fitted function too: before fine-tuning ResNet-20 it helped on the
+        full training set, and in the demo after a 60-step fit, not after a weak 20-step one
+        (BENCHMARKS.md).
 
     Returns
     -------

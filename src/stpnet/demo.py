@@ -102,7 +102,9 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
              "recovered": None, "accuracy": accuracy(dense), "seconds": 0.0}]
     say(f"{DEMO_PRETRAINED}: {rows[0]['accuracy']:.2%} on the embedded test subset")
     calibration = calibration_images(data, calibration_size, seed)
-    augmented = calibration_images(data, calibration_size, seed, augment=True)  # what training feeds BatchNorm
+    keep_function = bn_keep_function and fine_tune_epochs > 0
+    # what training feeds BatchNorm: its statistics are moved to these (only before a fine-tune)
+    augmented = calibration_images(data, calibration_size, seed, augment=True) if keep_function else None
     out_dir = Path(out_dir)
     for fmt in formats:
         t = 2 if format_class(fmt)[1] else None
@@ -119,7 +121,7 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
         spec = ModelSpec(DEMO_MODEL, 3, data.num_classes, fmt, report.t if choose_t else t, None, report.ranks)
         final = recovered
         if fine_tune_epochs > 0:
-            if bn_keep_function:
+            if keep_function:
                 recalibrate_batchnorm(small, augmented, keep_function=True)
             config = TrainConfig(epochs=fine_tune_epochs, batch_size=128, lr=0.01, weight_decay=5e-4,
                                  schedule="cosine", seed=seed, distill_alpha=0.9, distill_temperature=4.0,
