@@ -15,7 +15,11 @@ threads:
   ``implementation='factorized'``), at the per-layer parameter fraction that gives about the same
   whole-model compression, when tensorly-torch is installed (``pip install tensorly-torch``);
 - ``onnx``: the dense and the fused network exported with ``torch.onnx.export`` and run by ONNX
-  Runtime (CPU provider, the same thread count), with ``--onnx``.
+  Runtime (CPU provider, the same thread count), with ``--onnx``;
+- ``compiled``: with ``--compile``, the dense network, the fused network and the one fused for the
+  batch, each through ``torch.compile`` (inductor, ``freezing`` on: weights folded as constants,
+  BatchNorm folded into the convolution before it, elementwise ops fused; static shapes), as a
+  deployment under torch.compile would run them; their ratios are to the compiled dense network.
 
 Models are timed in alternating blocks (3 rounds; in each, every model runs a warm-up and then
 ``--repeats / 3`` timed calls), and the median is reported as a ratio to dense from the same
@@ -108,6 +112,25 @@ def onnx_session(model: nn.Module, x: torch.Tensor, threads: int):
     return lambda inp: session.run(None, {"x": inp.numpy()})
 
 
+def compiled(model: nn.Module, x: torch.Tensor):
+    """``model`` through ``torch.compile`` (inductor with ``freezing``, static shapes), compiled on
+    ``x`` before it is timed."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        run = torch.compile(model, dynamic=False)
+        run(x)
+    return run
+
+
+def baseline(name: str) -> str:
+    """The model a timing is divided by: the dense network run the same way."""
+    for prefix in ("onnx", "compiled"):
+        if name.startswith(prefix + "_"):
+            return prefix + "_dense"
+    return "dense"
+
+
 def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -142,18 +165,22 @@ def run(args) -> None:
                     if args.onnx:
                         models["onnx_dense"] = onnx_session(dense, x, args.threads)
                         models["onnx_fused"] = onnx_session(fused, x, args.threads)
+                    if args.compile:
+                        torch._dynamo.reset()  # every row compiles afresh (no recompile limit, no reuse)
+                        for name in ("dense", "fused", "fused_for_batch"):
+                            models["compiled_" + name] = compiled(models[name], x)
                     seconds = time_in_blocks(models, x, args.repeats)
                     row = {"network": net, "format": fmt, "target": factor, "batch": batch,
                            "compression": dense_params / params(small), "fused_params": params(fused),
                            "params": params(small), "dense_params": dense_params, "seconds": seconds,
-                           "ratio": {k: v / seconds["onnx_dense" if k.startswith("onnx") else "dense"]
-                                     for k, v in seconds.items()},
+                           "ratio": {k: v / seconds[baseline(k)] for k, v in seconds.items()},
                            "threads": args.threads, "repeats": args.repeats, "channels_last": args.channels_last,
+                           "compiled": "inductor, freezing" if args.compile else None,
                            "cpu": cpu_model(), "torch": torch.__version__, **extra}
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(f"{net:>9} {fmt:>6} {factor:g}x b{batch:<3} " + "  ".join(
-                        f"{k} {v:.2f}" for k, v in row["ratio"].items() if k not in ("dense", "onnx_dense")),
+                        f"{k} {v:.2f}" for k, v in row["ratio"].items() if k != baseline(k)),
                         flush=True)
 
 
@@ -164,18 +191,21 @@ def report(path: Path) -> str:
         latest[(r["network"], r["target"], r["batch"], r.get("channels_last", False), r["format"])] = r
     lines = ["time / dense (lower is better; < 1 is faster than dense); ONNX columns: / dense under ONNX Runtime",
              "", "| network | target | batch | memory | format | compression | dense ms | factorized | fused | "
-             "fused for batch | tltorch | onnx fused |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fused for batch | tltorch | onnx fused | compiled: fused / for batch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(latest, key=lambda k: (NETWORKS.index(k[0]) if k[0] in NETWORKS else 9, k[1], k[2], k[3],
                                              FORMATS.index(k[4]))):
         r = latest[key]
         ratio = r["ratio"]
         tl = f"{ratio['tltorch']:.2f} ({r['tltorch_compression']:.1f}x)" if "tltorch" in ratio else "-"
         onnx = f"{ratio['onnx_fused']:.2f}" if "onnx_fused" in ratio else "-"
+        compiled_ratios = (f"{ratio['compiled_fused']:.2f} / {ratio['compiled_fused_for_batch']:.2f}"
+                           if "compiled_fused" in ratio else "-")
         lines.append(f"| {r['network']} | {r['target']:g}x | {r['batch']} | "
                      f"{'channels_last' if r.get('channels_last') else 'NCHW'} | {r['format']} | "
                      f"{r['compression']:.1f}x | "
                      f"{r['seconds']['dense'] * 1e3:.2f} | {ratio['factorized']:.2f} | {ratio['fused']:.2f} | "
-                     f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} |")
+                     f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} | {compiled_ratios} |")
     return "\n".join(lines)
 
 
@@ -190,6 +220,8 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="run every model (dense included) on channels_last inputs and weights")
     parser.add_argument("--onnx", action="store_true", help="also time dense and fused under ONNX Runtime")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time dense, fused and fused-for-batch through torch.compile (inductor, freezing)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
