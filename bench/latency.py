@@ -28,6 +28,7 @@ rounds, so drifts of a shared machine hit all alike. Rows are appended to ``resu
 Run (from the repository root; nothing else running):
     .venv/bin/python bench/latency.py --onnx
     .venv/bin/python bench/latency.py --report
+    .venv/bin/python bench/latency.py --report --last 3      # medians of the last 3 runs
 """
 
 from __future__ import annotations
@@ -184,12 +185,25 @@ def run(args) -> None:
                         flush=True)
 
 
-def report(path: Path) -> str:
+def report(path: Path, last: int = 1) -> str:
+    """The table of the latest row of each configuration; with ``last`` > 1, each ratio is the
+    median of the configuration's last ``last`` rows (repeated runs of a noisy machine)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    latest = {}
+    history: dict[tuple, list[dict]] = {}
     for r in rows:
-        latest[(r["network"], r["target"], r["batch"], r.get("channels_last", False), r["format"])] = r
-    lines = ["time / dense (lower is better; < 1 is faster than dense); ONNX columns: / dense under ONNX Runtime",
+        history.setdefault((r["network"], r["target"], r["batch"], r.get("channels_last", False), r["format"]),
+                           []).append(r)
+    latest = {}
+    for key, runs in history.items():
+        runs = runs[-last:]
+        r = dict(runs[-1])
+        r["ratio"] = {k: statistics.median(run["ratio"][k] for run in runs if k in run["ratio"])
+                      for k in r["ratio"]}
+        r["seconds"] = {k: statistics.median(run["seconds"][k] for run in runs if k in run["seconds"])
+                        for k in r["seconds"]}
+        latest[key] = r
+    lines = ["time / dense (lower is better; < 1 is faster than dense); ONNX columns: / dense under ONNX Runtime"
+             + (f"; median of the last {last} runs of each row" if last > 1 else ""),
              "", "| network | target | batch | memory | format | compression | dense ms | factorized | fused | "
              "fused for batch | tltorch | onnx fused | compiled: fused / for batch |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -223,9 +237,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time dense, fused and fused-for-batch through torch.compile (inductor, freezing)")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--last", type=int, default=1,
+                        help="with --report: the median of each row's last N runs (default 1: the latest)")
     args = parser.parse_args()
     if args.report:
-        print(report(OUT / "runs.jsonl"))
+        print(report(OUT / "runs.jsonl", args.last))
         return
     run(args)
 

@@ -319,6 +319,10 @@ def test_fuse_with_an_example_measures_each_layer_and_keeps_the_fastest_form(mon
         return next(timings)
 
     monkeypatch.setattr(fused_module, "best_time", fake_best_time)
+    # the whole-model check: the chosen forms faster than every layer on its dense weight
+    monkeypatch.setattr(fused_module, "_model_time",
+                        lambda m, x: 2.0 if all(layer.form == "dense" for layer in m.modules() if isinstance(layer, FusedLayer))
+                        else 1.0)
     fused = fuse(model, example=x)
     assert isinstance(fused[0], stpnet.nn.FactorizedLayer) and fused[0].forward_path == "rebuild"
     assert isinstance(fused[1], FusedLayer) and fused[1].spatial_stage == "fold" and fused[1].form == "chain"
@@ -331,3 +335,32 @@ def test_fuse_with_an_example_measures_each_layer_and_keeps_the_fastest_form(mon
         torch.testing.assert_close(real(x), model(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="decide must be 'measure' or 'cost'"):
         fuse(model, example=x, decide="guess")
+
+
+def test_fuse_with_an_example_keeps_the_dense_forms_when_the_whole_model_runs_faster_so(monkeypatch):
+    """Per-layer choices that lose inside the network: the whole model measured slower than on its
+    rebuilt dense weights runs every fused layer in the 'dense' form (the same function)."""
+    import stpnet.nn.fused as fused_module
+
+    torch.manual_seed(6)
+    model = nn.Sequential(FactorizedConv2d(8, 16, 3, 1, 1, format="stt", rank=4),
+                          nn.ReLU(), FactorizedConv2d(16, 8, 1, format="tr", rank=3)).eval()
+    x = torch.randn(2, 8, 8, 8)
+    monkeypatch.setattr(fused_module, "best_time", lambda run, device, repeats=3: (run(), 1.0)[1])
+    calls = []
+
+    def model_time(m, inp):
+        dense = all(layer.form == "dense" for layer in m.modules() if isinstance(layer, FusedLayer))
+        calls.append(dense)
+        return 1.0 if dense else 3.0
+
+    monkeypatch.setattr(fused_module, "_model_time", model_time)
+    fused = fuse(model, example=x)
+    assert calls == [False, True] * 3  # alternating rounds
+    layers = [m for m in fused.modules() if isinstance(m, FusedLayer)]
+    assert len(layers) == 2 and all(m.form == "dense" for m in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(fused_module, "_model_time", lambda m, inp: 3.0 if model_time(m, inp) == 1.0 else 1.0)
+    kept = fuse(model, example=x)
+    assert all(m.form != "dense" for m in kept.modules() if isinstance(m, FusedLayer))

@@ -323,6 +323,10 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         merged factors in every form.
         Without it, every layer becomes a contraction chain (the form to export: nothing dense
         is ever built).
+        With ``decide='measure'`` the whole model is then timed on ``example`` against itself
+        with every fused layer in the ``'dense'`` form, and the faster is kept: per-layer
+        timings do not add up exactly inside a network (caches, the layers around), and this
+        keeps the result from being slower than the network on its rebuilt dense weights.
     decide : {'measure', 'cost'}, default 'measure'
         With ``example``: ``'measure'`` times the forms on the layer's own input (best of 5
         after a warm-up) and keeps the fastest; ``'cost'`` follows the layer's path choice (its
@@ -354,7 +358,44 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
             return form.train(layer.training)
         return fuse_layer(layer)
 
-    return replace_modules(model, _fusable, build)
+    fused = replace_modules(model, _fusable, build)
+    if example is not None and decide == "measure":
+        _keep_faster_than_dense(fused, example)
+    return fused
+
+
+def _model_time(model: nn.Module, x: torch.Tensor) -> float:
+    """Best seconds of a few calls of ``model`` on ``x`` (after a warm-up)."""
+    return best_time(lambda: model(x), x.device, 3)
+
+
+@torch.no_grad()
+def _keep_faster_than_dense(model: nn.Module, example: torch.Tensor, rounds: int = 3) -> None:
+    """Time ``model`` on ``example`` with its fused layers in their chosen forms and with every
+    one in the ``'dense'`` form, alternating for ``rounds`` rounds; leave it in the faster (best
+    time of each)."""
+    layers = [m for m in model.modules() if isinstance(m, FusedLayer)]
+    if not layers:
+        return
+    chosen = [m.form for m in layers]
+
+    def set_forms(dense: bool) -> None:
+        for layer, form in zip(layers, chosen):
+            layer.form = "dense" if dense else form
+
+    was_training = model.training
+    model.eval()
+    try:
+        times: dict[bool, float] = {False: float("inf"), True: float("inf")}
+        for _ in range(rounds):
+            for dense in (False, True):
+                set_forms(dense)
+                times[dense] = min(times[dense], _model_time(model, example))
+        set_forms(times[True] < times[False])
+    finally:
+        model.train(was_training)
+        for layer in layers:
+            layer._drop_cache()  # only the kept form's weights are built again (on the first call)
 
 
 def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) -> FusedLayer | str:
