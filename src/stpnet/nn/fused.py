@@ -338,8 +338,9 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
     -----
     To run under ``torch.compile``, compile the chain form (``fuse(model)``, no ``example``):
     the forms on derived weights (plain, dense, a kept ``'rebuild'`` layer) cache those weights
-    only in eager inference, so compiled code derives them again on every call (measured 1.2x to
-    7x slower than the compiled chain at batch 1; BENCHMARKS.md, latency, session 10).
+    only in eager inference, so compiled code derives them again on every call (at batch 1 the
+    compiled network fused for the batch ran up to 6x slower than the compiled chain form where
+    many layers had chosen them; BENCHMARKS.md, latency, session 10).
 
     Returns
     -------
