@@ -19,12 +19,14 @@ running ones), the network as fitted (``stale``) and after
 decay 5e-4, batch 128 with the trainer's augmentation, alpha 0.9, T 4, float32) from the ``keep``
 network for each learning-rate spec in the comma-separated ``LRS`` and prints the test accuracy on
 2,000 test images after them: ``0.01`` constant, ``0.01w150`` linear warm-up over 150 steps,
-``0.01c`` cosine from 0.01 to 0 over the steps. A cheap look at how much of the fitted start the
-first steps keep.
+``0.01c`` cosine from 0.01 to 0 over the steps; prefixed ``adamw:`` (``adamw:0.001c``), AdamW
+(betas 0.9, 0.999; the same weight decay, decoupled) instead of SGD. A cheap look at how much of
+the fitted start the first steps keep.
 
 Run (from the repository root; one thread):
     .venv/bin/python bench/bn_train_mode.py /root/stpnet-runs/recover/stt-20x-s0-v4/recovered.pt
     .venv/bin/python bench/bn_train_mode.py RECOVERED_PT --early 300 0.01c,0.02c,0.04c
+    .venv/bin/python bench/bn_train_mode.py RECOVERED_PT --early 300 0.01c,adamw:0.001c
 """
 
 from __future__ import annotations
@@ -66,13 +68,20 @@ def accuracy(model: nn.Module, data, *, train_bn: bool, n: int | None = None) ->
 
 
 def early_steps(model, dense, data, steps: int, spec: str) -> float:
-    """Accuracy on 2,000 test images after ``steps`` distilled SGD steps under the learning-rate ``spec``."""
+    """Accuracy on 2,000 test images after ``steps`` distilled steps under the learning-rate ``spec``
+    (SGD, or AdamW with the ``adamw:`` prefix)."""
+    optimizer, _, spec = spec.rpartition(":")
+    if optimizer not in ("", "adamw"):
+        raise ValueError(f"unknown optimizer {optimizer!r} in the learning-rate spec; valid: 'adamw:' or none (SGD)")
     if "w" in spec:
         peak, warmup, cosine = float(spec.split("w")[0]), int(spec.split("w")[1]), False
     else:
         peak, warmup, cosine = float(spec.rstrip("c")), 0, spec.endswith("c")
     model = copy.deepcopy(model).train()
-    opt = torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=5e-4)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, nesterov=True, weight_decay=5e-4)
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
         lr = peak * 0.5 * (1 + math.cos(math.pi * step / steps)) if cosine else peak * min(1.0, (step + 1) / max(warmup, 1))
