@@ -401,9 +401,7 @@ def _keep_faster_than_dense(model: nn.Module, example: torch.Tensor, rounds: int
                 times[dense] = min(times[dense], _model_time(model, example))
         set_forms(times[True] < times[False])
     finally:
-        model.train(was_training)
-        for layer in layers:
-            layer._drop_cache()  # only the kept form's weights are built again (on the first call)
+        model.train(was_training)  # drops every layer's cache: the kept form's weights are built on the first call
 
 
 def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) -> FusedLayer | str:
