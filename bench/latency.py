@@ -19,7 +19,11 @@ threads:
 - ``compiled``: with ``--compile``, the dense network, the fused network and the one fused for the
   batch, each through ``torch.compile`` (inductor, ``freezing`` on: weights folded as constants,
   BatchNorm folded into the convolution before it, elementwise ops fused; static shapes), as a
-  deployment under torch.compile would run them; their ratios are to the compiled dense network.
+  deployment under torch.compile would run them; their ratios are to the compiled dense network;
+- ``folded``: with ``--fold``, the dense network and the one fused for the batch with every
+  BatchNorm folded into the convolution before it (:func:`stpnet.fold_batchnorm`; ``fuse(...,
+  fold_batchnorm=True)``), as deployment tools do; their ratio is to the folded dense network
+  (the report also gives the folded fused network over the unfolded dense one).
 
 Models are timed in alternating blocks (3 rounds; in each, every model runs a warm-up and then
 ``--repeats / 3`` timed calls), and the median is reported as a ratio to dense from the same
@@ -126,7 +130,7 @@ def compiled(model: nn.Module, x: torch.Tensor):
 
 def baseline(name: str) -> str:
     """The model a timing is divided by: the dense network run the same way."""
-    for prefix in ("onnx", "compiled"):
+    for prefix in ("onnx", "compiled", "folded"):
         if name.startswith(prefix + "_"):
             return prefix + "_dense"
     return "dense"
@@ -166,6 +170,9 @@ def run(args) -> None:
                     if args.onnx:
                         models["onnx_dense"] = onnx_session(dense, x, args.threads)
                         models["onnx_fused"] = onnx_session(fused, x, args.threads)
+                    if args.fold:
+                        models["folded_dense"] = stpnet.fold_batchnorm(dense)
+                        models["folded_fused_for_batch"] = stpnet.fuse(small, example=x, fold_batchnorm=True).eval()
                     if args.compile:
                         torch._dynamo.reset()  # every row compiles afresh (no recompile limit, no reuse)
                         for name in ("dense", "fused", "fused_for_batch"):
@@ -176,7 +183,7 @@ def run(args) -> None:
                            "params": params(small), "dense_params": dense_params, "seconds": seconds,
                            "ratio": {k: v / seconds[baseline(k)] for k, v in seconds.items()},
                            "threads": args.threads, "repeats": args.repeats, "channels_last": args.channels_last,
-                           "compiled": "inductor, freezing" if args.compile else None,
+                           "compiled": "inductor, freezing" if args.compile else None, "folded": args.fold,
                            "cpu": cpu_model(), "torch": torch.__version__, **extra}
                     with log.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -205,8 +212,9 @@ def report(path: Path, last: int = 1) -> str:
     lines = ["time / dense (lower is better; < 1 is faster than dense); ONNX columns: / dense under ONNX Runtime"
              + (f"; median of the last {last} runs of each row" if last > 1 else ""),
              "", "| network | target | batch | memory | format | compression | dense ms | factorized | fused | "
-             "fused for batch | tltorch | onnx fused | compiled: fused / for batch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fused for batch | tltorch | onnx fused | compiled: fused / for batch | BN folded: for batch / folded dense "
+             "(/ dense) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(latest, key=lambda k: (NETWORKS.index(k[0]) if k[0] in NETWORKS else 9, k[1], k[2], k[3],
                                              FORMATS.index(k[4]))):
         r = latest[key]
@@ -215,11 +223,13 @@ def report(path: Path, last: int = 1) -> str:
         onnx = f"{ratio['onnx_fused']:.2f}" if "onnx_fused" in ratio else "-"
         compiled_ratios = (f"{ratio['compiled_fused']:.2f} / {ratio['compiled_fused_for_batch']:.2f}"
                            if "compiled_fused" in ratio else "-")
+        folded = (f"{ratio['folded_fused_for_batch']:.2f} ({r['seconds']['folded_fused_for_batch'] / r['seconds']['dense']:.2f})"
+                  if "folded_fused_for_batch" in ratio else "-")
         lines.append(f"| {r['network']} | {r['target']:g}x | {r['batch']} | "
                      f"{'channels_last' if r.get('channels_last') else 'NCHW'} | {r['format']} | "
                      f"{r['compression']:.1f}x | "
                      f"{r['seconds']['dense'] * 1e3:.2f} | {ratio['factorized']:.2f} | {ratio['fused']:.2f} | "
-                     f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} | {compiled_ratios} |")
+                     f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} | {compiled_ratios} | {folded} |")
     return "\n".join(lines)
 
 
@@ -236,6 +246,8 @@ def main() -> None:
     parser.add_argument("--onnx", action="store_true", help="also time dense and fused under ONNX Runtime")
     parser.add_argument("--compile", action="store_true",
                         help="also time dense, fused and fused-for-batch through torch.compile (inductor, freezing)")
+    parser.add_argument("--fold", action="store_true",
+                        help="also time the dense and the fused-for-batch networks with BatchNorm folded in")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--last", type=int, default=1,
                         help="with --report: the median of each row's last N runs (default 1: the latest)")

@@ -21,6 +21,7 @@ from .decomposition import InsufficientMemoryError, decompose, relative_error
 from .formats import FORMATS, CPTensor, FactorizedTensor, TRTensor, TTTensor, TuckerTensor
 from .stp import mode_product, rstp, stp, swap_matrix
 from . import nn
+from .nn.fold import fold_batchnorm
 from .nn.fused import fuse
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "compress",
     "decompress",
     "fuse",
+    "fold_batchnorm",
     "model_report",
     "CompressionReport",
     "relative_error",

@@ -6,6 +6,7 @@ from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
 from .convert import dense_counterpart, from_dense, to_dense, why_not_factorizable
 from .cost import PathCost
 from .embedding import FactorizedEmbedding
+from .fold import fold_batchnorm
 from .fused import FUSED_FORMS, FusedCP, FusedLayer, FusedPaired, FusedSequential, FusedTucker2, fuse, fuse_layer
 from .layouts import LAYOUTS, Layout, layout_named
 from .linear import FactorizedLinear
@@ -30,6 +31,7 @@ __all__ = [
     "layout_named",
     "fuse",
     "fuse_layer",
+    "fold_batchnorm",
     "from_dense",
     "to_dense",
     "dense_counterpart",

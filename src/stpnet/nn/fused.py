@@ -33,7 +33,7 @@ from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors,
                                    sequential_linear, tucker2_conv_merged, tucker2_kernel, tucker2_linear)
 from ..functional.plain import (PLAIN_FORMS, PlainChain, PlainForm, cp_plain, plain_conv, plain_form_weights,
                                 sequential_plain, tucker2_plain)
-from ._cache import InferenceCache
+from ._cache import InferenceCache, recording
 from ._timing import best_time
 from .base import FactorizedLayer
 from .conv import prepare_conv_input
@@ -83,6 +83,9 @@ class FusedLayer(InferenceCache):
             self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
             self.padding_mode = layer.padding_mode
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
+        #: per-output-channel factor applied before the bias (None: none): a BatchNorm folded in by
+        #: :func:`stpnet.nn.fold_batchnorm`; part of :meth:`dense_weight` and of the derived forms
+        self.register_buffer("output_scale", None)
         #: the form the layer runs in (one of :attr:`forms`); ``fuse(example=x)`` measures and sets it
         self.form = "chain"
 
@@ -125,15 +128,32 @@ class FusedLayer(InferenceCache):
             weights = PlainForm((self.dense_weight().contiguous(),), 0)
         else:
             weights = plain_form_weights(self._plain_chain(), form)
+            if self.output_scale is not None:
+                *first, last = weights.weights
+                weights = weights._replace(weights=(*first, self._scale_rows(last)))
         if channels_last:
             weights = weights._replace(weights=tuple(w.contiguous(memory_format=torch.channels_last)
                                                      for w in weights.weights))
         return weights
 
+    def _scale_rows(self, W: torch.Tensor) -> torch.Tensor:
+        """``W`` (output channels first) with each row times ``output_scale``."""
+        return W * self.output_scale.to(W.dtype).reshape(-1, *([1] * (W.ndim - 1)))
+
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return y
-        return y + self.bias.to(y.dtype).reshape(1, -1, *([1] * len(self.kernel_size)))
+        """The chain's output ``y`` (N, C_out, *spatial), a tensor of its own, times
+        ``output_scale``, plus the bias. In inference both apply in place: at batch 32 on 16
+        channels of 32x32, ``mul_`` then ``add_`` took 43 us where BatchNorm took 61 and
+        ``addcmul`` 176 (broadcast) (BENCHMARKS.md, latency, session 11)."""
+        shape = (1, -1, *([1] * (y.ndim - 2)))
+        inplace = not (torch.is_grad_enabled() or recording())
+        if self.output_scale is not None:
+            scale = self.output_scale.to(y.dtype).reshape(shape)
+            y = y.mul_(scale) if inplace else y * scale
+        if self.bias is not None:
+            bias = self.bias.to(y.dtype).reshape(shape)
+            y = y.add_(bias) if inplace else y + bias
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels_last = _channels_last(x)
@@ -172,18 +192,17 @@ class FusedLayer(InferenceCache):
             self._remember_plan(x, (self.form, False), lambda x: F.linear(x, weight, self.bias))
             return F.linear(x, weight, self.bias)
         lead = x.shape[:-1]
-        y = self._linear(x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        y = self._add_bias(self._linear(x.reshape(-1, self.in_features)))
         return y.reshape(*lead, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight ``(C_out, C_in, *kernel)`` (``(out, in)`` for a Linear) that the chain
-        applies, computed by running it on the identity (every input entry once)."""
+        applies (rows times ``output_scale`` where a BatchNorm is folded in), computed by running it on the identity (every input entry once)."""
         reference = next(p for name, p in self.named_parameters() if name != "bias")
         if not self.kernel_size:
             eye = torch.eye(self.in_features, dtype=reference.dtype, device=reference.device)
-            return self._linear(eye).t()
+            W = self._linear(eye).t()
+            return W if self.output_scale is None else self._scale_rows(W)
         taps = math.prod(self.kernel_size)
         n = self.in_channels * taps
         probes = torch.eye(n, dtype=reference.dtype, device=reference.device).reshape(n, self.in_channels,
@@ -191,7 +210,8 @@ class FusedLayer(InferenceCache):
         ones, zeros = (1,) * len(self.kernel_size), (0,) * len(self.kernel_size)
         y = self._chain_conv(probes, ones, zeros, ones)  # (n, C_out, 1, ..., 1): y[(i, taps), o] = W[o, i, taps]
         y = y.reshape(self.in_channels, *self.kernel_size, self.out_channels)
-        return y.permute(y.ndim - 1, *range(y.ndim - 1))  # non-negative axes: ONNX rejects movedim(-1, 0)
+        W = y.permute(y.ndim - 1, *range(y.ndim - 1))  # non-negative axes: ONNX rejects movedim(-1, 0)
+        return W if self.output_scale is None else self._scale_rows(W)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -304,7 +324,7 @@ def fuse_layer(layer: FactorizedLayer) -> nn.Module:
 
 
 def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str = "measure",
-         inplace: bool = False) -> nn.Module:
+         fold_batchnorm: bool = False, inplace: bool = False) -> nn.Module:
     """Replace every factorized Conv/Linear of ``model`` by its fused deployment form.
 
     Parameters
@@ -331,6 +351,10 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         With ``example``: ``'measure'`` times the forms on the layer's own input (best of 5
         after a warm-up) and keeps the fastest; ``'cost'`` follows the layer's path choice (its
         cost model, or its measurement with ``forward_path='measure'``) without timing.
+    fold_batchnorm : bool, default False
+        Also fold each eval-mode BatchNorm that directly follows a convolution into it
+        (:func:`stpnet.nn.fold_batchnorm`: dense convolutions too), before the whole-model check.
+        The result computes the eval-mode function only; BatchNorm layers become ``nn.Identity``.
     inplace : bool, default False
         Modify ``model`` itself instead of a deep copy.
 
@@ -367,6 +391,10 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         return fuse_layer(layer)
 
     fused = replace_modules(model, _fusable, build)
+    if fold_batchnorm:
+        from .fold import fold_batchnorm as fold  # fold.py reads FusedLayer from this module
+
+        fused = fold(fused, inplace=True)
     if example is not None and decide == "measure":
         _keep_faster_than_dense(fused, example)
     return fused
