@@ -102,6 +102,15 @@ def test_export_a_compressed_checkpoint(dense_run, cifar_dir, tmp_path, capsys):
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated in favour of torch.export
         loaded = torch.jit.load(str(tmp_path / "m.pt"))
     assert loaded(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    # BatchNorm folded: the ONNX graph has no BatchNormalization left, the TorchScript file agrees
+    onnx = pytest.importorskip("onnx")
+    assert run("export", tmp_path / "c" / "checkpoint.pt", "--output", tmp_path / "f.onnx", "--fold-batchnorm") == 0
+    assert "BatchNorm folded" in capsys.readouterr().out
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "f.onnx")).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    plain_ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "BatchNormalization" in plain_ops
+    assert run("export", tmp_path / "c" / "checkpoint.pt", "--output", tmp_path / "f.pt", "--fold-batchnorm") == 0
     assert run("export", tmp_path / "c" / "checkpoint.pt", "--output", tmp_path / "m.txt") == 2
     assert "export writes .onnx, .pt, .ts files" in capsys.readouterr().err
 

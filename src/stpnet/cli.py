@@ -388,11 +388,13 @@ def _cmd_export(args) -> int:
     model, spec, _ = load_trained(args.checkpoint)
     size = args.input_size or (28 if spec.name == "lenet5" else 32)
     example = torch.randn(args.batch, spec.in_channels, size, size, generator=torch.Generator().manual_seed(0))
-    result = export(model.float(), args.output, example, fuse_layers=not args.no_fuse)
+    result = export(model.float(), args.output, example, fuse_layers=not args.no_fuse,
+                    fold_batchnorm=args.fold_batchnorm)
     check = ("not checked (onnxruntime is not installed)" if result.max_abs_difference is None
              else f"max |difference| {result.max_abs_difference:.2e} against PyTorch")
     print(f"wrote {result.path} ({result.format}, {result.params:,} parameters, "
-          f"{'fused' if not args.no_fuse else 'as trained'}); {check}")
+          f"{'fused' if not args.no_fuse else 'as trained'}"
+          f"{', BatchNorm folded' if args.fold_batchnorm else ''}); {check}")
     return 0
 
 
@@ -519,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint.pt, or a shipped network such as resnet20-cifar10")
     p.add_argument("--output", required=True, help="the file to write: .onnx, .pt or .ts")
     p.add_argument("--no-fuse", action="store_true", help="export the factorized layers as they are")
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   help="fold each BatchNorm that follows a convolution into it (stpnet.fold_batchnorm)")
     p.add_argument("--input-size", type=int, help="image side (default: 32; 28 for LeNet-5)")
     p.add_argument("--batch", type=int, default=1, help="batch of the example input (the ONNX batch is dynamic)")
     p.set_defaults(run=_cmd_export)

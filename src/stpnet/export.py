@@ -12,6 +12,7 @@ from torch import nn
 
 from .nn.base import FactorizedLayer
 from .functional.contract import conv1x1_mix
+from .nn.fold import fold_batchnorm as fold
 from .nn.fused import FusedLayer, fuse
 
 __all__ = ["ExportResult", "export"]
@@ -42,7 +43,7 @@ class ExportResult:
 
 
 def export(model: nn.Module, path: str | Path, example: torch.Tensor, *, fuse_layers: bool = True,
-           dynamic_batch: bool = True) -> ExportResult:
+           fold_batchnorm: bool = False, dynamic_batch: bool = True) -> ExportResult:
     """Write ``model`` to ``path`` as ONNX (``.onnx``) or TorchScript (``.pt``/``.ts``).
 
     Parameters
@@ -56,12 +57,18 @@ def export(model: nn.Module, path: str | Path, example: torch.Tensor, *, fuse_la
     fuse_layers : bool, default True
         Replace factorized layers by their fused form (:func:`stpnet.fuse`) first: the exported
         graph is then a fixed chain of standard ops on the compressed factors.
+    fold_batchnorm : bool, default False
+        Fold each BatchNorm that directly follows a convolution into it
+        (:func:`stpnet.fold_batchnorm`); the export then has no BatchNorm for those layers.
+        ONNX Runtime folds them itself; a TorchScript file gains from it.
     dynamic_batch : bool, default True
         ONNX only: the batch dimension of the input and output is symbolic.
 
     Returns
     -------
     ExportResult
+        With the largest difference between the exported file's outputs and ``model``'s own
+        (before fusing and folding) on ``example``.
 
     Raises
     ------
@@ -74,15 +81,17 @@ def export(model: nn.Module, path: str | Path, example: torch.Tensor, *, fuse_la
     if kind is None:
         raise ValueError(f"export writes {', '.join(sorted(FORMATS))} files; got {path.name!r}")
     model = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        expected = model(example)
     if fuse_layers and any(isinstance(m, FactorizedLayer) for m in model.modules()):
         model = fuse(model, inplace=True)
+    if fold_batchnorm:
+        model = fold(model, inplace=True)
     if kind == "onnx":
         for module in model.modules():
             if isinstance(module, FusedLayer):
                 module.mix = conv1x1_mix  # 1x1 stages as Conv nodes, which ONNX Runtime runs faster
     params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        expected = model(example)
     path.parent.mkdir(parents=True, exist_ok=True)
     difference: float | None = None
     with warnings.catch_warnings():
