@@ -23,7 +23,10 @@ threads:
 - ``folded``: with ``--fold``, the dense network and the one fused for the batch with every
   BatchNorm folded into the convolution before it (:func:`stpnet.fold_batchnorm`; ``fuse(...,
   fold_batchnorm=True)``), as deployment tools do; their ratio is to the folded dense network
-  (the report also gives the folded fused network over the unfolded dense one).
+  (the report also gives the folded fused network over the unfolded dense one);
+- ``dense_channels_last``: with ``--dense-channels-last`` (NCHW runs), the dense network in
+  channels_last memory format, the input converted on each call: the dense baseline in the
+  layout that runs it fastest on CPU here; the report gives fused for batch over it.
 
 Models are timed in alternating blocks (3 rounds; in each, every model runs a warm-up and then
 ``--repeats / 3`` timed calls), and the median is reported as a ratio to dense from the same
@@ -170,6 +173,10 @@ def run(args) -> None:
                     if args.onnx:
                         models["onnx_dense"] = onnx_session(dense, x, args.threads)
                         models["onnx_fused"] = onnx_session(fused, x, args.threads)
+                    if args.dense_channels_last:
+                        dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+                        models["dense_channels_last"] = (
+                            lambda inp, m=dense_cl: m(inp.contiguous(memory_format=torch.channels_last)))
                     if args.fold:
                         models["folded_dense"] = stpnet.fold_batchnorm(dense)
                         models["folded_fused_for_batch"] = stpnet.fuse(small, example=x, fold_batchnorm=True).eval()
@@ -213,8 +220,8 @@ def report(path: Path, last: int = 1) -> str:
              + (f"; median of the last {last} runs of each row" if last > 1 else ""),
              "", "| network | target | batch | memory | format | compression | dense ms | factorized | fused | "
              "fused for batch | tltorch | onnx fused | compiled: fused / for batch | BN folded: for batch / folded dense "
-             "(/ dense) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(/ dense) | for batch / dense channels_last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(latest, key=lambda k: (NETWORKS.index(k[0]) if k[0] in NETWORKS else 9, k[1], k[2], k[3],
                                              FORMATS.index(k[4]))):
         r = latest[key]
@@ -225,11 +232,13 @@ def report(path: Path, last: int = 1) -> str:
                            if "compiled_fused" in ratio else "-")
         folded = (f"{ratio['folded_fused_for_batch']:.2f} ({r['seconds']['folded_fused_for_batch'] / r['seconds']['dense']:.2f})"
                   if "folded_fused_for_batch" in ratio else "-")
+        vs_cl = (f"{r['seconds']['fused_for_batch'] / r['seconds']['dense_channels_last']:.2f}"
+                 if "dense_channels_last" in r["seconds"] else "-")
         lines.append(f"| {r['network']} | {r['target']:g}x | {r['batch']} | "
                      f"{'channels_last' if r.get('channels_last') else 'NCHW'} | {r['format']} | "
                      f"{r['compression']:.1f}x | "
                      f"{r['seconds']['dense'] * 1e3:.2f} | {ratio['factorized']:.2f} | {ratio['fused']:.2f} | "
-                     f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} | {compiled_ratios} | {folded} |")
+                     f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} | {compiled_ratios} | {folded} | {vs_cl} |")
     return "\n".join(lines)
 
 
@@ -246,6 +255,8 @@ def main() -> None:
     parser.add_argument("--onnx", action="store_true", help="also time dense and fused under ONNX Runtime")
     parser.add_argument("--compile", action="store_true",
                         help="also time dense, fused and fused-for-batch through torch.compile (inductor, freezing)")
+    parser.add_argument("--dense-channels-last", action="store_true",
+                        help="also time the dense network in channels_last (input converted per call)")
     parser.add_argument("--fold", action="store_true",
                         help="also time the dense and the fused-for-batch networks with BatchNorm folded in")
     parser.add_argument("--report", action="store_true")

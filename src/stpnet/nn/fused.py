@@ -143,8 +143,8 @@ class FusedLayer(InferenceCache):
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         """The chain's output ``y`` (N, C_out, *spatial), a tensor of its own, times
         ``output_scale``, plus the bias. In inference both apply in place: at batch 32 on 16
-        channels of 32x32, ``mul_`` then ``add_`` took 43 us where BatchNorm took 61 and
-        ``addcmul`` 176 (broadcast) (BENCHMARKS.md, latency, session 11)."""
+        channels of 32x32, ``mul_`` then ``add_`` took about 55 us where BatchNorm took 65 and
+        ``addcmul`` (broadcast) 195-217 (``bench/conv_floor.py --passes``; BENCHMARKS.md)."""
         shape = (1, -1, *([1] * (y.ndim - 2)))
         inplace = not (torch.is_grad_enabled() or recording())
         if self.output_scale is not None:
