@@ -68,17 +68,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--profile", metavar="NAME", help="print the operator table of this fused layer")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="networks and input in channels_last (fused for a channels_last batch)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     dense = build_model(args.network).eval()
     small, _ = stpnet.compress(dense, args.format, compression=args.factor,
                                t=2 if args.format in SEMI else None)
-    x = torch.randn(args.batch, 3, 32, 32)
+    dense, small = dense.to(memory_format=layout), small.to(memory_format=layout)
+    x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=layout)
     fused = stpnet.fuse(small.eval(), example=x).eval()
     dense_layers, fused_layers = dict(dense.named_modules()), dict(fused.named_modules())
     total = {"dense": 0.0, "fused": 0.0}
-    print(f"{args.network} {args.format} {args.factor:g}x batch {args.batch}, {args.threads} threads; "
+    print(f"{args.network} {args.format} {args.factor:g}x batch {args.batch}, {args.threads} threads"
+          f"{', channels_last' if args.channels_last else ''}; "
           "microseconds per call (median)")
     print(f"{'layer':<20} {'input':<16} {'dense':>9} {'fused':>9} {'ratio':>6}  form")
     for name, inp in layer_inputs(dense, x).items():
