@@ -307,18 +307,20 @@ def test_fuse_with_an_example_measures_each_layer_and_keeps_the_fastest_form(mon
                           FactorizedConv2d(16, 16, 3, 1, 1, format="stt", rank=4),
                           FactorizedConv2d(16, 16, 3, 1, 1, format="tr", rank=4)).eval()
     x = torch.randn(2, 8, 8, 8)
-    # per layer, in order: the fused chain's time with each grouped-stage form (depth, fold,
-    # stacked, block), each plain conv form (plain, merged_in, merged_out, dense), then the rebuilt
-    # dense op's
-    timings = iter([2.0, 3.0, 2.5, 2.2, 1.5, 1.5, 1.5, 1.5, 1.0,
-                    3.0, 1.0, 2.0, 1.1, 2.0, 2.0, 2.0, 2.0, 2.0,
-                    3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.5, 3.0, 2.0])
+    # per layer: the fused chain's time with each grouped-stage form (depth, fold, stacked, block),
+    # each plain conv form (plain, merged_in, merged_out, dense), then the rebuilt dense op's
+    tables = iter([[2.0, 3.0, 2.5, 2.2, 1.5, 1.5, 1.5, 1.5, 1.0],
+                   [3.0, 1.0, 2.0, 1.1, 2.0, 2.0, 2.0, 2.0, 2.0],
+                   [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 0.5, 3.0, 2.0]])
 
-    def fake_best_time(run, device, repeats=3):
-        run()
-        return next(timings)
+    def fake_times(runs, device, rounds=3, repeats=2):
+        for run in runs.values():
+            run()
+        values = next(tables)
+        assert list(runs)[-1] == "rebuild" and len(values) == len(runs)
+        return dict(zip(runs, values))
 
-    monkeypatch.setattr(fused_module, "best_time", fake_best_time)
+    monkeypatch.setattr(fused_module, "interleaved_best_times", fake_times)
     # the whole-model check: the chosen forms faster than every layer on its dense weight
     monkeypatch.setattr(fused_module, "_model_time",
                         lambda m, x: 2.0 if all(layer.form == "dense" for layer in m.modules() if isinstance(layer, FusedLayer))
@@ -327,7 +329,7 @@ def test_fuse_with_an_example_measures_each_layer_and_keeps_the_fastest_form(mon
     assert isinstance(fused[0], stpnet.nn.FactorizedLayer) and fused[0].forward_path == "rebuild"
     assert isinstance(fused[1], FusedLayer) and fused[1].spatial_stage == "fold" and fused[1].form == "chain"
     assert isinstance(fused[2], FusedLayer) and fused[2].form == "merged_out"
-    assert next(timings, None) is None
+    assert next(tables, None) is None
     monkeypatch.undo()
     real = fuse(model, example=x)  # real timings: either form, the same function
     assert all(isinstance(m, FusedLayer) or m.forward_path == "rebuild" for m in real)
@@ -346,7 +348,7 @@ def test_fuse_with_an_example_keeps_the_dense_forms_when_the_whole_model_runs_fa
     model = nn.Sequential(FactorizedConv2d(8, 16, 3, 1, 1, format="stt", rank=4),
                           nn.ReLU(), FactorizedConv2d(16, 8, 1, format="tr", rank=3)).eval()
     x = torch.randn(2, 8, 8, 8)
-    monkeypatch.setattr(fused_module, "best_time", lambda run, device, repeats=3: (run(), 1.0)[1])
+    monkeypatch.setattr(fused_module, "interleaved_best_times", lambda runs, device: dict.fromkeys(runs, 1.0))
     calls = []
 
     def model_time(m, inp):
@@ -364,3 +366,14 @@ def test_fuse_with_an_example_keeps_the_dense_forms_when_the_whole_model_runs_fa
     monkeypatch.setattr(fused_module, "_model_time", lambda m, inp: 3.0 if model_time(m, inp) == 1.0 else 1.0)
     kept = fuse(model, example=x)
     assert all(m.form != "dense" for m in kept.modules() if isinstance(m, FusedLayer))
+
+
+def test_forms_are_timed_in_alternating_rounds():
+    from stpnet.nn._timing import interleaved_best_times
+
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = interleaved_best_times(runs, torch.device("cpu"), rounds=2, repeats=1)
+    # each round: every candidate's warm-up and timed call, then the next candidate
+    assert calls == ["a", "a", "b", "b", "c", "c"] * 2
+    assert set(times) == {"a", "b", "c"} and all(0 <= t < 1 for t in times.values())

@@ -15,7 +15,7 @@ from ..decomposition.memory import check_memory
 from ..decomposition.ranks import ranks_for_budget
 from ..formats import FactorizedTensor, format_class
 from ._cache import InferenceCache, recording
-from ._timing import best_time
+from ._timing import interleaved_best_times
 from .cost import PathCost, choose, dense_layer_macs
 from .init import kaiming_std, rescale_to_std
 from .layouts import Layout, layout_named, layouts_of
@@ -248,15 +248,15 @@ class FactorizedLayer(InferenceCache):
 
     @torch.no_grad()
     def _measure_paths(self, x: torch.Tensor, inference: bool = False, repeats: int = 3) -> str:
-        """Time both paths on ``x`` (best of ``repeats`` after one warm-up call) and remember the
-        faster; ``inference``: as eval mode runs them, with the rebuilt weight and merged cores
-        cached."""
+        """Time both paths on ``x`` (in alternating rounds, each a warm-up call and the best of
+        ``repeats``) and remember the faster; ``inference``: as eval mode runs them, with the
+        rebuilt weight and merged cores cached."""
         if inference:
             rebuild = lambda: self._dense_forward(x, self.weight)  # noqa: E731
         else:
             rebuild = lambda: self._dense_forward(x, self.dense_weight())  # noqa: E731
-        timings = {"rebuild": best_time(rebuild, x.device, repeats),
-                   "contract": best_time(lambda: self._contract_forward(x), x.device, repeats)}
+        timings = interleaved_best_times({"rebuild": rebuild, "contract": lambda: self._contract_forward(x)},
+                                         x.device, rounds=repeats, repeats=1)
         choice = min(timings, key=timings.get)
         self.__dict__.setdefault("_path_choices", {})[self._choice_key(x.shape, x.device.type, inference)] = choice
         return choice

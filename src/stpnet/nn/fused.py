@@ -34,7 +34,7 @@ from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors,
 from ..functional.plain import (PLAIN_FORMS, PlainChain, PlainForm, cp_plain, plain_conv, plain_form_weights,
                                 sequential_plain, tucker2_plain)
 from ._cache import InferenceCache, recording
-from ._timing import best_time
+from ._timing import best_time, interleaved_best_times
 from .base import FactorizedLayer
 from .conv import prepare_conv_input
 from ._replace import replace_modules
@@ -434,7 +434,8 @@ def _keep_faster_than_dense(model: nn.Module, example: torch.Tensor, rounds: int
 
 def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) -> FusedLayer | str:
     """Time ``fused`` on ``x`` in each of its forms (each conv form, and for a sequential/ring
-    chain each grouped-stage form) and ``layer`` rebuilt; return ``'rebuild'`` or ``fused`` set
+    chain each grouped-stage form) and ``layer`` rebuilt, in alternating rounds
+    (:func:`interleaved_best_times`); return ``'rebuild'`` or ``fused`` set
     to its fastest form."""
     candidates: list[tuple[str, str | None]] = []
     for form in fused.forms:
@@ -442,15 +443,21 @@ def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) ->
             candidates += [(form, stage) for stage in GROUPED_STAGES]
         else:
             candidates.append((form, None))
-    times = {}
-    for form, stage in candidates:
-        fused.form = form
-        if isinstance(fused, FusedSequential):
-            fused.spatial_stage = stage
-        times[form, stage] = best_time(lambda: fused(x), x.device, 5)
+
+    def timed(form: str, stage: str | None):
+        def run():
+            fused.form = form
+            if isinstance(fused, FusedSequential):
+                fused.spatial_stage = stage
+            return fused(x)
+        return run
+
     rebuilt = copy.copy(layer)  # shares the factors and the eval cache
     rebuilt.forward_path = "rebuild"
-    rebuild_time = best_time(lambda: rebuilt(x), x.device, 5)
+    runs = {candidate: timed(*candidate) for candidate in candidates}
+    runs["rebuild"] = lambda: rebuilt(x)
+    times = interleaved_best_times(runs, x.device)
+    rebuild_time = times.pop("rebuild")
     (form, stage), fused_time = min(times.items(), key=lambda item: item[1])
     fused._drop_cache()  # only the chosen form's weights are kept (rebuilt on the first call)
     if rebuild_time < fused_time:
