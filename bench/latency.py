@@ -219,8 +219,8 @@ def report(path: Path, last: int = 1) -> str:
     lines = ["time / dense (lower is better; < 1 is faster than dense); ONNX columns: / dense under ONNX Runtime"
              + (f"; median of the last {last} runs of each row" if last > 1 else ""),
              "", "| network | target | batch | memory | format | compression | dense ms | factorized | fused | "
-             "fused for batch | tltorch | onnx fused | compiled: fused / for batch | BN folded: for batch / folded dense "
-             "(/ dense) | for batch / dense channels_last |",
+             "fused for batch | tltorch | onnx fused | compiled: fused / for batch | "
+             "BN folded: for batch / folded dense (/ dense) | for batch / dense channels_last |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(latest, key=lambda k: (NETWORKS.index(k[0]) if k[0] in NETWORKS else 9, k[1], k[2], k[3],
                                              FORMATS.index(k[4]))):
@@ -230,15 +230,18 @@ def report(path: Path, last: int = 1) -> str:
         onnx = f"{ratio['onnx_fused']:.2f}" if "onnx_fused" in ratio else "-"
         compiled_ratios = (f"{ratio['compiled_fused']:.2f} / {ratio['compiled_fused_for_batch']:.2f}"
                            if "compiled_fused" in ratio else "-")
-        folded = (f"{ratio['folded_fused_for_batch']:.2f} ({r['seconds']['folded_fused_for_batch'] / r['seconds']['dense']:.2f})"
-                  if "folded_fused_for_batch" in ratio else "-")
+        folded = "-"
+        if "folded_fused_for_batch" in ratio:
+            over_dense = r["seconds"]["folded_fused_for_batch"] / r["seconds"]["dense"]
+            folded = f"{ratio['folded_fused_for_batch']:.2f} ({over_dense:.2f})"
         vs_cl = (f"{r['seconds']['fused_for_batch'] / r['seconds']['dense_channels_last']:.2f}"
                  if "dense_channels_last" in r["seconds"] else "-")
         lines.append(f"| {r['network']} | {r['target']:g}x | {r['batch']} | "
                      f"{'channels_last' if r.get('channels_last') else 'NCHW'} | {r['format']} | "
                      f"{r['compression']:.1f}x | "
                      f"{r['seconds']['dense'] * 1e3:.2f} | {ratio['factorized']:.2f} | {ratio['fused']:.2f} | "
-                     f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} | {compiled_ratios} | {folded} | {vs_cl} |")
+                     f"{ratio.get('fused_for_batch', float('nan')):.2f} | {tl} | {onnx} | {compiled_ratios} | "
+                     f"{folded} | {vs_cl} |")
     return "\n".join(lines)
 
 

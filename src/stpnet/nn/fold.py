@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import fx, nn
 
+from ._replace import set_submodule
 from .base import FactorizedLayer
 from .fused import FusedLayer
 
@@ -105,11 +106,6 @@ def _fold(conv: nn.Module, norm: nn.Module) -> None:
     conv.bias = nn.Parameter(new_bias, requires_grad=ref.requires_grad)
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _fold_traced(model: nn.Module, prefix: str) -> tuple[list[tuple[str, str]], set[str]]:
     """Fold the pairs of ``model``; where it cannot be traced, of each child that can. Returns the
     folded (convolution, BatchNorm) names and the names of the BatchNorm calls the traced graphs
@@ -130,7 +126,7 @@ def _fold_traced(model: nn.Module, prefix: str) -> tuple[list[tuple[str, str]], 
     pairs = _foldable_pairs(graph, modules)
     for conv_name, norm_name in pairs:
         _fold(modules[conv_name], modules[norm_name])
-        _set(model, norm_name, nn.Identity())
+        set_submodule(model, norm_name, nn.Identity())
     return [(prefix + c, prefix + n) for c, n in pairs], seen
 
 
@@ -184,4 +180,3 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                       stacklevel=2)
     logger.info("fold_batchnorm: folded %d BatchNorm layers", len(folded))
     return model
-
