@@ -62,11 +62,16 @@ def _norm_dims(module: nn.Module) -> int | None:
 
 
 def _foldable_pairs(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
-    """(convolution, BatchNorm) qualified names whose dataflow allows folding."""
+    """(convolution, BatchNorm) qualified names whose dataflow allows folding: each called once,
+    the BatchNorm on the convolution's output only, that output used nowhere else, and neither
+    module's tensors read directly (``conv.weight`` in another op would see the folded weight)."""
     calls: dict[str, int] = {}
+    attributes: set[str] = set()
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            attributes.add(node.target.rpartition(".")[0])  # the module the tensor belongs to
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or _norm_dims(modules[node.target]) is None or len(node.args) != 1:
@@ -76,6 +81,9 @@ def _foldable_pairs(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[tupl
             continue
         conv, norm = modules[source.target], modules[node.target]
         if _spatial_dims(conv) is None or calls[source.target] != 1 or calls[node.target] != 1:
+            continue
+        if any(owner == name or owner.startswith(name + ".") for owner in attributes
+               for name in (source.target, node.target)):
             continue
         # BatchNorm1d also takes (N, C) inputs; after a convolution its input is (N, C, L)
         if _spatial_dims(conv) != _norm_dims(norm) or norm.num_features != conv.out_channels:
@@ -124,9 +132,14 @@ def _fold_traced(model: nn.Module, prefix: str) -> tuple[list[tuple[str, str]], 
     seen = {prefix + node.target for node in graph.nodes
             if node.op == "call_module" and _norm_dims(modules[node.target]) is not None}
     pairs = _foldable_pairs(graph, modules)
+    aliases: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
     for conv_name, norm_name in pairs:
-        _fold(modules[conv_name], modules[norm_name])
-        set_submodule(model, norm_name, nn.Identity())
+        norm = modules[norm_name]
+        _fold(modules[conv_name], norm)
+        for name in aliases[id(norm)]:  # every name the forward might reach it by
+            set_submodule(model, name, nn.Identity())
     return [(prefix + c, prefix + n) for c, n in pairs], seen
 
 
@@ -156,8 +169,12 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Notes
     -----
     Pairs are found from the dataflow that ``torch.fx`` traces (see the module docstring). A
-    model that does not trace is searched child by child; a warning names the BatchNorm layers
-    that no traced part reached. The number of folded pairs is logged (``logging``, INFO).
+    model that does not trace is searched child by child, each child on its own: this assumes
+    that the untraced code reaches a child's submodules only through the child. A warning names
+    the BatchNorm layers that no traced graph reached (untraceable code, or never called).
+
+    A folded model's ``state_dict`` loads into a model folded the same way (the fused layers'
+    ``output_scale`` buffers, no BatchNorm entries), not into the unfolded one. The number of folded pairs is logged (``logging``, INFO).
 
     Examples
     --------
@@ -175,8 +192,8 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     folded, seen = _fold_traced(model, "")
     unseen = [name for name in norms if name not in seen]
     if unseen:
-        warnings.warn(f"fold_batchnorm: {len(unseen)} BatchNorm layer(s) sit in code that torch.fx could not "
-                      f"trace and were not folded: {', '.join(unseen[:5])}{', ...' if len(unseen) > 5 else ''}",
-                      stacklevel=2)
+        warnings.warn(f"fold_batchnorm: {len(unseen)} BatchNorm layer(s) were not reached by any graph torch.fx "
+                      f"could trace (untraceable code, or never called) and were not folded: "
+                      f"{', '.join(unseen[:5])}{', ...' if len(unseen) > 5 else ''}", stacklevel=2)
     logger.info("fold_batchnorm: folded %d BatchNorm layers", len(folded))
     return model

@@ -136,6 +136,14 @@ class FusedLayer(InferenceCache):
                                                      for w in weights.weights))
         return weights
 
+    def _cache_key(self) -> tuple:
+        """The parameters' key, and ``output_scale``'s: the derived weights are scaled by it."""
+        key = super()._cache_key()
+        if self.output_scale is None:
+            return key
+        s = self.output_scale
+        return (*key, (self._buffers, "output_scale", s, s._version, s.data_ptr()))
+
     def _scale_rows(self, W: torch.Tensor) -> torch.Tensor:
         """``W`` (output channels first) with each row times ``output_scale``."""
         return W * self.output_scale.to(W.dtype).reshape(-1, *([1] * (W.ndim - 1)))
@@ -349,13 +357,14 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         timings do not add up exactly inside a network (caches, the layers around), and this
         keeps the result from being slower than the network on its rebuilt dense weights.
     decide : {'measure', 'cost'}, default 'measure'
-        With ``example``: ``'measure'`` times the forms on the layer's own input (best of 5
-        after a warm-up) and keeps the fastest; ``'cost'`` follows the layer's path choice (its
+        With ``example``: ``'measure'`` times the forms on the layer's own input (in three
+        alternating rounds, each a warm-up and the best of two calls) and keeps the fastest; ``'cost'`` follows the layer's path choice (its
         cost model, or its measurement with ``forward_path='measure'``) without timing.
     fold_batchnorm : bool, default False
         Also fold each eval-mode BatchNorm that directly follows a convolution into it
         (:func:`stpnet.nn.fold_batchnorm`: dense convolutions too), before the whole-model check.
-        The result computes the eval-mode function only; BatchNorm layers become ``nn.Identity``.
+        The result computes the eval-mode function only; folded BatchNorm layers become
+        ``nn.Identity``. A layer kept factorized (``'rebuild'``) keeps the BatchNorm after it.
     inplace : bool, default False
         Modify ``model`` itself instead of a deep copy.
 
