@@ -48,17 +48,11 @@ def _spatial_dims(module: nn.Module) -> int | None:
     """The number of spatial dimensions of a foldable convolution, else None."""
     if isinstance(module, FusedLayer):
         return len(module.kernel_size) or None  # a fused Linear: the BatchNorm1d axis is not known here
-    for kind, dims in _CONVS.items():
-        if type(module) is kind:
-            return dims
-    return None
+    return _CONVS.get(type(module))  # exact types: a subclass may change what forward computes
 
 
 def _norm_dims(module: nn.Module) -> int | None:
-    for kind, dims in _NORMS.items():
-        if type(module) is kind:
-            return dims
-    return None
+    return _NORMS.get(type(module))
 
 
 def _foldable_pairs(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
