@@ -31,6 +31,7 @@ from torch import nn
 from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors, _mix, cp_conv, cp_factors,
                                    cp_linear, paired_conv, paired_linear, sequential_conv, sequential_factors,
                                    sequential_linear, tucker2_conv_merged, tucker2_kernel, tucker2_linear)
+from ..native.onepass import OnepassConv2d, onepass_available
 from ..functional.plain import (PLAIN_FORMS, PlainChain, PlainForm, cp_plain, plain_conv, plain_form_weights,
                                 sequential_plain, tucker2_plain)
 from ._cache import InferenceCache, recording
@@ -48,8 +49,12 @@ __all__ = ["FUSED_FORMS", "FusedLayer", "FusedSequential", "FusedTucker2", "Fuse
 #: larger than the factors is built; the form to export); a convolution's plain-convolution forms
 #: (:mod:`stpnet.functional.plain`: ``'plain'``, ``'merged_in'``, ``'merged_out'``) on weights
 #: derived once in inference (faster at batch 1 on CPU); or ``'dense'``, the dense op on the
-#: weight the chain computes, rebuilt once in inference. ``fuse(example=x)`` measures them.
-FUSED_FORMS = ("chain", *PLAIN_FORMS, "dense")
+#: weight the chain computes, rebuilt once in inference; or ``'onepass'``, the plain chain of a 2-D
+#: convolution (dilation 1) in one native pass per image (:class:`stpnet.native.OnepassConv2d`),
+#: offered where the native kernel builds; its inference calls on contiguous float32 CPU inputs run
+#: it, any other call (gradients, another dtype or device, channels_last, tracing) runs ``'plain'``.
+#: ``fuse(example=x)`` measures them.
+FUSED_FORMS = ("chain", *PLAIN_FORMS, "dense", "onepass")
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -108,18 +113,35 @@ class FusedLayer(InferenceCache):
 
     @property
     def forms(self) -> tuple[str, ...]:
-        """The forms this layer can run in: all of ``FUSED_FORMS`` for a convolution with a plain
-        chain, else ``('chain', 'dense')``."""
+        """The forms this layer can run in: ``FUSED_FORMS`` for a convolution with a plain chain
+        (``'onepass'`` only for a 2-D one with dilation 1, where the native kernel is available),
+        else ``('chain', 'dense')``."""
         if not self.kernel_size or type(self)._plain_chain is FusedLayer._plain_chain:
             return ("chain", "dense")
-        return FUSED_FORMS
+        if len(self.kernel_size) == 2 and tuple(self.dilation) == (1, 1) and onepass_available():
+            return FUSED_FORMS
+        return tuple(form for form in FUSED_FORMS if form != "onepass")
 
-    def _form_weights(self, channels_last: bool) -> PlainForm:
-        """The convolution weights of ``form`` (not the chain) in the input's memory format (a
-        channels_last input with NCHW weights makes oneDNN reorder the weights on every call),
-        cached in inference."""
-        form = self.form
+    def _form_weights(self, channels_last: bool, form: str | None = None) -> PlainForm:
+        """The convolution weights of ``form`` (default: the layer's; not the chain) in the input's
+        memory format (a channels_last input with NCHW weights makes oneDNN reorder the weights on
+        every call), cached in inference."""
+        form = self.form if form is None else form
         return self._cached((form, channels_last), lambda: self._build_form(form, channels_last))
+
+    def _onepass_applies(self, x: torch.Tensor) -> bool:
+        """Whether this call (on the padded input ``x``) can run the native kernel: an inference
+        call (no gradient recorded, not traced or compiled) on a contiguous float32 CPU tensor."""
+        return (not (torch.is_grad_enabled() or recording()) and x.dtype == torch.float32
+                and x.device.type == "cpu" and x.is_contiguous())
+
+    def _onepass(self, padding: tuple[int, ...]) -> OnepassConv2d:
+        """The native one-pass operator on the plain form's weights (``output_scale`` folded into
+        the last), cached in inference."""
+        def build() -> OnepassConv2d:
+            weights = self._build_form("plain", False).weights
+            return OnepassConv2d(*weights, self.stride, padding, self.bias)
+        return self._cached(("onepass", padding), build)
 
     def _build_form(self, form: str, channels_last: bool) -> PlainForm:
         if form not in self.forms:
@@ -176,10 +198,18 @@ class FusedLayer(InferenceCache):
                                         self.padding_mode)
         if self.form == "chain":
             return self._output_affine(self._chain_conv(x, self.stride, padding, self.dilation))
-        weights = self._form_weights(channels_last)
+        remember = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if self.form == "onepass":
+            if self._onepass_applies(x):
+                run = self._onepass(tuple(padding))
+                if remember:
+                    self._remember_plan(x, config, run)
+                return run(x)
+            remember = False  # another call runs the plain form: not a plan for the native kernel
+        weights = self._form_weights(channels_last, "plain" if self.form == "onepass" else None)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = plain_conv(x, weights, self.stride, padding, self.dilation, bias)
-        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+        if remember:
             self._remember_plan(x, config, self._plain_plan(weights))
         return y
 
