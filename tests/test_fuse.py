@@ -162,12 +162,13 @@ def test_fused_network_exports_to_torchscript_and_onnx(combo):
     _check_onnx(ort, net, x, expected)
 
 
-@pytest.mark.parametrize("form", [*PLAIN_FORMS, "dense"])
+@pytest.mark.parametrize("form", [*PLAIN_FORMS, "dense", *(["onepass"] if onepass_available() else [])])
 @pytest.mark.parametrize("combo", [("stt", "sequential", 2), ("sttu", "tucker2", 2), ("cp", "cp", 1)],
                          ids=["stt", "sttu", "cp"])
 def test_every_fused_form_exports_to_onnx(combo, form):
     """A conv form chosen by fuse(example=) is baked into the export (its weights computed from the
-    factors in the graph): each runs in ONNX Runtime."""
+    factors in the graph): each runs in ONNX Runtime ('onepass' exports as 'plain', checked against
+    the native kernel's outputs)."""
     _check_fused_onnx(combo, lambda m: isinstance(m, FusedLayer) and m.kernel_size, "form", form, size=8)
 
 

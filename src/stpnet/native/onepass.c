@@ -34,14 +34,14 @@ static inline v8 ld(const float *p) { return *(const v8 *)p; }
 static inline void st(float *p, v8 v) { *(v8 *)p = v; }
 static inline v8 splat(float c) { return (v8){c, c, c, c, c, c, c, c}; }
 
-/* out[o][pixel] = bias[o] + sum_k w_k * src[idx_k][pixel] over a flat plane of `size` pixels; the
-   result of pixel p goes to dst[o * dplane + (p / width) * dstride + p % width] (a padded or compact
-   plane). With width a multiple of 8, MIX_TILE vectors of 8 pixels accumulate side by side. */
+/* out[o][pixel] = bias[o] + sum_k w_k * src[idx_k][pixel] over flat planes of `size` pixels. Pixel
+   vector v (8 pixels, when the rows are whole vectors: `vectors` > 0) goes to d + off[v] (off NULL:
+   d + 8 v, a compact plane); the other pixels (no whole vectors) to d + (p / width) * dstride +
+   p % width. MIX_TILE vectors accumulate side by side. */
 #define MIX_TILE 8
-static void mix(const stage_t *s, const float *src, int size, int width, float *dst, int dplane, int dstride,
-                int o0, int o1, const float *bias)
+static void mix(const stage_t *s, const float *src, int size, int width, int vectors, const int *off,
+                float *dst, int dplane, int dstride, int o0, int o1, const float *bias)
 {
-    const int vectors = width % 8 == 0 ? size / 8 : 0;
     for (int o = o0; o < o1; o++) {
         const int a = s->ptr[o], b = s->ptr[o + 1];
         const float b0 = bias ? bias[o] : 0.0f;
@@ -55,16 +55,12 @@ static void mix(const stage_t *s, const float *src, int size, int width, float *
                 const v8 c = splat(s->w[k]);
                 for (int u = 0; u < MIX_TILE; u++) acc[u] += c * ld(x + 8 * u);
             }
-            for (int u = 0; u < MIX_TILE; u++) {
-                const int q = 8 * (v + u);
-                st(d + (q / width) * dstride + q % width, acc[u]);
-            }
+            for (int u = 0; u < MIX_TILE; u++) st(d + (off ? off[v + u] : 8 * (v + u)), acc[u]);
         }
         for (; v < vectors; v++) {
             v8 acc = splat(b0);
             for (int k = a; k < b; k++) acc += splat(s->w[k]) * ld(src + (size_t)s->idx[k] * size + 8 * v);
-            const int q = 8 * v;
-            st(d + (q / width) * dstride + q % width, acc);
+            st(d + (off ? off[v] : 8 * v), acc);
         }
         for (int p = 8 * vectors; p < size; p++) {
             float acc = b0;
@@ -74,51 +70,68 @@ static void mix(const stage_t *s, const float *src, int size, int width, float *
     }
 }
 
-/* The k x k stage on zero-padded planes (hp x wp): out[o] is a compact ho x wo plane. With wo a
-   multiple of 8, TILE vectors of 8 outputs (row-major over the plane) accumulate side by side. */
-#define TILE 8
+/* Rows r0.. of one output plane of the k x k stage, stride 1 or 2, whole 8-output vectors: tiles of
+   `rows` rows x `per_row` vectors (constants where inlined), accumulated side by side. */
+static inline __attribute__((always_inline)) void
+spatial_tiles(const stage_t *s, int o, const float *src, size_t plane, int wp, int wo, int ho, int kh, int kw,
+              int sh, int sw, float *d, const int rows, const int per_row)
+{
+    const int a = s->ptr[o], b = s->ptr[o + 1], kk = kh * kw;
+    for (int r = 0; r < ho; r += rows) {
+        const int live = ho - r < rows ? ho - r : rows;  /* a short last tile recomputes row r */
+        for (int c = 0; c < wo; c += 8 * per_row) {
+            v8 acc[rows * per_row];
+            int base[rows];
+            for (int i = 0; i < rows; i++) base[i] = (r + (i < live ? i : 0)) * sh * wp + c * sw;
+            for (int u = 0; u < rows * per_row; u++) acc[u] = splat(0.0f);
+            for (int k = a; k < b; k++) {
+                const float *x = src + s->idx[k] * plane;
+                const float *w = s->w + (size_t)k * kk;
+                for (int i = 0; i < kh; i++)
+                    for (int j = 0; j < kw; j++) {
+                        const v8 cc = splat(w[i * kw + j]);
+                        const float *xi = x + i * wp + j;
+                        for (int y = 0; y < rows; y++)
+                            for (int q = 0; q < per_row; q++) {
+                                const float *p = xi + base[y] + 8 * q * sw;
+                                if (sw == 1) acc[y * per_row + q] += cc * ld(p);
+                                else acc[y * per_row + q] += cc * __builtin_shufflevector(ld(p), ld(p + 8), 0, 2, 4, 6,
+                                                                                           8, 10, 12, 14);
+                            }
+                    }
+            }
+            for (int y = 0; y < live; y++)
+                for (int q = 0; q < per_row; q++) st(d + (r + y) * wo + c + 8 * q, acc[y * per_row + q]);
+        }
+    }
+}
+
+/* The k x k stage on zero-padded planes (hp x wp): out[o] is a compact ho x wo plane. With stride 1
+   or 2 and rows of whole 8-output vectors, tiles of 8 vectors (1 row of 8, 2 of 4, 4 of 2, 8 of 1,
+   by the row length) accumulate side by side; other shapes run a scalar loop. */
 static void spatial(const plan_t *P, const float *src, int hp, int wp, int ho, int wo, float *dst, int o0, int o1)
 {
     const stage_t *s = &P->mid;
     const int kh = P->kh, kw = P->kw, kk = kh * kw, sh = P->sh, sw = P->sw;
     const size_t plane = (size_t)hp * wp;
-    const int vectors = (wo % 8 == 0 && (sw == 1 || sw == 2)) ? ho * (wo / 8) : 0, per_row = wo / 8;
+    const int vector_rows = wo % 8 == 0 && (sw == 1 || sw == 2);
     for (int o = o0; o < o1; o++) {
-        const int a = s->ptr[o], b = s->ptr[o + 1];
         float *d = dst + (size_t)o * ho * wo;
-        int v = 0;
-        for (; v < vectors; v += TILE) {
-            const int count = vectors - v < TILE ? vectors - v : TILE;
-            int base[TILE];
-            v8 acc[TILE];
-            for (int u = 0; u < TILE; u++) {
-                const int vv = v + (u < count ? u : 0), r = vv / per_row, c = (vv % per_row) * 8;
-                base[u] = r * sh * wp + c * sw;
-                acc[u] = splat(0.0f);
-            }
-            for (int k = a; k < b; k++) {
-                const float *x = src + s->idx[k] * plane;
-                const float *c = s->w + (size_t)k * kk;
-                for (int i = 0; i < kh; i++)
-                    for (int j = 0; j < kw; j++) {
-                        const v8 cc = splat(c[i * kw + j]);
-                        const float *xi = x + i * wp + j;
-                        if (sw == 1) {
-                            for (int u = 0; u < TILE; u++) acc[u] += cc * ld(xi + base[u]);
-                        } else {
-                            for (int u = 0; u < TILE; u++) {
-                                const v8 lo = ld(xi + base[u]), hi = ld(xi + base[u] + 8);
-                                acc[u] += cc * __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14);
-                            }
-                        }
-                    }
-            }
-            for (int u = 0; u < count; u++) {
-                const int vv = v + u;
-                st(d + (vv / per_row) * wo + (vv % per_row) * 8, acc[u]);
-            }
+        if (vector_rows && sw == 1) {
+            if (wo % 64 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 1, d, 1, 8);
+            else if (wo % 32 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 1, d, 2, 4);
+            else if (wo % 16 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 1, d, 4, 2);
+            else spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 1, d, 8, 1);
+            continue;
         }
-        if (vectors) continue;
+        if (vector_rows) {
+            if (wo % 64 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 2, d, 1, 8);
+            else if (wo % 32 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 2, d, 2, 4);
+            else if (wo % 16 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 2, d, 4, 2);
+            else spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 2, d, 8, 1);
+            continue;
+        }
+        const int a = s->ptr[o], b = s->ptr[o + 1];
         for (int r = 0; r < ho; r++)
             for (int q = 0; q < wo; q++) {
                 float acc = 0.0f;
@@ -139,38 +152,58 @@ static void split(int m, int part, int parts, int *o0, int *o1)
     *o1 = (int)((long)m * (part + 1) / parts);
 }
 
+/* The planes of one call: sizes and the vector offset tables (shared by all images). */
+typedef struct {
+    int h, w, hp, wp, ho, wo;
+    int in_vectors;  /* whole 8-pixel vectors of the input plane (0: its rows are not whole vectors) */
+    int *in_off;     /* in_off[v]: where vector v of the input goes in the padded plane */
+} geometry_t;
+
 /* One image; `part` of `parts` threads of a team share it (stages split by output channel). */
-static void image(const plan_t *P, const float *x, float *y, int h, int w, float *t1, float *t2, int part, int parts)
+static void image(const plan_t *P, const geometry_t *G, const float *x, float *y, float *t1, float *t2, int part,
+                  int parts)
 {
-    const int hp = h + 2 * P->ph, wp = w + 2 * P->pw;
-    const int ho = (hp - P->kh) / P->sh + 1, wo = (wp - P->kw) / P->sw + 1;
+    const int hp = G->hp, wp = G->wp;
     int o0, o1;
     split(P->in.m, part, parts, &o0, &o1);
     if (P->ph || P->pw) memset(t1 + (size_t)o0 * hp * wp, 0, sizeof(float) * (size_t)(o1 - o0) * hp * wp);
-    mix(&P->in, x, h * w, w, t1 + (size_t)P->ph * wp + P->pw, hp * wp, wp, o0, o1, NULL);
+    mix(&P->in, x, G->h * G->w, G->w, G->in_vectors, G->in_off, t1 + (size_t)P->ph * wp + P->pw, hp * wp, wp,
+        o0, o1, NULL);
 #ifdef _OPENMP
     if (parts > 1) {
 #pragma omp barrier
     }
 #endif
     split(P->mid.m, part, parts, &o0, &o1);
-    spatial(P, t1, hp, wp, ho, wo, t2, o0, o1);
+    spatial(P, t1, hp, wp, G->ho, G->wo, t2, o0, o1);
 #ifdef _OPENMP
     if (parts > 1) {
 #pragma omp barrier
     }
 #endif
     split(P->cout, part, parts, &o0, &o1);
-    mix(&P->out, t2, ho * wo, wo, y, ho * wo, wo, o0, o1, P->bias);
+    mix(&P->out, t2, G->ho * G->wo, G->wo, G->wo % 8 == 0 ? G->ho * G->wo / 8 : 0, NULL, y, G->ho * G->wo, G->wo,
+        o0, o1, P->bias);
+}
+
+static int geometry(const plan_t *P, int h, int w, geometry_t *G)
+{
+    G->h = h; G->w = w; G->hp = h + 2 * P->ph; G->wp = w + 2 * P->pw;
+    G->ho = (G->hp - P->kh) / P->sh + 1; G->wo = (G->wp - P->kw) / P->sw + 1;
+    G->in_vectors = w % 8 == 0 ? h * w / 8 : 0;
+    G->in_off = malloc(sizeof(int) * (size_t)(G->in_vectors + 1));
+    if (!G->in_off) return 1;
+    for (int v = 0; v < G->in_vectors; v++) G->in_off[v] = (8 * v / w) * G->wp + 8 * v % w;
+    return 0;
 }
 
 /* y (n, cout, ho, wo) from x (n, cin, h, w); 0 on success, 1 if scratch memory could not be had. */
 int stp_onepass_conv2d(const plan_t *P, const float *x, float *y, int n, int h, int w, int threads)
 {
-    const int hp = h + 2 * P->ph, wp = w + 2 * P->pw;
-    const int ho = (hp - P->kh) / P->sh + 1, wo = (wp - P->kw) / P->sw + 1;
-    const size_t s1 = (size_t)P->in.m * hp * wp + 16, s2 = (size_t)P->mid.m * ho * wo + 8;
-    const size_t xs = (size_t)P->cin * h * w, ys = (size_t)P->cout * ho * wo;
+    geometry_t G;
+    if (geometry(P, h, w, &G)) return 1;
+    const size_t s1 = (size_t)P->in.m * G.hp * G.wp + 16, s2 = (size_t)P->mid.m * G.ho * G.wo + 8;
+    const size_t xs = (size_t)P->cin * h * w, ys = (size_t)P->cout * G.ho * G.wo;
     int failed = 0;
     if (threads < 1) threads = 1;
     if (n >= threads || threads == 1) {
@@ -179,25 +212,26 @@ int stp_onepass_conv2d(const plan_t *P, const float *x, float *y, int n, int h, 
             float *t1 = malloc(sizeof(float) * (s1 + s2));  /* every thread reaches the loop, even without it */
 #pragma omp for schedule(static)
             for (int i = 0; i < n; i++) {
-                if (t1) image(P, x + i * xs, y + i * ys, h, w, t1, t1 + s1, 0, 1);
+                if (t1) image(P, &G, x + i * xs, y + i * ys, t1, t1 + s1, 0, 1);
                 else failed = 1;
             }
             free(t1);
         }
-        return failed;
-    }
-    float *t1 = malloc(sizeof(float) * (s1 + s2));
-    if (!t1) return 1;
-    for (int i = 0; i < n; i++) {
+    } else {
+        float *t1 = malloc(sizeof(float) * (s1 + s2));
+        failed = !t1;
+        for (int i = 0; i < n && t1; i++) {
 #pragma omp parallel num_threads(threads)
-        {
+            {
 #ifdef _OPENMP
-            image(P, x + i * xs, y + i * ys, h, w, t1, t1 + s1, omp_get_thread_num(), omp_get_num_threads());
+                image(P, &G, x + i * xs, y + i * ys, t1, t1 + s1, omp_get_thread_num(), omp_get_num_threads());
 #else
-            image(P, x + i * xs, y + i * ys, h, w, t1, t1 + s1, 0, 1);
+                image(P, &G, x + i * xs, y + i * ys, t1, t1 + s1, 0, 1);
 #endif
+            }
         }
+        free(t1);
     }
-    free(t1);
-    return 0;
+    free(G.in_off);
+    return failed;
 }

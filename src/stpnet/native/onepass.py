@@ -58,6 +58,11 @@ def _csr(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 class OnepassConv2d:
     """The plain chain ``1x1 (W_in) -> k x k (W_mid) -> 1x1 (W_out) + bias`` as one native call.
 
+    The weights are copied (float32, by output channel without the zero blocks) when the object is
+    made: make a new one after they change. Calling it on a float32 CPU tensor ``(N, C_in, H, W)``
+    (copied to NCHW if it is stored otherwise) returns ``(N, C_out, H_out, W_out)``; it runs with
+    ``torch.get_num_threads()`` threads.
+
     Parameters
     ----------
     W_in : torch.Tensor
@@ -70,11 +75,6 @@ class OnepassConv2d:
         Of the k x k stage (zero padding, dilation 1).
     bias : torch.Tensor, optional
         ``(C_out,)``.
-
-    The weights are copied (float32, by output channel without the zero blocks) when the object is
-    made: make a new one after they change. Calling it on a float32 CPU tensor ``(N, C_in, H, W)``
-    (copied to NCHW if it is stored otherwise) returns ``(N, C_out, H_out, W_out)``; it runs with
-    ``torch.get_num_threads()`` threads.
 
     Raises
     ------
@@ -114,6 +114,7 @@ class OnepassConv2d:
         self._plan_ref = ctypes.byref(self._plan)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(H_out, W_out)`` for an input of ``height`` x ``width``."""
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
 
