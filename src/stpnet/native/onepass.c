@@ -70,45 +70,71 @@ static void mix(const stage_t *s, const float *src, int size, int width, int vec
     }
 }
 
-/* Rows r0.. of one output plane of the k x k stage, stride 1 or 2, whole 8-output vectors: tiles of
-   `rows` rows x `per_row` vectors (constants where inlined), accumulated side by side. */
+/* Output planes o .. o + outs - 1 of the k x k stage (outs 1 or 2; a pair reads the same input
+   channels, as the outputs of one group do), stride 1 or 2, whole 8-output vectors: tiles of `rows`
+   rows x `per_row` vectors per output (constants where inlined), accumulated side by side, each
+   loaded input vector used by every output of the pair. */
 static inline __attribute__((always_inline)) void
 spatial_tiles(const stage_t *s, int o, const float *src, size_t plane, int wp, int wo, int ho, int kh, int kw,
-              int sh, int sw, float *d, const int rows, const int per_row)
+              int sh, int sw, float *d, const int rows, const int per_row, const int outs)
 {
-    const int a = s->ptr[o], b = s->ptr[o + 1], kk = kh * kw;
+    const int a = s->ptr[o], b = s->ptr[o + 1], kk = kh * kw, next = s->ptr[o + outs - 1] - a;
+    const size_t out_plane = (size_t)ho * wo;
     for (int r = 0; r < ho; r += rows) {
         const int live = ho - r < rows ? ho - r : rows;  /* a short last tile recomputes row r */
         for (int c = 0; c < wo; c += 8 * per_row) {
-            v8 acc[rows * per_row];
+            v8 acc[outs][rows * per_row];
             int base[rows];
             for (int i = 0; i < rows; i++) base[i] = (r + (i < live ? i : 0)) * sh * wp + c * sw;
-            for (int u = 0; u < rows * per_row; u++) acc[u] = splat(0.0f);
+            for (int e = 0; e < outs; e++)
+                for (int u = 0; u < rows * per_row; u++) acc[e][u] = splat(0.0f);
             for (int k = a; k < b; k++) {
                 const float *x = src + s->idx[k] * plane;
                 const float *w = s->w + (size_t)k * kk;
                 for (int i = 0; i < kh; i++)
                     for (int j = 0; j < kw; j++) {
-                        const v8 cc = splat(w[i * kw + j]);
+                        v8 cc[outs];
+                        for (int e = 0; e < outs; e++) cc[e] = splat(w[(size_t)e * next * kk + i * kw + j]);
                         const float *xi = x + i * wp + j;
                         for (int y = 0; y < rows; y++)
                             for (int q = 0; q < per_row; q++) {
                                 const float *p = xi + base[y] + 8 * q * sw;
-                                if (sw == 1) acc[y * per_row + q] += cc * ld(p);
-                                else acc[y * per_row + q] += cc * __builtin_shufflevector(ld(p), ld(p + 8), 0, 2, 4, 6,
-                                                                                           8, 10, 12, 14);
+                                const v8 in = sw == 1 ? ld(p) : __builtin_shufflevector(ld(p), ld(p + 8), 0, 2, 4, 6,
+                                                                                         8, 10, 12, 14);
+                                for (int e = 0; e < outs; e++) acc[e][y * per_row + q] += cc[e] * in;
                             }
                     }
             }
-            for (int y = 0; y < live; y++)
-                for (int q = 0; q < per_row; q++) st(d + (r + y) * wo + c + 8 * q, acc[y * per_row + q]);
+            for (int e = 0; e < outs; e++)
+                for (int y = 0; y < live; y++)
+                    for (int q = 0; q < per_row; q++)
+                        st(d + e * out_plane + (r + y) * wo + c + 8 * q, acc[e][y * per_row + q]);
         }
     }
 }
 
+/* Whether outputs o and o + 1 of a stage read the same input channels in the same order. */
+static int same_inputs(const stage_t *s, int o)
+{
+    const int a = s->ptr[o], n = s->ptr[o + 1] - a, a1 = s->ptr[o + 1];
+    if (s->ptr[o + 2] - a1 != n) return 0;
+    for (int k = 0; k < n; k++)
+        if (s->idx[a + k] != s->idx[a1 + k]) return 0;
+    return 1;
+}
+
+#define SPATIAL_BY_ROW_LENGTH(SW, OUTS)                                                                      \
+    do {                                                                                                     \
+        if (wo % 64 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, SW, d, 1, 8, OUTS);        \
+        else if (wo % 32 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, SW, d, 2, 4, OUTS);   \
+        else if (wo % 16 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, SW, d, 4, 2, OUTS);   \
+        else spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, SW, d, 8, 1, OUTS);                     \
+    } while (0)
+
 /* The k x k stage on zero-padded planes (hp x wp): out[o] is a compact ho x wo plane. With stride 1
    or 2 and rows of whole 8-output vectors, tiles of 8 vectors (1 row of 8, 2 of 4, 4 of 2, 8 of 1,
-   by the row length) accumulate side by side; other shapes run a scalar loop. */
+   by the row length) accumulate side by side, two outputs at a time where they read the same
+   inputs; other shapes run a scalar loop. */
 static void spatial(const plan_t *P, const float *src, int hp, int wp, int ho, int wo, float *dst, int o0, int o1)
 {
     const stage_t *s = &P->mid;
@@ -117,18 +143,13 @@ static void spatial(const plan_t *P, const float *src, int hp, int wp, int ho, i
     const int vector_rows = wo % 8 == 0 && (sw == 1 || sw == 2);
     for (int o = o0; o < o1; o++) {
         float *d = dst + (size_t)o * ho * wo;
-        if (vector_rows && sw == 1) {
-            if (wo % 64 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 1, d, 1, 8);
-            else if (wo % 32 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 1, d, 2, 4);
-            else if (wo % 16 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 1, d, 4, 2);
-            else spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 1, d, 8, 1);
-            continue;
-        }
         if (vector_rows) {
-            if (wo % 64 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 2, d, 1, 8);
-            else if (wo % 32 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 2, d, 2, 4);
-            else if (wo % 16 == 0) spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 2, d, 4, 2);
-            else spatial_tiles(s, o, src, plane, wp, wo, ho, kh, kw, sh, 2, d, 8, 1);
+            const int pair = o + 1 < o1 && same_inputs(s, o);
+            if (sw == 1 && pair) SPATIAL_BY_ROW_LENGTH(1, 2);
+            else if (sw == 1) SPATIAL_BY_ROW_LENGTH(1, 1);
+            else if (pair) SPATIAL_BY_ROW_LENGTH(2, 2);
+            else SPATIAL_BY_ROW_LENGTH(2, 1);
+            o += pair;
             continue;
         }
         const int a = s->ptr[o], b = s->ptr[o + 1];
