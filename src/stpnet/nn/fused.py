@@ -375,8 +375,10 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         of its forms at that size: its fused contraction chain (for a sequential/ring
         convolution, with each form of its grouped k x k stage, ``FusedSequential.spatial_stage``),
         its other forms (``FusedLayer.form``: plain convolutions on weights derived from the merged
-        factors once in inference, a few times the factors' size, faster at batch 1; or the dense
-        op on the rebuilt weight), or the factorized layer forced to ``'rebuild'`` (in eval mode
+        factors once in inference, a few times the factors' size, faster at batch 1; those
+        three stages in one native pass per image, ``'onepass'``, where :mod:`stpnet.native`
+        builds; or the dense op on the rebuilt weight), or the factorized layer forced to
+        ``'rebuild'`` (in eval mode
         it rebuilds the dense weight once and reuses it, so it runs like a dense layer while
         storing only its factors; its runtime memory holds the dense weight). Parameters stay the
         merged factors in every form.
