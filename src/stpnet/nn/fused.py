@@ -378,9 +378,9 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         factors once in inference, a few times the factors' size, faster at batch 1; those
         three stages in one native pass per image, ``'onepass'``, where :mod:`stpnet.native`
         builds; or the dense op on the rebuilt weight), or the factorized layer forced to
-        ``'rebuild'`` (in eval mode
-        it rebuilds the dense weight once and reuses it, so it runs like a dense layer while
-        storing only its factors; its runtime memory holds the dense weight). Parameters stay the
+        ``'rebuild'`` (in eval mode it rebuilds the dense weight once and reuses it, so it runs
+        like a dense layer while storing only its factors; its runtime memory holds the dense
+        weight). Parameters stay the
         merged factors in every form.
         Without it, every layer becomes a contraction chain (the form to export: nothing dense
         is ever built).
