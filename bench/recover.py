@@ -36,6 +36,7 @@ Run (from the repository root):
     .venv/bin/python bench/recover.py --time-limit 120            # the plan, resumable
     .venv/bin/python bench/recover.py --only 'stt-9x-*' --ablation
     .venv/bin/python bench/recover.py --recipe v1 --long 40                # STT/TT 9x, 40 epochs
+    .venv/bin/python bench/recover.py --recipe v5 --factor 8.734 --only 'tucker-*'   # one format at a factor
     .venv/bin/python bench/recover.py --report                     # the table from runs.jsonl
 """
 
@@ -117,6 +118,9 @@ def plan(seeds: int, recipe: str) -> list[tuple[Config, tuple[int, ...]]]:
         out += [(Config("stt", 9, seed, recipe), (1, 5, 15)), (Config("tt", 9, seed, recipe), (1, 5, 15))]
     return out
 
+
+#: The formats ``--factor`` runs (what ``--only`` selects among them).
+FACTOR_FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str")
 
 #: The fine-tuning peak learning rate of every recipe (0.01 peaked in the session-8 probe).
 DEFAULT_LR = 0.01
@@ -310,7 +314,9 @@ class Sweep:
         if self.args.long:
             self.long_fine_tunes()
             return
-        for config, epochs in plan(self.args.seeds, self.args.recipe):
+        configs = plan(self.args.seeds, self.args.recipe) if self.args.factor is None else \
+            [(Config(f, self.args.factor, 0, self.args.recipe), (1, 5)) for f in FACTOR_FORMATS]
+        for config, epochs in configs:
             if self.args.only and not any(fnmatch.fnmatch(config.name, p) for p in self.args.only):
                 continue
             self.plain_and_bn(config)
@@ -384,6 +390,9 @@ def main() -> None:
     parser.add_argument("--long", type=int, metavar="N",
                         help="only an N-epoch distilled fine-tune of the recovered networks --only selects "
                              "(default: the seed-0 STT/TT 9x pair): how far longer fine-tuning goes")
+    parser.add_argument("--factor", type=float,
+                        help="instead of the plan: each format at this whole-model factor, seed 0, ft1 and ft5 "
+                             "(with --only), e.g. an allocated network at a uniform one's parameter count")
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--fit-steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR,
