@@ -107,6 +107,8 @@ def test_onepass_rejects_bad_input_clearly():
     W_in, W_mid, W_out = torch.randn(4, 8), torch.randn(5, 4, 3, 3), torch.randn(6, 5)
     with pytest.raises(ValueError, match=r"expected W_in \(m1, C_in\), W_mid \(m2, m1, kh, kw\)"):
         OnepassConv2d(W_in, torch.randn(5, 3, 3, 3), W_out, (1, 1), (1, 1))
+    with pytest.raises(ValueError, match="expected 1x1 weights W_in and W_out"):
+        OnepassConv2d(torch.randn(4, 8, 3, 3), W_mid, W_out, (1, 1), (1, 1))
     with pytest.raises(ValueError, match="stride"):
         OnepassConv2d(W_in, W_mid, W_out, (0, 1), (1, 1))
     with pytest.raises(ValueError, match=r"bias of shape \(6,\)"):

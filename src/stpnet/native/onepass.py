@@ -90,6 +90,9 @@ class OnepassConv2d:
         if lib is None:
             raise RuntimeError("the native onepass kernel is not available (no C compiler, a failed build, or "
                                "STPNET_NATIVE=0; the log says which)")
+        if any(W.ndim not in (2, 4) or W.numel() != W.shape[0] * W.shape[1] for W in (W_in, W_out)):
+            raise ValueError(f"expected 1x1 weights W_in and W_out ((m, c) or (m, c, 1, 1)), got "
+                             f"{tuple(W_in.shape)} and {tuple(W_out.shape)}")
         W_in = W_in.reshape(W_in.shape[0], W_in.shape[1])
         W_out = W_out.reshape(W_out.shape[0], W_out.shape[1])
         if W_mid.ndim != 4 or W_mid.shape[1] != W_in.shape[0] or W_out.shape[1] != W_mid.shape[0]:
