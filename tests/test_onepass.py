@@ -4,6 +4,8 @@ layers' 'onepass' form against the dense layer."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -120,6 +122,15 @@ def test_onepass_rejects_bad_input_clearly():
         op(torch.randn(1, 8, 5, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="smaller than the kernel"):
         op(torch.randn(1, 8, 2, 5))
+
+
+def test_the_kernel_builds_where_a_compiler_is_found():
+    """Where a C compiler is on the PATH and native kernels are on (CI, this project's machines),
+    the kernel must build: otherwise every test above would skip and a broken kernel go unseen."""
+    compiler = os.environ.get("CC") or "cc"
+    if not build.native_enabled() or shutil.which(compiler) is None:
+        pytest.skip("no C compiler, or STPNET_NATIVE=0")
+    assert onepass_available(), "the onepass kernel did not build (see the warning logged by stpnet.native.build)"
 
 
 def test_native_kernels_can_be_turned_off_and_a_missing_compiler_is_reported(monkeypatch, tmp_path, caplog):

@@ -15,7 +15,8 @@
 #include <omp.h>
 #endif
 
-typedef float v8 __attribute__((vector_size(32), aligned(4)));  /* unaligned loads and stores */
+/* unaligned loads and stores that may alias the float arrays they read and write */
+typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 
 typedef struct {
     int m;            /* output channels of the stage */
@@ -99,7 +100,7 @@ spatial_tiles(const stage_t *s, int o, const float *src, size_t plane, int wp, i
                         for (int y = 0; y < rows; y++)
                             for (int q = 0; q < per_row; q++) {
                                 const float *p = xi + base[y] + 8 * q * sw;
-                                const v8 in = sw == 1 ? ld(p) : __builtin_shufflevector(ld(p), ld(p + 8), 0, 2, 4, 6,
+                                const v8 in = sw == 1 ? ld(p) : (v8)__builtin_shufflevector(ld(p), ld(p + 8), 0, 2, 4, 6,
                                                                                          8, 10, 12, 14);
                                 for (int e = 0; e < outs; e++) acc[e][y * per_row + q] += cc[e] * in;
                             }
