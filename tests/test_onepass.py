@@ -4,8 +4,6 @@ layers' 'onepass' form against the dense layer."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 
 import pytest
 import torch
@@ -127,8 +125,7 @@ def test_onepass_rejects_bad_input_clearly():
 def test_the_kernel_builds_where_a_compiler_is_found():
     """Where a C compiler is on the PATH and native kernels are on (CI, this project's machines),
     the kernel must build: otherwise every test above would skip and a broken kernel go unseen."""
-    compiler = os.environ.get("CC") or "cc"
-    if not build.native_enabled() or shutil.which(compiler) is None:
+    if not build.native_enabled() or build.c_compiler() is None:
         pytest.skip("no C compiler, or STPNET_NATIVE=0")
     assert onepass_available(), "the onepass kernel did not build (see the warning logged by stpnet.native.build)"
 

@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["load_library", "native_enabled", "cache_dir"]
+__all__ = ["load_library", "native_enabled", "cache_dir", "c_compiler"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,12 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "stpnet"
+
+
+def c_compiler() -> str | None:
+    """The C compiler the kernels are built with (``CC``, else ``cc``) if it is on the PATH, else None."""
+    compiler = os.environ.get("CC") or "cc"
+    return compiler if shutil.which(compiler) is not None else None
 
 
 def _cpu_signature() -> str:
@@ -107,9 +113,10 @@ def load_library(name: str) -> ctypes.CDLL | None:
         logger.debug("native kernels are off (STPNET_NATIVE=%s)", os.environ.get("STPNET_NATIVE"))
         return None
     source = SOURCE_DIR / f"{name}.c"
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        logger.warning("no C compiler %r found: the native %s kernel is not available", compiler, name)
+    compiler = c_compiler()
+    if compiler is None:
+        logger.warning("no C compiler %r found: the native %s kernel is not available",
+                       os.environ.get("CC") or "cc", name)
         return None
     key = hashlib.sha256("\0".join([source.read_text(), repr(FLAG_SETS), _compiler_version(compiler),
                                     _cpu_signature()]).encode()).hexdigest()[:16]

@@ -168,7 +168,8 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     the BatchNorm layers that no traced graph reached (untraceable code, or never called).
 
     A folded model's ``state_dict`` loads into a model folded the same way (the fused layers'
-    ``output_scale`` buffers, no BatchNorm entries), not into the unfolded one. The number of folded pairs is logged (``logging``, INFO).
+    ``output_scale`` buffers, no BatchNorm entries), not into the unfolded one. The number of
+    folded pairs is logged (``logging``, INFO).
 
     Examples
     --------

@@ -390,8 +390,9 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         keeps the result from being slower than the network on its rebuilt dense weights.
     decide : {'measure', 'cost'}, default 'measure'
         With ``example``: ``'measure'`` times the forms on the layer's own input (in three
-        alternating rounds, each a warm-up and the best of two calls) and keeps the fastest; ``'cost'`` follows the layer's path choice (its
-        cost model, or its measurement with ``forward_path='measure'``) without timing.
+        alternating rounds, each a warm-up and the best of two calls) and keeps the fastest;
+        ``'cost'`` follows the layer's path choice (its cost model, or its measurement with
+        ``forward_path='measure'``) without timing.
     fold_batchnorm : bool, default False
         Also fold each eval-mode BatchNorm that directly follows a convolution into it
         (:func:`stpnet.nn.fold_batchnorm`: dense convolutions too), before the whole-model check.
