@@ -37,6 +37,7 @@ Run (from the repository root):
     .venv/bin/python bench/recover.py --only 'stt-9x-*' --ablation
     .venv/bin/python bench/recover.py --recipe v1 --long 40                # STT/TT 9x, 40 epochs
     .venv/bin/python bench/recover.py --recipe v5 --factor 8.734 --only 'tucker-*'   # one format at a factor
+    .venv/bin/python bench/recover.py --recipe v5 --factor 5 --only 'stt-*' --epochs 5   # 5x, 5 epochs only
     .venv/bin/python bench/recover.py --report                     # the table from runs.jsonl
 """
 
@@ -124,6 +125,9 @@ FACTOR_FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str")
 
 #: The fine-tuning peak learning rate of every recipe (0.01 peaked in the session-8 probe).
 DEFAULT_LR = 0.01
+
+#: The fine-tuning batch of every recipe.
+DEFAULT_BATCH = 128
 
 #: The network rows without a ``source`` came from (the first sweeps recorded none).
 DEFAULT_SOURCE = "resnet20-cifar10"
@@ -244,7 +248,8 @@ class Sweep:
 
     def fine_tune(self, config: Config, epochs: int, distill: bool = True) -> None:
         lr = "" if self.args.lr == DEFAULT_LR else f"-lr{self.args.lr:g}"  # another peak: its own step
-        step = f"ft{epochs}{lr}" + ("" if distill else "-nodistill")
+        batch = "" if self.args.batch_size == DEFAULT_BATCH else f"-b{self.args.batch_size}"  # so is another batch
+        step = f"ft{epochs}{lr}{batch}" + ("" if distill else "-nodistill")
         if self.is_done(config, step):
             return
         small, spec = self.recovered(config)
@@ -254,8 +259,8 @@ class Sweep:
             recalibrate_batchnorm(small, images, keep_function=True)
         args = self.args
         weight_decay = config.settings["ft_weight_decay"]
-        train_config = TrainConfig(epochs=epochs, batch_size=128, lr=args.lr, weight_decay=weight_decay, schedule="cosine",
-                                   seed=config.seed, amp=args.amp, distill_alpha=0.9 if distill else 0.0,
+        train_config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=weight_decay,
+                                   schedule="cosine", seed=config.seed, amp=args.amp, distill_alpha=0.9 if distill else 0.0,
                                    distill_temperature=4.0,
                                    distill_features=config.settings["ft_features"] if distill else 0.0)
 
@@ -279,7 +284,8 @@ class Sweep:
         (metrics / f"{config.name}-{step}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         self.record(config, step, test_accuracy=self.accuracy(model), params=params,
                     compression=self.dense_params / params,
-                    seconds=sum(r["epoch_time"] + r["eval_time"] for r in history), lr=args.lr, amp=args.amp,
+                    seconds=sum(r["epoch_time"] + r["eval_time"] for r in history), lr=args.lr,
+                    batch_size=args.batch_size, amp=args.amp,
                     weight_decay=weight_decay, distill_features=train_config.distill_features,
                     bn_keep_function=config.settings["ft_bn_keep_function"],
                     last_epoch_test_accuracy_amp=history[-1]["test_accuracy"])
@@ -315,7 +321,7 @@ class Sweep:
             self.long_fine_tunes()
             return
         configs = plan(self.args.seeds, self.args.recipe) if self.args.factor is None else \
-            [(Config(f, self.args.factor, 0, self.args.recipe), (1, 5)) for f in FACTOR_FORMATS]
+            [(Config(f, self.args.factor, 0, self.args.recipe), tuple(self.args.epochs)) for f in FACTOR_FORMATS]
         for config, epochs in configs:
             if self.args.only and not any(fnmatch.fnmatch(config.name, p) for p in self.args.only):
                 continue
@@ -373,9 +379,9 @@ def _report_one(source: str, rows: list[dict]) -> str:
                      + " | ".join(cells) + f" | {seconds:.0f} |")
     extra = [r for r in rows if r["step"] in ("uniform+fit", "uniform+fit+bn", "alloc+bn", "alloc-weight+fit",
                                               "alloc-activation+fit", "ft5-nodistill")
-             or re.fullmatch(r"ft\d+-lr.+", r["step"])]
+             or re.fullmatch(r"ft\d+-(lr|b)\d.*", r["step"])]
     if extra:
-        lines += ["", "Ablation and learning rates: " + "; ".join(
+        lines += ["", "Ablation, learning rates and batch sizes: " + "; ".join(
             f"{r['config']} {r['step']} {r['test_accuracy']:.2%}" for r in extra)]
     return "\n".join(lines)
 
@@ -391,12 +397,17 @@ def main() -> None:
                         help="only an N-epoch distilled fine-tune of the recovered networks --only selects "
                              "(default: the seed-0 STT/TT 9x pair): how far longer fine-tuning goes")
     parser.add_argument("--factor", type=float,
-                        help="instead of the plan: each format at this whole-model factor, seed 0, ft1 and ft5 "
-                             "(with --only), e.g. an allocated network at a uniform one's parameter count")
+                        help="instead of the plan: each format at this whole-model factor, seed 0, fine-tuned "
+                             "--epochs (with --only), e.g. an allocated network at a uniform one's parameter count, "
+                             "or a smaller factor: how much is lost at each size")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[1, 5], metavar="N",
+                        help="with --factor: the fine-tuning lengths, each its own run (default: 1 5)")
     parser.add_argument("--calibration-images", type=int, default=512)
     parser.add_argument("--fit-steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR,
                         help="fine-tuning peak learning rate (another than the default is recorded as step ftN-lrX)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                        help="fine-tuning batch (another than the default is recorded as step ftN-bB)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="v2", help="see RECIPES")
     parser.add_argument("--amp", default="bf16", choices=("auto", "bf16", "fp16", "off"))
     parser.add_argument("--time-limit", type=float, help="minutes; stop after the step that crosses it")

@@ -71,11 +71,12 @@ def test_onepass_matches_three_convolutions(n, c_in, m1, m2, c_out, h, w, kh, kw
     (33, 33, 5, 2, 2), (32, 32, 5, 1, 2), (9, 24, 3, 1, 1), (5, 40, 3, 2, 1), (12, 64, 3, 3, 1)])
 def test_onepass_vector_paths(h, w, k, stride, padding):
     """Shapes whose output rows are whole vectors of 8 (the vectorised stages and the stride-2 lane
-    shuffle; full tiles of 8 vectors and remainders; outputs alone and in pairs), with structural
-    zeros, at 1 and 2 threads."""
+    shuffle; full tiles of 8 vectors and remainders; outputs alone, in pairs and in threes), with
+    structural zeros, at 1 and 2 threads."""
     g = torch.Generator().manual_seed(h * w + k)
     W_in, W_mid, W_out = (_sparse(s, 0.6, g) for s in ((6, 16), (6, 6, k, k), (16, 6)))
-    W_mid[2:4] = torch.randn(2, 6, k, k, generator=g)  # a pair of outputs reading the same inputs
+    W_mid[:5] = torch.randn(5, 6, k, k, generator=g)  # outputs 0-2 and 3-4 read the same inputs: a triple, a pair
+    W_mid[5, 0] = 0  # and output 5 others: alone
     bias = torch.randn(16, generator=g)
     op = OnepassConv2d(W_in, W_mid, W_out, (stride, stride), (padding, padding), bias)
     previous = torch.get_num_threads()
