@@ -71,6 +71,14 @@ static void mix(const stage_t *s, const float *src, int size, int width, int vec
     }
 }
 
+/* How many outputs of the k x k stage share one pass over their inputs (3 x 8 accumulators need the
+   32 vector registers of AVX-512; with 16 they would spill to memory). */
+#if defined(__AVX512VL__)
+#define MAX_OUTS 3
+#else
+#define MAX_OUTS 2
+#endif
+
 /* Output planes o .. o + outs - 1 of the k x k stage (outs 1 to 3; outputs together read the same
    input channels, as the outputs of one group do), stride 1 or 2, whole 8-output vectors: tiles of
    `rows` rows x `per_row` vectors per output (constants where inlined), accumulated side by side,
@@ -85,8 +93,8 @@ spatial_tiles(const stage_t *s, int o, const float *src, size_t plane, int wp, i
     for (int r = 0; r < ho; r += rows) {
         const int live = ho - r < rows ? ho - r : rows;  /* a short last tile recomputes row r */
         for (int c = 0; c < wo; c += 8 * per_row) {
-            v8 acc[outs][rows * per_row];
-            int base[rows];
+            v8 acc[3][8];  /* fixed sizes (outs <= 3, rows x per_row = 8): a variable-length array stays in memory */
+            int base[8];
             for (int i = 0; i < rows; i++) base[i] = (r + (i < live ? i : 0)) * sh * wp + c * sw;
             for (int e = 0; e < outs; e++)
                 for (int u = 0; u < rows * per_row; u++) acc[e][u] = splat(0.0f);
@@ -95,7 +103,7 @@ spatial_tiles(const stage_t *s, int o, const float *src, size_t plane, int wp, i
                 const float *w = s->w + (size_t)k * kk;
                 for (int i = 0; i < kh; i++)
                     for (int j = 0; j < kw; j++) {
-                        v8 cc[outs];
+                        v8 cc[3];
                         for (int e = 0; e < outs; e++) cc[e] = splat(w[(size_t)e * next * kk + i * kw + j]);
                         const float *xi = x + i * wp + j;
                         for (int y = 0; y < rows; y++)
@@ -136,8 +144,8 @@ static int same_inputs(const stage_t *s, int o)
 /* The k x k stage on zero-padded planes (hp x wp): out[o] is a compact ho x wo plane. With stride 1
    or 2 and rows of whole 8-output vectors, tiles of 8 vectors (1 row of 8, 2 of 4, 4 of 2, 8 of 1,
    by the row length) accumulate side by side, two or three outputs at a time where they read the
-   same inputs (three measured 0.91-0.93x the time of pairs for ResNet-20 STT/STR 9x layers at batch
-   32 on an AVX-512 EPYC); other shapes run a scalar loop. */
+   same inputs (on an AVX-512 EPYC, ResNet-20 9x layers at batch 32: 0.92x the time of pairs for
+   STT/STR/Tucker, BENCHMARKS.md); other shapes run a scalar loop. */
 static void spatial(const plan_t *P, const float *src, int hp, int wp, int ho, int wo, float *dst, int o0, int o1)
 {
     const stage_t *s = &P->mid;
@@ -148,7 +156,7 @@ static void spatial(const plan_t *P, const float *src, int hp, int wp, int ho, i
         float *d = dst + (size_t)o * ho * wo;
         if (vector_rows) {
             const int pair = o + 1 < o1 && same_inputs(s, o);
-            const int triple = pair && o + 2 < o1 && same_inputs(s, o + 1);
+            const int triple = MAX_OUTS >= 3 && pair && o + 2 < o1 && same_inputs(s, o + 1);
             if (sw == 1 && triple) SPATIAL_BY_ROW_LENGTH(1, 3);
             else if (sw == 1 && pair) SPATIAL_BY_ROW_LENGTH(1, 2);
             else if (sw == 1) SPATIAL_BY_ROW_LENGTH(1, 1);
