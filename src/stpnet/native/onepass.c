@@ -82,8 +82,7 @@ static void mix(const stage_t *s, const float *src, int size, int width, int vec
 /* Output planes o .. o + outs - 1 of the k x k stage (outs 1 to 3; outputs together read the same
    input channels, as the outputs of one group do), stride 1 or 2, whole 8-output vectors: tiles of
    `rows` rows x `per_row` vectors per output (constants where inlined), accumulated side by side,
-   each loaded input vector used by every output together (3 x 8 accumulators: 32 vector registers
-   with AVX-512, spills with AVX2's 16). */
+   each loaded input vector used by every output together. */
 static inline __attribute__((always_inline)) void
 spatial_tiles(const stage_t *s, int o, const float *src, size_t plane, int wp, int wo, int ho, int kh, int kw,
               int sh, int sw, float *d, const int rows, const int per_row, const int outs)
@@ -93,7 +92,8 @@ spatial_tiles(const stage_t *s, int o, const float *src, size_t plane, int wp, i
     for (int r = 0; r < ho; r += rows) {
         const int live = ho - r < rows ? ho - r : rows;  /* a short last tile recomputes row r */
         for (int c = 0; c < wo; c += 8 * per_row) {
-            v8 acc[3][8];  /* fixed sizes (outs <= 3, rows x per_row = 8): a variable-length array stays in memory */
+            v8 acc[3][8];  /* fixed sizes (outs <= 3, rows x per_row = 8): GCC kept a variable-length */
+                           /* array in memory, a load and a store per multiply-add */
             int base[8];
             for (int i = 0; i < rows; i++) base[i] = (r + (i < live ? i : 0)) * sh * wp + c * sw;
             for (int e = 0; e < outs; e++)
