@@ -304,7 +304,7 @@ class Sweep:
         """``--long N``: only the N-epoch distilled fine-tune, of the configurations ``--only``
         selects (default: the seed-0 STT/TT 9x pair), each from its recovered network."""
         patterns = self.args.only or ["stt-9x-s0*", "tt-9x-s0*"]
-        for config, _ in plan(self.args.seeds, self.args.recipe):
+        for config, _ in plan(self.args.seeds or 2, self.args.recipe):
             if any(fnmatch.fnmatch(config.name, p) for p in patterns):
                 self.check_time()
                 self.fine_tune(config, self.args.long)
@@ -320,8 +320,11 @@ class Sweep:
         if self.args.long:
             self.long_fine_tunes()
             return
-        configs = plan(self.args.seeds, self.args.recipe) if self.args.factor is None else \
-            [(Config(f, self.args.factor, 0, self.args.recipe), tuple(self.args.epochs)) for f in FACTOR_FORMATS]
+        if self.args.factor is None:
+            configs = plan(self.args.seeds or 2, self.args.recipe)
+        else:
+            configs = [(Config(f, self.args.factor, seed, self.args.recipe), tuple(self.args.epochs))
+                       for seed in range(self.args.seeds or 1) for f in FACTOR_FORMATS]
         for config, epochs in configs:
             if self.args.only and not any(fnmatch.fnmatch(config.name, p) for p in self.args.only):
                 continue
@@ -390,7 +393,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dense", help="dense checkpoint to start from (default: the shipped resnet20-cifar10)")
     parser.add_argument("--runs", default=str(ROOT / "runs" / "recover"), help="run directories")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds of the STT/TT 9x pair")
+    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 of the STT/TT 9x pair (default 2), or of every "
+                        "--factor configuration (default 1)")
     parser.add_argument("--only", nargs="*", help="fnmatch patterns on configuration names, e.g. 'stt-9x-*'")
     parser.add_argument("--ablation", action="store_true", help="also the STT 9x ablation")
     parser.add_argument("--long", type=int, metavar="N",
