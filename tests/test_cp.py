@@ -167,5 +167,5 @@ def test_cp_layers_from_trained_weights_approach_the_dense_layer():
     errors = []
     for rank in (4, 32, 256):
         layer = stpnet.nn.FactorizedConv2d.from_dense(conv, "cp", rank=rank)
-        errors.append(float((layer.weight - conv.weight).norm() / conv.weight.norm()))
+        errors.append(float(((layer.weight - conv.weight).norm() / conv.weight.norm()).detach()))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
