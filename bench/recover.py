@@ -304,7 +304,7 @@ class Sweep:
         """``--long N``: only the N-epoch distilled fine-tune, of the configurations ``--only``
         selects (default: the seed-0 STT/TT 9x pair), each from its recovered network."""
         patterns = self.args.only or ["stt-9x-s0*", "tt-9x-s0*"]
-        for config, _ in plan(self.args.seeds or 2, self.args.recipe):
+        for config, _ in plan(self.args.seeds, self.args.recipe):
             if any(fnmatch.fnmatch(config.name, p) for p in patterns):
                 self.check_time()
                 self.fine_tune(config, self.args.long)
@@ -321,16 +321,17 @@ class Sweep:
             self.long_fine_tunes()
             return
         if self.args.factor is None:
-            configs = plan(self.args.seeds or 2, self.args.recipe)
+            configs = plan(self.args.seeds, self.args.recipe)
         else:
             configs = [(Config(f, self.args.factor, seed, self.args.recipe), tuple(self.args.epochs))
-                       for seed in range(self.args.seeds or 1) for f in FACTOR_FORMATS]
+                       for seed in range(self.args.seeds) for f in FACTOR_FORMATS]
         for config, epochs in configs:
             if self.args.only and not any(fnmatch.fnmatch(config.name, p) for p in self.args.only):
                 continue
             self.plain_and_bn(config)
             self.check_time()
-            self.recovered(config, bn=True)
+            if not all(self.is_done(config, step) for step in ("recovered", "recovered+bn")):
+                self.recovered(config, bn=True)  # otherwise only a fine-tune not yet run needs it
             for n in epochs:
                 self.check_time()
                 self.fine_tune(config, n)
@@ -401,8 +402,8 @@ def main() -> None:
                         help="only an N-epoch distilled fine-tune of the recovered networks --only selects "
                              "(default: the seed-0 STT/TT 9x pair): how far longer fine-tuning goes")
     parser.add_argument("--factor", type=float,
-                        help="instead of the plan: each format at this whole-model factor, seed 0, fine-tuned "
-                             "--epochs (with --only), e.g. an allocated network at a uniform one's parameter count, "
+                        help="instead of the plan: each format at this whole-model factor, seeds 0..--seeds - 1, "
+                             "fine-tuned --epochs (with --only), e.g. an allocated network at a uniform one's parameter count, "
                              "or a smaller factor: how much is lost at each size")
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 5], metavar="N",
                         help="with --factor: the fine-tuning lengths, each its own run (default: 1 5)")
@@ -417,6 +418,8 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, help="minutes; stop after the step that crosses it")
     parser.add_argument("--report", action="store_true", help="print the table from results/recover/runs.jsonl")
     args = parser.parse_args()
+    if args.seeds is None:
+        args.seeds = 2 if args.factor is None else 1
     if args.report:
         print(report(ROOT / "results" / "recover" / "runs.jsonl"))
         return

@@ -208,13 +208,14 @@ def test_plain_chain_follows_the_kronecker_definition():
             block = chain.W_mid[h * r_out:(h + 1) * r_out, k * r:(k + 1) * r]
             torch.testing.assert_close(block, S if h == k else torch.zeros_like(S))
     B = fused.B.detach().reshape(-1, r_out, a)  # (o, b', a)
+    W_out = chain.W_out.detach()
     for o in range(B.shape[0]):
         for u in range(t):
             for aa in range(a):
                 for v in range(t):
                     for b in range(r_out):
                         expected = B[o, b, aa] if u == v else 0.0
-                        assert float(chain.W_out.detach()[o * t + u, (aa * t + v) * r_out + b]) == float(expected)
+                        assert float(W_out[o * t + u, (aa * t + v) * r_out + b]) == float(expected)
     torch.testing.assert_close(chain.W_in, fused.A.reshape(8, r, g).permute(2, 1, 0).reshape(g * r, 8))
 
 
