@@ -13,7 +13,7 @@ time is reported: 1.00 is a perfect choice.
 ``OP_COST``, ``GROUP_PENALTY``) on a grid for the fewest layers chosen more than 10% slower than
 the faster path, then the lowest mean ratio; the library's constants were set from it.
 
-Run (from the repository root; nothing else running; ~6 min for the timings):
+Run (from the repository root; nothing else running; the timings take minutes):
     .venv/bin/python bench/cost_model.py                 # time, save, report the current model
     .venv/bin/python bench/cost_model.py --report --fit  # from the saved timings
 """

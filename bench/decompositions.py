@@ -182,7 +182,7 @@ def conv_kernel() -> torch.Tensor:
 
 
 def tensorize_sequential(W: torch.Tensor) -> torch.Tensor:
-    """TT 'sequential' layout of MATH.md section 8: modes [I_1, I_2, I_3, k*k, O_1, O_2, O_3].
+    """TT 'sequential' layout of docs/formats-spec.md, section 9: modes [I_1, I_2, I_3, k*k, O_1, O_2, O_3].
 
     Exactly: W (out=256, in=256, 3, 3) -> permute to (in, kh, kw, out) -> reshape to
     (4, 8, 8, 9, 4, 8, 8), row-major, so in = i1*64 + i2*8 + i3 (256 = 4*8*8), the spatial
@@ -262,7 +262,7 @@ def decomposition_suite(name: str, X: torch.Tensor, specs: dict, repeats: int, b
                        f"{ratio:.2f}", f"{best['stpnet'] / best['tensorly']:.2f}",
                        ("met" if ratio <= 1.0 else "missed") if fmt in ("tucker", "tt") else "(no target)"])
 
-    # --- stpnet only: semi-tensor formats (and param-matched classic rows, MATH.md section 7)
+    # --- stpnet only: semi-tensor formats (and param-matched classic rows, docs/formats-spec.md, section 8)
     for fmt, rank, t, n_iter, label in specs["semi"]:
         fn = lambda: stpnet.decompose(X, fmt, rank=rank, t=t, n_iter=n_iter)  # noqa: E731
         med, res, _ = bench_interleaved({"s": fn}, repeats)
@@ -338,7 +338,7 @@ def decomposition_benchmarks(args, out: list[str]):
         for title, X, specs in tensors:
             meter = CpuMeter()
             if X is None:
-                # conv kernel: Tucker-2-style on the 4-way kernel (MATH.md section 8: Tucker/STTu
+                # conv kernel: Tucker-2-style on the 4-way kernel (docs/formats-spec.md, section 9: Tucker/STTu
                 # on the channel modes, spatial modes kept in the core at full size 3x3), TT/TR on
                 # the 7-way sequential tensorization.
                 tables = []

@@ -8,10 +8,10 @@ whatever the library's defaults are. One JSON line per format goes to
 
 The seconds are only comparable between variants run under the same load; the demo's own time
 budget (5 minutes on 2 cores) is measured with ``time ./run demo`` on an idle machine
-(BENCHMARKS.md, "Demo").
+(BENCHMARKS.md, "The demo").
 
 Run (from the repository root):
-    OMP_NUM_THREADS=1 .venv/bin/python bench/demo_settings.py session6 session9 --formats stt
+    OMP_NUM_THREADS=1 .venv/bin/python bench/demo_settings.py fit20 fit60-epochs3-keep-function --formats stt
     .venv/bin/python bench/demo_settings.py --list
 """
 
@@ -30,23 +30,23 @@ from stpnet.demo import run_compression_demo
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "demo"
 
-#: The settings of session 6 to 8 (``stpnet demo`` then).
-SESSION6 = {"fit_steps": 20, "calibration_size": 256, "fine_tune_epochs": 1, "bn_keep_function": False,
-            "distill_features": 0.0, "t_choices": None}
+#: The base the variants change: 20 fitting steps, one epoch, BatchNorm left as it is.
+FIT20 = {"fit_steps": 20, "calibration_size": 256, "fine_tune_epochs": 1, "bn_keep_function": False,
+         "distill_features": 0.0, "t_choices": None}
 VARIANTS = {
-    "session6": SESSION6,
-    "features": {**SESSION6, "distill_features": 1.0},
-    "keep-function": {**SESSION6, "bn_keep_function": True},
-    "fit60": {**SESSION6, "fit_steps": 60},
-    "fit120": {**SESSION6, "fit_steps": 120},
-    "epochs3": {**SESSION6, "fine_tune_epochs": 3},
-    "fit60-cal512": {**SESSION6, "fit_steps": 60, "calibration_size": 512},
-    "fit60-t124": {**SESSION6, "fit_steps": 60, "t_choices": (1, 2, 4)},
-    "fit60-keep-function": {**SESSION6, "fit_steps": 60, "bn_keep_function": True},
-    "fit60-epochs3": {**SESSION6, "fit_steps": 60, "fine_tune_epochs": 3},
-    "fit60-epochs2-keep-function": {**SESSION6, "fit_steps": 60, "fine_tune_epochs": 2, "bn_keep_function": True},
-    # the defaults from session 9 on
-    "session9": {**SESSION6, "fit_steps": 60, "fine_tune_epochs": 3, "bn_keep_function": True},
+    "fit20": FIT20,
+    "features": {**FIT20, "distill_features": 1.0},
+    "keep-function": {**FIT20, "bn_keep_function": True},
+    "fit60": {**FIT20, "fit_steps": 60},
+    "fit120": {**FIT20, "fit_steps": 120},
+    "epochs3": {**FIT20, "fine_tune_epochs": 3},
+    "fit60-cal512": {**FIT20, "fit_steps": 60, "calibration_size": 512},
+    "fit60-t124": {**FIT20, "fit_steps": 60, "t_choices": (1, 2, 4)},
+    "fit60-keep-function": {**FIT20, "fit_steps": 60, "bn_keep_function": True},
+    "fit60-epochs3": {**FIT20, "fit_steps": 60, "fine_tune_epochs": 3},
+    "fit60-epochs2-keep-function": {**FIT20, "fit_steps": 60, "fine_tune_epochs": 2, "bn_keep_function": True},
+    # the settings ``stpnet demo`` uses
+    "fit60-epochs3-keep-function": {**FIT20, "fit_steps": 60, "fine_tune_epochs": 3, "bn_keep_function": True},
 }
 
 

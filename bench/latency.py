@@ -71,8 +71,8 @@ def time_in_blocks(models: dict[str, object], x: torch.Tensor, repeats: int, rou
 
     Each round times every model in turn, in a block of ``repeats // rounds`` calls after
     ``warmup`` untimed ones: models alternate, so a drift of a shared machine hits all alike, while
-    each block runs with its own kernels warm (alternating single calls measured up to 5x slower
-    for the dense network at batch 1, its oneDNN primitives evicted by the other models')."""
+    each block runs with its own kernels warm (alternating single calls make the dense network at
+    batch 1 much slower, its oneDNN primitives evicted by the other models')."""
     per_block = max(1, repeats // rounds)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():

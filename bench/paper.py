@@ -3,7 +3,7 @@
 Configurations, per protocol (``--budget``):
 - the ResNet dense; Tucker/STTu, TT/STT and TR/STR at ranks {6, 10, 14} (t = 2 for the
   semi-tensor formats); for every semi-tensor configuration the classic format at the rank whose
-  whole-model parameter count is closest (MATH.md section 7), and for TT R = 14 the STT rank with
+  whole-model parameter count is closest (docs/formats-spec.md, section 8), and for TT R = 14 the STT rank with
   the closest count;
 - the headline pairs (TT R = 14, STT R = 14 and their two controls) and the dense network with
   ``--seeds`` seeds (default 3);

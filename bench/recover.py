@@ -123,7 +123,7 @@ def plan(seeds: int, recipe: str) -> list[tuple[Config, tuple[int, ...]]]:
 #: The formats ``--factor`` runs (what ``--only`` selects among them).
 FACTOR_FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str")
 
-#: The fine-tuning peak learning rate of every recipe (0.01 peaked in the session-8 probe).
+#: The fine-tuning peak learning rate of every recipe (higher peaks did worse; BENCHMARKS.md).
 DEFAULT_LR = 0.01
 
 #: The fine-tuning batch of every recipe.

@@ -7,7 +7,7 @@ types; the script calls the CLI's entry point in this process), resumably in its
 the command), and copies the per-epoch metrics log to ``results/reference/<name>.jsonl``.
 
 Run (from the repository root):
-    .venv/bin/python bench/reference.py resnet20-cifar10             # train (resumes), ~72 min here
+    .venv/bin/python bench/reference.py resnet20-cifar10             # train (resumes)
     .venv/bin/python bench/reference.py resnet20-cifar10 --export    # evaluate, write weights + card
     .venv/bin/python bench/reference.py --list                       # the recipes as CLI lines
 """

@@ -1,5 +1,8 @@
 """Any model: drop-in attributes, attention, embeddings, Linear subclasses, per-layer fallback,
-the skipped-layer report, and structures from the wild built by hand (no torchvision)."""
+the skipped-layer report, and structures from the wild built by hand (no torchvision).
+
+A test that takes ``combo`` runs for every (format, layout, t) combination of the registries
+(the ``combo`` fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +18,7 @@ from torch import nn
 import stpnet
 from stpnet.nn import FactorizedConv2d, FactorizedEmbedding, FactorizedLinear, UnpackedMultiheadAttention
 
-COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
-          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2), ("cp", "cp", 1)]
-FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str", "cp")
+FORMATS = tuple(stpnet.FORMATS)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -189,7 +190,6 @@ def test_attention_projections_packed_or_separate():
 
 
 # ----------------------------------------------------------------------------- embedding
-@pytest.mark.parametrize("combo", COMBOS, ids=[f"{f}-{lay}" for f, lay, _ in COMBOS])
 def test_embedding_lookup_matches_a_gather_of_the_rebuilt_table(combo):
     fmt, layout, t = combo
     torch.manual_seed(4)

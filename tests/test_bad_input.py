@@ -13,7 +13,7 @@ import stpnet
 from stpnet.decomposition import InsufficientMemoryError
 from stpnet.nn import FactorizedConv2d, FactorizedLinear
 
-FORMATS = ["tucker", "sttu", "tt", "stt", "tr", "str", "cp"]
+FORMATS = list(stpnet.FORMATS)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

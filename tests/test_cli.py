@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import pickle
 import warnings
@@ -88,6 +89,7 @@ def test_compress_hits_the_target(dense_run, cifar_dir, tmp_path, capsys):
     assert "| **model** |" in out and "inference latency, batch 1" in out
 
 
+@pytest.mark.slow
 def test_export_a_compressed_checkpoint(dense_run, cifar_dir, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     assert run("compress", dense_run / "checkpoint.pt", "--data", cifar_dir, "--format", "str", "--compression",
@@ -131,13 +133,25 @@ def test_report_of_a_zoo_model(capsys):
     assert "61,706" in capsys.readouterr().out
 
 
-def test_compression_demo_table_names_its_epochs_and_draws_the_stages(tmp_path, capsys):
+@pytest.mark.slow
+def test_compression_demo_table_names_its_epochs_and_draws_the_stages(tmp_path, capsys, monkeypatch):
+    # the CLI's table and plot end to end, with the short fit of the library's own demo test
+    demo = importlib.import_module(main.__module__.rpartition(".")[0] + ".demo")  # where the CLI imports it from
+    full, calls = demo.run_compression_demo, []
+
+    def short_fit(*args, **kwargs):
+        calls.append(kwargs)
+        return full(*args, **{**kwargs, "fit_steps": 2, "calibration_size": 32})
+
+    monkeypatch.setattr(demo, "run_compression_demo", short_fit)
     assert run("demo", "--formats", "tt", "--epochs", 1, "--train-subset", 64, "--out-dir", tmp_path, "--quiet") == 0
     out = capsys.readouterr().out
     assert "after 1 distilled epoch " in out and "\ntt " in out and "\ndense " in out
     assert (tmp_path / "accuracy_by_stage.png").stat().st_size > 1000
+    assert len(calls) == 1 and calls[0]["fine_tune_epochs"] == 1 and calls[0]["train_subset"] == 64
 
 
+@pytest.mark.slow
 def test_demo_from_scratch_small(tmp_path, capsys):
     assert run("demo", "--from-scratch", "--epochs", 1, "--train-subset", 64, "--out-dir", tmp_path, "--quiet") == 0
     out = capsys.readouterr().out

@@ -1,6 +1,6 @@
 """CP, the format added through the registry: its reconstruction against the definition, its ALS
 against TensorLy's ``parafac``, its rank rules, and the registry's own checks. The CP layers run in
-the layer, fuse and any-model suites (``("cp", "cp", 1)`` in their COMBOS)."""
+every suite that takes the (format, layout, t) combinations from the registries (conftest.COMBOS)."""
 
 from __future__ import annotations
 

@@ -676,6 +676,7 @@ def test_load_dataset_embedded_name(embedded, monkeypatch, cache_root):
     assert torch.equal(load_dataset("cifar10-subset").test_x, embedded.test_x)  # from the cache
 
 
+@pytest.mark.slow
 def test_real_fashion_mnist(shared_data):
     data = load_dataset(shared_data / "fashion-mnist")
     assert data.name == "fashion-mnist" and data.classes == FASHION_MNIST_CLASSES

@@ -167,7 +167,7 @@ def test_semi_tensor_default_t_is_two_and_classic_is_one():
     assert stpnet.decompose(X, "sttu", rank=2).t == (2, 2, 2)
 
 
-@given(fmt=st.sampled_from(["tucker", "sttu", "tt", "stt", "tr", "str", "cp"]),
+@given(fmt=st.sampled_from(list(stpnet.FORMATS)),
        shape=st.lists(st.sampled_from([2, 4, 6, 8]), min_size=2, max_size=4),
        budget=st.integers(10, 3000), clip=st.booleans())
 def test_ranks_for_budget_is_the_largest_uniform_rank_that_fits(fmt, shape, budget, clip):

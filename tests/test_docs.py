@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_api_reference_builds_without_warnings(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("mkdocstrings")

@@ -12,7 +12,7 @@ import torch
 import stpnet
 from stpnet import InsufficientMemoryError, TRTensor, TTTensor, TuckerTensor, decompose
 
-FORMATS = ["tucker", "sttu", "tt", "stt", "tr", "str", "cp"]
+FORMATS = list(stpnet.FORMATS)
 
 
 def _x(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""Folding eval-mode BatchNorm into dense and fused convolutions (stpnet.fold_batchnorm)."""
+"""Folding eval-mode BatchNorm into dense and fused convolutions (stpnet.fold_batchnorm).
+
+A test that takes ``combo`` runs for every (format, layout, t) combination of the registries
+(the ``combo`` fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +22,6 @@ from stpnet.nn import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, Fuse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("stt", "paired", 2), ("tr", "ring", 1),
-          ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2), ("cp", "cp", 1)]
 CONVS = {1: (FactorizedConv1d, nn.BatchNorm1d), 2: (FactorizedConv2d, nn.BatchNorm2d),
          3: (FactorizedConv3d, nn.BatchNorm3d)}
 
@@ -47,7 +48,6 @@ def _fused_block(combo, dims: int, bias: bool):
     return net, x
 
 
-@pytest.mark.parametrize("combo", COMBOS, ids=[f"{f}-{lay}" for f, lay, _ in COMBOS])
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_folded_fused_layer_computes_conv_then_batchnorm_in_every_form(combo, dims):
     net, x = _fused_block(combo, dims, bias=dims == 2)
@@ -244,6 +244,7 @@ def test_a_model_that_cannot_be_traced_anywhere_is_left_with_a_warning():
         fold_batchnorm(torch.zeros(3))
 
 
+@pytest.mark.slow
 def test_fuse_can_fold_a_whole_compressed_network_and_it_still_exports():
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")

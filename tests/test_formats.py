@@ -18,7 +18,7 @@ D = torch.float64
 
 
 def stt_chain_reference(cores, t):
-    """unfold(X) = G_1 ⋉ G_2 ⋉ ... ⋉ G_N by the Kronecker definition (MATH.md section 5)."""
+    """unfold(X) = G_1 ⋉ G_2 ⋉ ... ⋉ G_N by the Kronecker definition (docs/formats-spec.md, section 5)."""
     M = cores[0][0]  # (I_1, R_1)
     for G in cores[1:]:
         r_in, size, r_out = G.shape
@@ -96,20 +96,20 @@ def test_parameter_counts_equal_math_formulas(shape, t, r, data):
     shape[-1] *= t
     ranks = [t * data.draw(st.integers(1, r)) for _ in range(len(shape))]
     n = len(shape)
-    # STT (MATH.md 5): I_1 R_1 + sum I_k R_{k-1} R_k / t^2 + I_N R_{N-1} / t^2
+    # STT (docs/formats-spec.md, section 5): I_1 R_1 + sum I_k R_{k-1} R_k / t^2 + I_N R_{N-1} / t^2
     R = stpnet.TTTensor.validate_rank(shape, ranks[: n - 1], t)
     tt = stpnet.TTTensor.random(shape, R, t)
     formula = shape[0] * R[0] + sum(shape[k] * R[k - 1] * R[k] / t**2 for k in range(1, n - 1)) \
         + shape[-1] * R[-1] / t**2
     assert tt.num_params == formula == stpnet.TTTensor.param_count(shape, R, t)
     assert tt.rank == R and all(v % t == 0 for v in R)
-    # STR (MATH.md 6): R_0 I_1 R_1 / t + sum I_k R_{k-1} R_k / t^2 + I_N R_{N-1} R_0 / t^3
+    # STR (docs/formats-spec.md, section 6): R_0 I_1 R_1 / t + sum I_k R_{k-1} R_k / t^2 + I_N R_{N-1} R_0 / t^3
     R = stpnet.TRTensor.validate_rank(shape, ranks, t)
     tr = stpnet.TRTensor.random(shape, R, t)
     formula = R[0] * shape[0] * R[1] / t + sum(shape[k] * R[k] * R[k + 1] / t**2 for k in range(1, n - 1)) \
         + shape[-1] * R[-1] * R[0] / t**3
     assert tr.num_params == formula == stpnet.TRTensor.param_count(shape, R, t)
-    # STTu (MATH.md 4): prod R_n + sum I_n R_n / t_n^2, here t only on the last mode
+    # STTu (docs/formats-spec.md, section 4): prod R_n + sum I_n R_n / t_n^2, here t only on the last mode
     ts = (1,) * (n - 1) + (t,)
     R = stpnet.TuckerTensor.validate_rank(shape, [r] * (n - 1) + [t * r], ts)
     tu = stpnet.TuckerTensor.random(shape, R, ts)

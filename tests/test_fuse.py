@@ -1,5 +1,8 @@
 """The fused deployment form: same function as the factorized layer (and as the dense op on the
-rebuilt weight), every format, layout and layer kind; whole networks; TorchScript and ONNX export."""
+rebuilt weight), every format, layout and layer kind; whole networks; TorchScript and ONNX export.
+
+A test that takes ``combo`` runs for every (format, layout, t) combination of the registries
+(the ``combo`` fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +21,6 @@ from stpnet.functional.plain import PLAIN_FORMS, PlainChain, plain_form_weights
 from stpnet.native import onepass_available
 from stpnet.nn import (FUSED_FORMS, FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear, FusedLayer,
                        fuse, fuse_layer)
-
-COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
-          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2), ("cp", "cp", 1)]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,7 +49,6 @@ def _dense(layer, x):
     return layer._dense_forward(x, w)
 
 
-@pytest.mark.parametrize("combo", COMBOS, ids=[f"{f}-{lay}" for f, lay, _ in COMBOS])
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d", "conv2d-strided", "conv3d"])
 def test_fused_layer_computes_the_same_function(combo, kind):
     layout = combo[1]
@@ -144,7 +143,6 @@ def _check_onnx(ort, net, x, expected):
     torch.testing.assert_close(torch.from_numpy(y), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("combo", COMBOS, ids=[f"{f}-{lay}" for f, lay, _ in COMBOS])
 def test_fused_network_exports_to_torchscript_and_onnx(combo):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")

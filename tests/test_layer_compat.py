@@ -1,13 +1,15 @@
 """Compatibility of the factorized layers with the PyTorch ecosystem.
 
-Every (format, layout, t) combination is checked with a small FactorizedConv2d and a small
-FactorizedLinear, on both forward paths, for: state_dict round trips, torch.jit.trace,
-torch.export, torch.compile, ONNX export run in onnxruntime, channels_last inputs, CPU
-autocast (bfloat16 and float16) and, where a GPU is present, CUDA against CPU.
+Every (format, layout, t) combination (conftest.COMBOS, read from the registries) is checked
+with a small FactorizedConv2d and a small FactorizedLinear, on both forward paths, for:
+state_dict round trips, torch.jit.trace, torch.export, torch.compile, ONNX export run in
+onnxruntime, channels_last inputs, CPU autocast (bfloat16 and float16) and, where a GPU is
+present, CUDA against CPU.
 
 The heavy checks (ONNX, torch.compile) run each combination on one path per layer kind,
 alternating, and with the opposite alternation from each other, so that between them every
 (combination, kind, path) triple goes through one heavy backend. The cheap checks run all of them.
+The ONNX export through the dynamo exporter is in the slow tier; the legacy exporter is not.
 """
 
 from __future__ import annotations
@@ -22,18 +24,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import COMBO_IDS, COMBOS, combo_id
 from stpnet.nn import FactorizedConv2d, FactorizedLinear
 
-COMBOS = [
-    ("tt", "sequential", 1),
-    ("stt", "sequential", 2),
-    ("tt", "paired", 1),
-    ("stt", "paired", 2),
-    ("tr", "ring", 1),
-    ("str", "ring", 2),
-    ("tucker", "tucker2", 1),
-    ("sttu", "tucker2", 2),
-]
 PATHS = ("rebuild", "contract")
 KINDS = ("conv", "linear")
 
@@ -43,12 +36,7 @@ F_IN, F_OUT = 12, 16
 RANK = 4
 
 
-def _cid(combo) -> str:
-    fmt, layout, t = combo
-    return f"{fmt}-{layout}-t{t}"
-
-
-combo_params = pytest.mark.parametrize("combo", COMBOS, ids=[_cid(c) for c in COMBOS])
+combo_params = pytest.mark.parametrize("combo", COMBOS, ids=COMBO_IDS)
 path_params = pytest.mark.parametrize("path", PATHS)
 kind_params = pytest.mark.parametrize("kind", KINDS)
 
@@ -89,7 +77,7 @@ def heavy_cases(offset: int):
     for i, combo in enumerate(COMBOS):
         for j, kind in enumerate(KINDS):
             path = PATHS[(i + j + offset) % 2]
-            cases.append(pytest.param(combo, kind, path, id=f"{_cid(combo)}-{kind}-{path}"))
+            cases.append(pytest.param(combo, kind, path, id=f"{combo_id(combo)}-{kind}-{path}"))
     return cases
 
 
@@ -215,6 +203,7 @@ def _onnx_run(path_or_bytes, inputs: dict) -> list:
     return sess.run(None, inputs)
 
 
+@pytest.mark.slow
 @heavy_params
 def test_onnx_export_onnxruntime(combo, kind, path, tmp_path):
     """The default (dynamo) exporter, which needs onnxscript; a dynamic batch dimension."""
@@ -237,7 +226,7 @@ def test_onnx_export_onnxruntime(combo, kind, path, tmp_path):
 
 
 _LEGACY_CASES = [
-    pytest.param(combo, kind, path, id=f"{_cid(combo)}-{kind}-{path}")
+    pytest.param(combo, kind, path, id=f"{combo_id(combo)}-{kind}-{path}")
     for combo in COMBOS for kind in KINDS for path in PATHS
 ]
 

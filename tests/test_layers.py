@@ -12,13 +12,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from stpnet.nn import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear
+from conftest import COMBO_IDS, COMBOS
+from stpnet import FORMATS
+from stpnet.nn import LAYOUTS, FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear
 from stpnet.nn.cost import MEMORY_WEIGHT
 
-COMBOS = [("tt", "sequential", 1), ("stt", "sequential", 2), ("tt", "paired", 1), ("stt", "paired", 2),
-          ("tr", "ring", 1), ("str", "ring", 2), ("tucker", "tucker2", 1), ("sttu", "tucker2", 2), ("cp", "cp", 1)]
-IDS = [f"{f}-{lay}" for f, lay, _ in COMBOS]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
+
+
+def test_the_combinations_cover_every_registered_format_and_layout():
+    """The suites' (format, layout, t) list is read from the registries: every format name and every
+    layout appears, each pair once, with t = 2 exactly for the semi-tensor names."""
+    assert {fmt for fmt, _, _ in COMBOS} == set(FORMATS)
+    assert {layout for _, layout, _ in COMBOS} == set(LAYOUTS)
+    assert len({(fmt, layout) for fmt, layout, _ in COMBOS}) == len(COMBOS)
+    assert all((t == 2) == FORMATS[fmt][1] for fmt, _, t in COMBOS)
 
 
 def rel(a, b):
@@ -38,7 +46,7 @@ def grads(layer, x, path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=COMBO_IDS)
 def test_conv_paths_match_dense_reference(fmt, layout, t, dtype):
     torch.manual_seed(1)
     layer = FactorizedConv2d(16, 32, 3, stride=(2, 1), padding=1, format=fmt, layout=layout, rank=4, t=t,
@@ -65,7 +73,7 @@ def test_conv_paths_match_dense_reference(fmt, layout, t, dtype):
         assert rel(a, b) < 10 * TOL[dtype]
 
 
-@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=COMBO_IDS)
 def test_linear_paths_match_dense_reference(fmt, layout, t):
     torch.manual_seed(2)
     layer = FactorizedLinear(24, 32, format=fmt, layout=layout, rank=4, t=t, dtype=torch.float64)
@@ -93,7 +101,7 @@ def test_contract_equals_rebuild_for_varied_convs(c_in, c_out, k, stride, paddin
 
 
 @pytest.mark.parametrize("cls,spatial", [(FactorizedConv1d, (11,)), (FactorizedConv3d, (5, 6, 4))])
-@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=COMBO_IDS)
 def test_conv1d_and_conv3d(cls, spatial, fmt, layout, t):
     layer = cls(8, 16, 3, padding=1, stride=2, format=fmt, layout=layout, rank=4, t=t, dtype=torch.float64)
     x = torch.randn(2, 8, *spatial, dtype=torch.float64)
@@ -107,7 +115,7 @@ def test_conv1d_and_conv3d(cls, spatial, fmt, layout, t):
 # ---------------------------------------------------------------- initialisation
 
 
-@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=COMBO_IDS)
 @pytest.mark.parametrize("c,rank", [(64, 14), (32, 6)])
 def test_initialisation_preserves_variance_like_kaiming(fmt, layout, t, c, rank):
     torch.manual_seed(3)
@@ -126,7 +134,7 @@ def test_initialisation_preserves_variance_like_kaiming(fmt, layout, t, c, rank)
 # ---------------------------------------------------------------- from dense
 
 
-@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=COMBO_IDS)
 def test_from_dense_at_full_rank_reproduces_the_layer(fmt, layout, t):
     torch.manual_seed(4)
     dense = nn.Conv2d(8, 16, 3, stride=(2, 1), padding="valid", dilation=(1, 2), bias=True,
@@ -233,7 +241,7 @@ RESNET32_CONVS = [(16, 16)] * 10 + [(16, 32)] + [(32, 32)] * 9 + [(32, 64)] + [(
     ("tt", "sequential", 1, 10, 6.45), ("stt", "sequential", 2, 10, 21.7),
 ])
 def test_resnet32_compression_factors_match_math_table(fmt, layout, t, rank, expected):
-    """MATH.md section 8: all 3x3 convs of ResNet-32 factorized, the rest dense (464,154 params)."""
+    """docs/formats-spec.md, section 9: all 3x3 convs of ResNet-32 factorized, the rest dense (464,154 params)."""
     dense_conv = sum(a * b * 9 for a, b in RESNET32_CONVS)
     factorized = sum(FactorizedConv2d(a, b, 3, padding=1, bias=False, format=fmt, layout=layout, rank=rank,
                                       t=t).num_params for a, b in RESNET32_CONVS)
@@ -331,7 +339,7 @@ DENSE_CASES = [  # (factorized layer, input): every layer kind, bias or not, str
 
 
 @pytest.mark.parametrize("case", range(len(DENSE_CASES)))
-@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=IDS)
+@pytest.mark.parametrize("fmt,layout,t", COMBOS, ids=COMBO_IDS)
 def test_to_dense_computes_what_the_factorized_layer_computes(fmt, layout, t, case):
     from stpnet.nn import to_dense
 

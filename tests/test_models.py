@@ -23,7 +23,7 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# Option A (3 channels, 10 classes). 464,154 for ResNet-32 is the MATH.md figure. 269,722 and
+# Option A (3 channels, 10 classes). 464,154 for ResNet-32 is the figure of docs/formats-spec.md. 269,722 and
 # 853,018 are the standard option-A counts for ResNet-20/56 (as in Idelbayev's reference
 # implementation); the figures 272,474 and 855,770 sometimes quoted for them are the option-B
 # counts, which add two 1x1 conv + BN projections: (16*32 + 2*32) + (32*64 + 2*64) = 2,752.

@@ -211,6 +211,7 @@ def test_onepass_form_computes_the_layer(fmt, t, stride):
 
 
 @needs_kernel
+@pytest.mark.slow
 def test_fuse_with_an_example_may_choose_onepass_and_keeps_the_function():
     """A compressed ResNet-20 fused for batch 1 and batch 8 (real timings): whatever the forms,
     the same outputs as the factorized network."""

@@ -333,6 +333,7 @@ def _two_spectra_net() -> nn.Sequential:
 LOW_RANK, NOISE = ("2", "6", "10", "14", "18", "22"), ("4", "8", "12", "16", "20", "24")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["max", "sum"])
 @pytest.mark.parametrize("target", [3.0, 5.0])
 def test_allocation_meets_the_target_and_follows_the_spectra(objective, target):
@@ -381,6 +382,7 @@ def test_allocation_rejects_an_unreachable_target_and_bad_options():
         stpnet.compress(net, "tt", rank=2, recalibrate_bn=True)
 
 
+@pytest.mark.slow
 def test_allocation_chooses_t_per_layer_in_the_same_search():
     """t_choices: every layer's candidates at t = 1, 2 and 4 enter one search; the target is met,
     the largest error is no worse than with t = 2 alone, and compress builds each layer with the
@@ -581,7 +583,7 @@ def test_block_distillation_moves_the_student_blocks_toward_the_teacher():
         Trainer(student, data, dataclasses.replace(cfg, distill_features=weight), device="cpu",
                 teacher=teacher).fit()
         gaps[weight] = gap(student)
-    # matching the blocks brings them far closer than matching the logits alone (measured 4.1 vs 20.5 from 32.6)
+    # matching the blocks brings them far closer than matching the logits alone
     assert gaps[1.0] < 0.25 * before and gaps[1.0] < 0.5 * gaps[0.0], (before, gaps)
     # the hooks are gone after training
     assert not any(m._forward_hooks for m in list(student.modules()) + list(teacher.modules()))
@@ -613,6 +615,7 @@ def dense_checkpoint(cifar_dir, tmp_path_factory):
     return run / "checkpoint.pt"
 
 
+@pytest.mark.slow
 def test_cli_recover_and_distill_writes_a_checkpoint_that_evaluates(dense_checkpoint, cifar_dir, tmp_path, capsys):
     run = tmp_path / "small"
     assert main(["compress", str(dense_checkpoint), "--data", str(cifar_dir), "--format", "stt", "--compression", "4",
@@ -636,6 +639,7 @@ def test_cli_recover_and_distill_writes_a_checkpoint_that_evaluates(dense_checkp
     assert json.loads(capsys.readouterr().out)["format"] == "stt"
 
 
+@pytest.mark.slow
 def test_cli_recover_without_epochs_leaves_batchnorm_alone(dense_checkpoint, cifar_dir, tmp_path, capsys):
     run = tmp_path / "noft"
     assert main(["compress", str(dense_checkpoint), "--data", str(cifar_dir), "--format", "tt", "--compression", "4",
@@ -662,6 +666,7 @@ def test_cli_bn_recalibrate_takes_an_optional_mode():
         parse("--bn-recalibrate", "sometimes")
 
 
+@pytest.mark.slow
 def test_cli_t_choices_records_each_layers_t_and_the_checkpoint_rebuilds(dense_checkpoint, cifar_dir, tmp_path,
                                                                           capsys):
     run = tmp_path / "tchoice"

@@ -1,4 +1,4 @@
-"""The STP primitives against the Kronecker definition, and every property in MATH.md section 2."""
+"""The STP primitives against the Kronecker definition, and every property in docs/formats-spec.md, section 2."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_fast_path_n_multiple_of_p(m, p, q, t, s):
     expected = A @ torch.kron(B, torch.eye(t, dtype=A.dtype))  # A (B ⊗ I_t)
     assert close(stpnet.stp(A, B), expected)
     assert close(stpnet.rstp(A, B), kron_rstp(A, B))
-    # entrywise form of MATH.md: out[i, c*t+u] = sum_b A[i, b*t+u] B[b, c]
+    # entrywise form of docs/formats-spec.md, section 2: out[i, c*t+u] = sum_b A[i, b*t+u] B[b, c]
     out = stpnet.stp(A, B)
     i, c, u = m - 1, q - 1, t - 1
     assert torch.isclose(out[i, c * t + u], sum(A[i, b * t + u] * B[b, c] for b in range(p)))

@@ -43,6 +43,7 @@ tiny_data, tiny_model = namespace["tiny_data"], namespace["tiny_model"]
 CONFIG = TrainConfig(epochs=3, batch_size=8, lr=0.05, seed=11, warmup_epochs=0.5)
 
 
+@pytest.mark.slow
 def test_resume_after_a_real_kill_matches_an_uninterrupted_run(tmp_path):
     uninterrupted = tiny_model()
     Trainer(uninterrupted, tiny_data(), CONFIG, tmp_path / "a", device="cpu").fit()
@@ -281,6 +282,7 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_torchrun_style_two_process_training_on_cpu(tmp_path):
     """Two Gloo processes (as torchrun would start them) train one DDP model on sharded batches."""
     import socket

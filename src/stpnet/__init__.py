@@ -23,6 +23,7 @@ from .stp import mode_product, rstp, stp, swap_matrix
 from . import nn
 from .nn.fold import fold_batchnorm
 from .nn.fused import fuse
+from .saving import load, save
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,8 @@ __all__ = [
     "decompose",
     "compress",
     "decompress",
+    "save",
+    "load",
     "fuse",
     "fold_batchnorm",
     "model_report",

@@ -8,6 +8,7 @@ stderr and exit with status 2; checkpoints are written atomically, so nothing wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,9 +17,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+from ._atomic import atomic_path, atomic_write_text, check_output_path
 from .progress import ProgressBar
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: run directories are not locked
+    fcntl = None
 
 __all__ = ["main", "build_parser"]
 
@@ -26,6 +33,19 @@ from .formats import FORMATS
 from .nn.layouts import LAYOUTS
 
 FORMAT_CHOICES = tuple(FORMATS)
+
+#: The file in a run directory that a running ``train`` or ``compress`` holds locked (its pid inside).
+LOCK_NAME = ".stpnet.lock"
+
+#: The CLI's default number of calibration images (fewer where the training set has fewer).
+DEFAULT_CALIBRATION_IMAGES = 512
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2), as the commands'."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -49,7 +69,9 @@ def _add_factorization(p: argparse.ArgumentParser, required: bool) -> None:
 
 def _add_training(p: argparse.ArgumentParser, default_epochs: int, default_lr: float = 0.1) -> None:
     p.add_argument("--run-dir", required=True, help="folder for checkpoint.pt, metrics.jsonl and report.json; "
-                                                    "an existing checkpoint there is resumed")
+                                                    "an existing checkpoint there is resumed. Created once the "
+                                                    "arguments are checked, and locked while the command runs "
+                                                    "(a second command on it exits with status 2)")
     p.add_argument("--epochs", type=int, default=default_epochs)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=default_lr, help=f"peak learning rate (default {default_lr})")
@@ -66,9 +88,12 @@ def _add_training(p: argparse.ArgumentParser, default_epochs: int, default_lr: f
     p.add_argument("--train-subset", type=int, help="train on this many samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="mixed precision: 'auto' on CUDA only (default), 'bf16' on any device (about 2x "
+                   help="mixed precision: 'auto' on CUDA only (default), 'bf16' on any device (much "
                         "faster on CPUs with AMX/AVX512-BF16), 'fp16', or 'off'")
     p.add_argument("--no-amp", action="store_true", help="same as --amp off")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory layout on every device (default: on CUDA only; on some CPUs it is faster, "
+                        "on others its backward pass was seen to hang: TrainConfig.channels_last)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -80,7 +105,7 @@ def _config(args):
                        schedule=args.schedule,
                        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
                        grad_clip=args.grad_clip, augment=not args.no_augment, seed=args.seed, amp="off" if args.no_amp else args.amp,
-                       train_subset=args.train_subset)
+                       train_subset=args.train_subset, channels_last=True if args.channels_last else None)
 
 
 def _device(name: str):
@@ -101,18 +126,110 @@ def _device(name: str):
     return device
 
 
-def _writable_dir(path: str, flag: str) -> Path:
-    """Check that ``path`` is (or can be created as) a writable directory, before any work starts."""
+def _check_dir(path: str, flag: str) -> Path:
+    """Check, creating nothing, that ``path`` is a writable directory or can be created as one:
+    the nearest existing folder on the way takes a probe file (the only check that holds for root
+    and read-only mounts alike)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{flag} {p} is a file, not a directory")
-    try:  # create it and write a probe: the only check that holds for root and read-only mounts alike
+    existing = next(a for a in (p, *p.parents) if a.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {p} cannot be created: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {p} cannot be written ({exc.strerror or exc})") from None
+    return p
+
+
+def _writable_dir(path: str, flag: str) -> Path:
+    """Check that ``path`` is (or can be created as) a writable directory, and create it."""
+    p = _check_dir(path, flag)
+    try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=p):
             pass
     except OSError as exc:
         raise ValueError(f"{flag} {p} cannot be written ({exc.strerror or exc})") from None
     return p
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock file (:data:`LOCK_NAME`, holding this process's pid) while the block
+    runs. The lock is an ``flock`` on the file, released when the block ends or the process dies,
+    so a killed run leaves no stale lock.
+
+    Raises
+    ------
+    ValueError
+        If another process holds it, naming that process's pid.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ValueError(f"--run-dir {run_dir}: its lock file {path} cannot be written ({exc.strerror or exc})") \
+            from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"--run-dir {run_dir} is in use by another stpnet process (pid {holder}); wait for it "
+                             "to finish, or give another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _claim_run_dir(args) -> Path:
+    """Create ``--run-dir`` and lock it for the rest of the command (after the arguments are
+    validated: a rejected command creates nothing). A folder created here that the command leaves
+    empty (it failed before writing anything) is removed again."""
+    path = Path(args.run_dir)
+    created = not path.exists()
+    path = _writable_dir(args.run_dir, "--run-dir")
+    if created:
+        args.cleanup.callback(_remove_if_unused, path)
+    args.cleanup.enter_context(run_dir_lock(path))
+    return path
+
+
+def _remove_if_unused(path: Path) -> None:
+    """Remove the run directory ``path`` if it holds nothing but its lock file."""
+    try:
+        if [p.name for p in path.iterdir()] in ([], [LOCK_NAME]):
+            (path / LOCK_NAME).unlink(missing_ok=True)
+            path.rmdir()
+    except OSError:
+        pass
+
+
+def _check_factorization_args(args) -> None:
+    _check_count(args.rank, "--rank")
+    _check_count(args.t, "--t")
+    if args.compression is not None and not args.compression > 1:
+        raise ValueError(f"--compression is the whole model's factor and must be > 1, got {args.compression}")
+
+
+def _check_count(value, flag: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+
+
+def _check_training_args(args) -> None:
+    """The training settings, checked before anything is created (TrainConfig's own checks)."""
+    _check_count(args.epochs, "--epochs", 0)
+    if args.epochs > 0:
+        _config(args)
 
 
 def _writable_file(path: str, flag: str) -> Path:
@@ -168,7 +285,7 @@ def _train_loop(args, spec, data, model=None, extra=None, teacher=None):
 
 def _save_report(run_dir: str, report, history) -> None:
     out = {"report": report.to_dict(), "final": history[-1] if history else None}
-    Path(run_dir, "report.json").write_text(json.dumps(out, indent=1))
+    atomic_write_text(Path(run_dir, "report.json"), json.dumps(out, indent=1), "report")
 
 
 # ---------------------------------------------------------------------------- subcommands
@@ -176,15 +293,20 @@ def _cmd_train(args) -> int:
     from .compress import compress, model_report
     from .model_spec import ModelSpec
 
-    _writable_dir(args.run_dir, "--run-dir")
+    _check_dir(args.run_dir, "--run-dir")
     _device(args.device)
+    _check_training_args(args)
+    _check_factorization_args(args)
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.format != "dense" and args.rank is None and args.compression is None:
+        raise ValueError("--format needs --rank or --compression")
     data = _load_data(args.data)
     c, h, w = data.train_x.shape[1:]
     spec = ModelSpec(args.model, c, data.num_classes)
     model = None
+    _claim_run_dir(args)
     if args.format != "dense":
-        if args.rank is None and args.compression is None:
-            raise ValueError("--format needs --rank or --compression")
         dense = spec.build()
         model, report = compress(dense, args.format, rank=args.rank, compression=args.compression, t=args.t,
                                  layout=args.layout, init="random")
@@ -202,8 +324,15 @@ def _cmd_train(args) -> int:
 def _cmd_compress(args) -> int:
     from .pipeline import calibration_images, compress_trained, load_trained, normalized_like
 
-    _writable_dir(args.run_dir, "--run-dir")
+    _check_dir(args.run_dir, "--run-dir")
     _device(args.device)
+    _check_training_args(args)
+    _check_factorization_args(args)
+    if args.calibration_images is not None and args.calibration_images < 2:
+        raise ValueError(f"--calibration-images {args.calibration_images}: the calibration batch needs an int >= 2 "
+                         "images")
+    _check_count(args.n_iter, "--n-iter", 0)
+    _check_count(args.fit_steps, "--fit-steps", 0)
     if args.distill and args.epochs == 0:
         raise ValueError("--distill fine-tunes with the dense network as teacher; give --epochs N > 0")
     if args.distill_features and not args.distill:
@@ -231,6 +360,15 @@ def _cmd_compress(args) -> int:
         raise ValueError(f"--allocation {allocation} shares a --compression target among the layers; give "
                          "--compression instead of --rank")
     fit_steps = fit_steps or 0
+    n_train = len(data.train_y)
+    if args.calibration_images is None:
+        args.calibration_images = min(DEFAULT_CALIBRATION_IMAGES, n_train)
+    elif args.calibration_images > n_train:
+        raise ValueError(f"--calibration-images {args.calibration_images} is more than the {n_train} training images "
+                         f"of {args.data}; give at most {n_train}")
+    if args.calibration_images < 2:
+        raise ValueError(f"the calibration batch needs >= 2 images; {args.data} has {n_train} training images")
+    _claim_run_dir(args)
     calibration = calibration_images(data, args.calibration_images, args.seed) if (
         fit_steps or bn or allocation == "activation") else None
     small, new_spec, report = compress_trained(model, spec, args.format, rank=args.rank,
@@ -280,6 +418,7 @@ def _cmd_eval(args) -> int:
     from .train import evaluate
 
     device = _device(args.device)
+    _check_count(args.batch_size, "--batch-size")
     model, spec, state = load_trained(args.checkpoint, device=device)
     data = _load_data(args.data)
     if (data.train_x.shape[1], data.num_classes) != (spec.in_channels, spec.num_classes):
@@ -334,9 +473,10 @@ def _cmd_decompose(args) -> int:
                  [[result.format, "x".join(map(str, result.shape)), ",".join(map(str, result.rank)), result.t,
                    f"{result.num_params:,}", f"{result.compression_ratio:.2f}x", f"{error:.3e}", f"{seconds:.3f}"]])
     if args.output:
-        torch.save({"format": result.format, "t": result.t, "shape": result.shape, "rank": result.rank,
-                    "factors": [f.detach() for f in ([result.core] if hasattr(result, "core") else [])
-                                + result.factors]}, args.output)
+        with atomic_path(args.output, "--output") as partial:
+            torch.save({"format": result.format, "t": result.t, "shape": result.shape, "rank": result.rank,
+                        "factors": [f.detach() for f in ([result.core] if hasattr(result, "core") else [])
+                                    + result.factors]}, partial)
         print(f"factors written to {args.output}")
     return 0
 
@@ -382,20 +522,40 @@ def _cmd_report(args) -> int:
 def _cmd_export(args) -> int:
     import torch
 
-    from .export import export
+    from .export import FORMATS, export
     from .pipeline import load_trained
 
+    output = check_output_path(args.output, "--output")
+    if output.suffix not in FORMATS:
+        raise ValueError(f"export writes {', '.join(sorted(FORMATS))} files; got --output {output.name!r}")
+    _check_dir(str(output.parent), "--output folder")
+    _check_count(args.batch, "--batch")
+    if args.batch > MAX_EXPORT_BATCH:
+        raise ValueError(f"--batch {args.batch} is larger than an example batch needs; give 1 to {MAX_EXPORT_BATCH} "
+                         "(the ONNX batch is dynamic)")
+    if args.input_size is not None and not MIN_EXPORT_SIZE <= args.input_size <= MAX_EXPORT_SIZE:
+        raise ValueError(f"--input-size {args.input_size} would check a degenerate image; give {MIN_EXPORT_SIZE} to "
+                         f"{MAX_EXPORT_SIZE} (default: the size the model was trained on)")
+    source = Path(args.checkpoint)
+    if not args.force and output.exists() and source.exists() and os.path.samefile(output, source):
+        raise ValueError(f"--output {output} is the checkpoint being exported; the export would replace it: give "
+                         "another --output (or --force)")
     model, spec, _ = load_trained(args.checkpoint)
     size = args.input_size or (28 if spec.name == "lenet5" else 32)
     example = torch.randn(args.batch, spec.in_channels, size, size, generator=torch.Generator().manual_seed(0))
-    result = export(model.float(), args.output, example, fuse_layers=not args.no_fuse,
-                    fold_batchnorm=args.fold_batchnorm)
+    result = export(model.float(), output, example, fuse_layers=not args.no_fuse,
+                    fold_batchnorm=args.fold_batchnorm, force=args.force)
     check = ("not checked (onnxruntime is not installed)" if result.max_abs_difference is None
              else f"max |difference| {result.max_abs_difference:.2e} against PyTorch")
     print(f"wrote {result.path} ({result.format}, {result.params:,} parameters, "
           f"{'fused' if not args.no_fuse else 'as trained'}"
           f"{', BatchNorm folded' if args.fold_batchnorm else ''}); {check}")
     return 0
+
+
+#: ``stpnet export``'s example: image sides that give every zoo network's last stage a map of at
+#: least 2 x 2 (ResNets halve 32 twice), and a batch no larger than a check needs.
+MIN_EXPORT_SIZE, MAX_EXPORT_SIZE, MAX_EXPORT_BATCH = 8, 4096, 4096
 
 
 def _cmd_demo(args) -> int:
@@ -426,7 +586,7 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stpnet", description="Compress neural networks with semi-tensor "
+    parser = _Parser(prog="stpnet", description="Compress neural networks with semi-tensor "
                                      "product tensor decompositions (STTu, STT, STR; Tucker, TT, TR).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -473,8 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "the same function, with statistics that training-mode batches then match (measured on "
                           "augmented calibration images; the default of --recover with --epochs N > 0); 'off' "
                           "neither (BENCHMARKS.md)")
-    rec.add_argument("--calibration-images", type=int, default=512,
-                     help="training images for the data-aware steps (default 512)")
+    rec.add_argument("--calibration-images", type=int, default=None,
+                     help=f"training images for the data-aware steps (default {DEFAULT_CALIBRATION_IMAGES}, or all "
+                          "where the training set has fewer; more than it has is an error)")
     rec.add_argument("--distill", action="store_true", help="fine-tune with the dense network as teacher")
     rec.add_argument("--distill-alpha", type=float, default=0.9, help="weight of the distillation term (default 0.9)")
     rec.add_argument("--distill-temperature", type=float, default=4.0, help="softening temperature (default 4)")
@@ -523,8 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true", help="export the factorized layers as they are")
     p.add_argument("--fold-batchnorm", action="store_true",
                    help="fold each BatchNorm that follows a convolution into it (stpnet.fold_batchnorm)")
-    p.add_argument("--input-size", type=int, help="image side (default: 32; 28 for LeNet-5)")
+    p.add_argument("--input-size", type=int,
+                   help=f"image side ({MIN_EXPORT_SIZE} to {MAX_EXPORT_SIZE}; default: 32, 28 for LeNet-5)")
     p.add_argument("--batch", type=int, default=1, help="batch of the example input (the ONNX batch is dynamic)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --output even where it is an stpnet checkpoint (refused otherwise)")
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("demo", help="compress the shipped trained ResNet-20 ~9x and recover its accuracy",
@@ -554,8 +718,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .train import TrainingDivergedError
 
     try:
-        return args.run(args)
-    except (ValueError, MemoryError, OSError, TrainingDivergedError) as exc:
+        with contextlib.ExitStack() as cleanup:  # run-directory locks, released however the command ends
+            args.cleanup = cleanup
+            return args.run(args)
+    except (ValueError, MemoryError, OSError, ImportError, TrainingDivergedError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__  # one line
         print(f"stpnet {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from .nn._replace import replace_modules, set_submodule
 from .nn.attention import UnpackedMultiheadAttention
 from .nn.convert import (DENSE_TYPES, FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry, to_dense,
                          why_not_factorizable)
+from .nn.linear_like import as_linear, linear_view
 
 if TYPE_CHECKING:
     from .recovery import FitReport
@@ -184,7 +185,7 @@ def layer_eligibility(
     the reason it stays as it is (unsupported type, groups > 1, kept on purpose, filtered out)."""
     named = _candidates(model)
     convs = [n for n, m in named if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    linears = [n for n, m in named if isinstance(m, nn.Linear)]
+    linears = [n for n, m in named if isinstance(m, nn.Linear) or linear_view(m) is not None]
     protected = {}
     if keep_classifier and linears:
         protected[linears[-1]] = "kept dense on purpose: the classifier (keep_classifier=True)"
@@ -236,7 +237,7 @@ def _layer_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[s
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (*DENSE_TYPES, FactorizedLayer)):
+        if isinstance(module, (*DENSE_TYPES, FactorizedLayer)) or linear_view(module) is not None:
             hooks.append(module.register_forward_hook(record(name)))
     was_training = model.training
     try:
@@ -272,6 +273,10 @@ def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
         elif isinstance(m, DENSE_TYPES):
             n = sum(p.numel() for p in m.parameters())
             macs = None if shape is None else dense_layer_macs(m, shape)
+            rows.append(LayerReport(name, type(m).__name__, "dense", None, None, n, n, macs, macs))
+        elif (view := linear_view(m)) is not None:  # a Linear storing its weight another way (HF Conv1D)
+            n = sum(p.numel() for p in m.parameters())
+            macs = None if shape is None else math.prod(shape[:-1]) * view.in_features * view.out_features
             rows.append(LayerReport(name, type(m).__name__, "dense", None, None, n, n, macs, macs))
     params = sum(p.numel() for p in model.parameters())
     if dense_params is None:
@@ -382,15 +387,14 @@ def compress(
     fit_steps : int
         If > 0, refine every factorized layer for this many L-BFGS iterations to reproduce the
         dense network's activations on ``calibration``, layer by layer in execution order
-        (:func:`stpnet.recovery.fit_to_activations`); 100 is a good value (about a minute for
-        ResNet-20 on 512 images, 2 CPU cores).
+        (:func:`stpnet.recovery.fit_to_activations`); 100 is a good value.
     fit_unit : {'block', 'layer'}
         What each fit matches: the factorized layers of each block (every residual block of a
         ResNet) together, the block's output (default), or every factorized layer its dense
         layer's output (``unit`` of :func:`stpnet.recovery.fit_to_activations`; layers outside
-        every block are fitted alone either way). On the trained ResNet-20 at 9x (STT, no
-        fine-tuning) block fitting kept 55.9% test accuracy where layer fitting kept 30.4%
-        (BENCHMARKS.md).
+        every block are fitted alone either way). Block fitting keeps far more of a trained
+        network's accuracy than layer fitting (BENCHMARKS.md, "Keeping the accuracy of a trained
+        network").
     attention : {'packed', 'separate'}
         How an attention's query/key/value projection is factorized: one (3E x E) matrix, run once
         in self-attention (``'in_proj'``), or three (E x E) matrices (``'q_proj'``, ``'k_proj'``,
@@ -450,6 +454,11 @@ def compress(
     if needs_data and calibration is None:
         raise ValueError(f"{' and '.join(needs_data)} need calibration inputs (calibration=a few hundred "
                          "preprocessed training images)")
+    if needs_data:
+        from .recovery._calibration import check_images, check_images_for
+
+        check_images(calibration, "calibration")
+        check_images_for(model, calibration, "calibration")
     format_cls, semi = format_class(format)
     if t_choices is not None:
         from .recovery.allocate import _check_t_choices
@@ -475,6 +484,7 @@ def compress(
         reference = copy.deepcopy(reference)
         _unpack_attention(reference, attention == "packed")  # the same module names as the compressed model
     unpacked, refused = _unpack_attention(model, attention == "packed")
+    linearized = _linearize(model)
     if isinstance(rank, Mapping):
         names = list(rank)
         for name in names:
@@ -504,6 +514,7 @@ def compress(
         warnings.warn(f"layers {tied} share their weight with another module (tied parameters) and are kept dense; "
                       "the report lists them", stacklevel=2)
         names = [n for n in names if n not in tied]
+    _restore_unselected(model, linearized, names)
     if not names:
         reasons = "; ".join(f"{n}: {'weight tied to another module' if n in tied else r}"
                             for n, r in list(eligibility.items())[:8])
@@ -511,6 +522,8 @@ def compress(
                          "first convolution and classifier (see include=/keep_first_conv=)"
                          + (f". Layers seen: {reasons}" if reasons else ". It holds no weight matrix or kernel"))
     layers = {n: model.get_submodule(n) for n in names}
+    if init == "decompose":
+        _check_weight_dtypes(layers)
     if per_layer_t is not None:
         layer_t, adjusted = _check_layer_t(layers, format, per_layer_t, layout, n_modes), []
     else:
@@ -538,9 +551,11 @@ def compress(
         name = name_of[id(dense)]
         cls = FACTORIZED_COUNTERPARTS[dense_counterpart(dense)]
         if init == "decompose":
-            return cls.from_dense(dense, format, rank=plan[name], t=layer_t[name], layout=layout, n_modes=n_modes,
-                                  n_iter=n_iter, forward_path=forward_path)
-        return _fresh_like(cls, dense, format, plan[name], layer_t[name], layout, n_modes, forward_path)
+            layer = cls.from_dense(dense, format, rank=plan[name], t=layer_t[name], layout=layout, n_modes=n_modes,
+                                   n_iter=n_iter, forward_path=forward_path)
+        else:
+            layer = _fresh_like(cls, dense, format, plan[name], layer_t[name], layout, n_modes, forward_path)
+        return _frozen_like(layer, dense)
 
     replace_modules(model, lambda m: id(m) in name_of, factorized)  # a shared module stays one shared module
     fit = None
@@ -575,6 +590,35 @@ def _unpack_attention(model: nn.Module, packed: bool = True) -> tuple[dict[str, 
         set_submodule(model, name, new)
         unpacked[name] = module
     return unpacked, refused
+
+
+def _linearize(model: nn.Module) -> dict[str, nn.Module]:
+    """Replace (in place) every linear-like layer of ``model`` (a Linear storing its weight another
+    way, such as HuggingFace's ``Conv1D``: :func:`stpnet.nn.linear_view`) whose parameters no other
+    module holds by the ``nn.Linear`` computing the same function, so that every later step sees a
+    Linear. Returns the replaced modules under each of their names."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    originals: dict[str, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if (name and not isinstance(module, (*DENSE_TYPES, FactorizedLayer))
+                and all(owners[id(p)] == 1 for p in module.parameters(recurse=False))
+                and linear_view(module) is not None):
+            originals[name] = module
+    selected = {id(m) for m in originals.values()}
+    replace_modules(model, lambda m: id(m) in selected, as_linear)
+    return originals
+
+
+def _restore_unselected(model: nn.Module, originals: Mapping[str, nn.Module], names: Sequence[str]) -> None:
+    """Put back the linear-like layers that :func:`_linearize` replaced and that are not among the
+    layers to factorize ``names``, under every name they had."""
+    chosen = {id(model.get_submodule(n)) for n in names}
+    for name, original in originals.items():
+        if id(model.get_submodule(name)) not in chosen:
+            set_submodule(model, name, original)
 
 
 def _settle_t(layers: Mapping[str, nn.Module], format: str, t: int, layout: str | None,
@@ -651,6 +695,29 @@ def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     return replace_modules(model, lambda m: isinstance(m, FactorizedLayer), to_dense)
+
+
+def _frozen_like(layer: FactorizedLayer, dense: nn.Module) -> FactorizedLayer:
+    """``layer`` with its factors frozen where ``dense``'s weight was (``requires_grad=False``), and
+    its bias where ``dense``'s bias was: a frozen layer's replacement stays frozen."""
+    weight, bias = getattr(dense, "weight", None), getattr(dense, "bias", None)
+    if isinstance(weight, torch.Tensor) and not weight.requires_grad:
+        layer.weight_tensor.requires_grad_(False)
+    if isinstance(bias, torch.Tensor) and not bias.requires_grad and getattr(layer, "bias", None) is not None:
+        layer.bias.requires_grad_(False)
+    return layer
+
+
+def _check_weight_dtypes(layers: Mapping[str, nn.Module]) -> None:
+    """The decompositions run in float32 or float64: refuse other weights with the remedy."""
+    odd = {n: m.weight.dtype for n, m in layers.items() if isinstance(getattr(m, "weight", None), torch.Tensor)
+           and m.weight.dtype not in (torch.float32, torch.float64)}
+    if odd:
+        dtypes = sorted({str(d).replace("torch.", "") for d in odd.values()})
+        raise ValueError(f"compress decomposes float32 or float64 weights; {len(odd)} layer(s) hold "
+                         f"{', '.join(dtypes)} ({', '.join(list(odd)[:3])}{', ...' if len(odd) > 3 else ''}): "
+                         "compress model.float() and "
+                         f"cast the result back afterwards (.to(torch.{dtypes[0]}))")
 
 
 def _fresh_like(cls, dense: nn.Module, format, rank, t, layout, n_modes, forward_path) -> FactorizedLayer:

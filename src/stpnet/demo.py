@@ -51,7 +51,7 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
     network as teacher (SGD lr 0.01, cosine, weight decay 5e-4, distillation alpha 0.9, T 4; block
     outputs matched with weight ``distill_features``). Accuracies are on the embedded 1,000-image
     test subset. The defaults were chosen by measurement within the 5-minute budget (BENCHMARKS.md,
-    "Demo").
+    "The demo").
 
     Parameters
     ----------
@@ -159,7 +159,7 @@ def run_demo(epochs: int | None = None, rank: int = 8, out_dir: str | Path = "st
     Parameters
     ----------
     epochs : int, optional
-        Epochs per model (default 5: the three runs take about 4 minutes on 2 CPU cores).
+        Epochs per model (default 5).
     rank : int
         The rank of both TT and STT (sequential layout; factorized layers start fresh).
     out_dir : path

@@ -96,8 +96,9 @@ def calibration_images(data: ImageDataset, n: int, seed: int = 0, *, augment: bo
     Without augmentation by default (what the fits match). ``augment=True`` applies the training
     augmentation of :class:`stpnet.train.Trainer` (:func:`stpnet.data.training_augment`, seeded by
     ``seed``) for BatchNorm recalibration, whose statistics should describe what the
-    network was trained on: re-estimated on unaugmented images they cost the dense ResNet-20 3.2
-    points of test accuracy, on augmented ones 0.1 (BENCHMARKS.md)."""
+    network was trained on: re-estimated on unaugmented images they cost a trained network
+    accuracy, on augmented ones next to none (BENCHMARKS.md, "Keeping the accuracy of a trained
+    network")."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"the calibration batch needs an int >= 2 images, got {n!r}")
     n = min(n, len(data.train_y))

@@ -9,7 +9,9 @@ Kronecker products: every case is a reshape, at most one gather, and one matrix 
 link with factor ``t`` costs ``t`` times fewer multiplications than the expanded product.
 
 All functions accept leading batch dimensions (broadcast like :func:`torch.matmul`), support
-autograd, keep dtype and device, and return NumPy arrays when given NumPy arrays.
+autograd, keep dtype and device, and return NumPy arrays when given NumPy arrays. The format
+specification (``docs/formats-spec.md``, sections 2 and 3) states the definitions and the
+properties the tests check.
 
 References
 ----------

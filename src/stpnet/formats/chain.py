@@ -1,6 +1,7 @@
 """What TT/STT and TR/STR share: 3-way cores linked in a chain (TT) or ring (TR), the STP
 factor ``t`` carried by the first core's trailing rank, and the exact conversion to the classic
-format of the re-tensorized tensor ``X'[(i_1, u), ..., j] = X[i_1, ..., j*t + u]``."""
+format of the re-tensorized tensor ``X'[(i_1, u), ..., j] = X[i_1, ..., j*t + u]`` (the format
+specification, ``docs/formats-spec.md``, sections 5 and 6)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 ``X[i_1, ..., i_N] = sum_r A_1[i_1, r] A_2[i_2, r] ... A_N[i_N, r]`` with factor matrices A_n of
 shape (I_n, R) (Hitchcock 1927; Kolda & Bader 2009). The classic format only: CP has no
-semi-tensor variant here (``t = 1``). Scaling weights are absorbed into the factors.
+semi-tensor variant here (``t = 1``). Scaling weights are absorbed into the factors. See the
+format specification (``docs/formats-spec.md``, section 7).
 """
 
 from __future__ import annotations

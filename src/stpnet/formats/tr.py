@@ -1,7 +1,8 @@
 """Tensor ring (TR), and semi-tensor ring (STR) when t > 1.
 
 STR (Zhao et al. 2021): ``X[i_1, ..., j*t+u] = sum G_1[a, i_1, b_1*t+u] G_2[b_1, i_2, b_2] ... G_N[b_{N-1}, j, a]``
-with G_1 (R_0/t, I_1, R_1), G_k (R_{k-1}/t, I_k, R_k/t), G_N (R_{N-1}/t, I_N/t, R_0/t)."""
+with G_1 (R_0/t, I_1, R_1), G_k (R_{k-1}/t, I_k, R_k/t), G_N (R_{N-1}/t, I_N/t, R_0/t). The format
+specification (``docs/formats-spec.md``, section 6) defines it index by index."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 STT (Zhao et al. 2021): ``X[i_1, ..., i_{N-1}, j*t+u] = sum_b G_1[i_1, b_1*t+u] G_2[b_1, i_2, b_2] ...
 G_N[b_{N-1}, j]`` with G_1 (I_1, R_1), G_k (R_{k-1}/t, I_k, R_k/t), G_N (R_{N-1}/t, I_N/t): the copy index u
-is created by the first link, carried through every core and emitted in the last mode."""
+is created by the first link, carried through every core and emitted in the last mode. The format
+specification (``docs/formats-spec.md``, section 5) defines it index by index."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 STTu (Zhao et al. 2021): ``X = G ⋉_1 U_1 ... ⋉_N U_N`` with the full core G (R_1 x ... x R_N) and
 U_n (I_n/t_n x R_n/t_n); the semi-tensor mode product applies ``U_n ⊗ I_{t_n}`` without building it:
-``Y[..., j*t+u, ...] = sum_p U[j, p] X[..., p*t+u, ...]``."""
+``Y[..., j*t+u, ...] = sum_p U[j, p] X[..., p*t+u, ...]``. The format specification
+(``docs/formats-spec.md``, sections 3 and 4) defines it index by index."""
 
 from __future__ import annotations
 

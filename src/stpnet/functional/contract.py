@@ -110,14 +110,12 @@ def grouped_stage(batch: int, spatial: Sequence[int], stride: Sequence[int], dev
     On CPU: ``'stacked'`` for one sample of 2-D maps of at least 16x16 positions with height
     stride 1; for batches that need gradients, ``'block'`` when the stage's input is ``channels``
     = r * g <= 8 channels wide, or <= 12 wide on maps of at least 32x32 positions; ``'depth'``
-    otherwise (and on other devices, where it has not been measured). Measured
-    (``bench/spatial_stage.py --micro``, BENCHMARKS.md): at batch 1 (one thread) the stacked form
-    takes 0.4-0.75x the depth form's time from 16x16 maps up (1.05-1.5x at 8x8). At batch 128 (2
-    threads, ``bench/spatial_stage.py --micro-train``), forward + backward, the block form took
-    0.17-0.93x the depth form's time for 6-12 channels on 32x32 maps and 0.78x for 8 channels on
-    16x16, 1.03-1.45x for 12-24 channels on 16x16 and 8x8 maps. Forward only it was 0.16-0.94x
-    alone up to 12 channels, but ResNet-20 STT 9x at batch 32 ran 5-10% slower with it in the
-    network, so inference keeps the depth form."""
+    otherwise (and on other devices, where it has not been measured). The thresholds follow
+    ``bench/spatial_stage.py --micro`` (batch 1: the stacked form is faster than the depth form
+    from 16x16 maps up, slower at 8x8) and ``--micro-train`` (forward + backward at batch 128: the
+    block form is faster up to the widths above). Forward only, the block form is faster alone but
+    made a whole network slower, so inference keeps the depth form (BENCHMARKS.md, "Inference
+    latency of whole networks")."""
     if device_type != "cpu":
         return "depth"
     if batch == 1:
@@ -131,8 +129,8 @@ def grouped_stage(batch: int, spatial: Sequence[int], stride: Sequence[int], dev
 def _mix(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``W`` (m, c) applied to every sample of ``x`` (n, c, P): (n, m, P).
 
-    A batched product with ``W`` broadcast by ``expand`` (no copy); measured 3-20x faster in
-    forward+backward than ``W @ x``, which torch folds into one large product through copies.
+    A batched product with ``W`` broadcast by ``expand`` (no copy): faster in forward+backward
+    than ``W @ x``, which torch folds into one large product through copies.
     """
     return torch.bmm(W.unsqueeze(0).expand(x.shape[0], -1, -1), x)
 
@@ -222,8 +220,8 @@ def sequential_conv(
 def _left_apply(W: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``W`` (m, k) applied to every sample of ``z`` (n, k, t), flattened to (n, m * t).
 
-    As one (n t, k) x (k, m) product: ``W @ z`` would run n products of t columns each, which
-    measured 2-4x slower for transformer-sized n (512 tokens) and t <= 2."""
+    As one (n t, k) x (k, m) product: ``W @ z`` would run n products of t columns each, which is
+    slower for transformer-sized n (hundreds of tokens) and small t."""
     n, k, t = z.shape
     y = z.transpose(1, 2).reshape(n * t, k) @ W.transpose(0, 1)  # matmul: autocast applies (tensordot: not)
     return y.reshape(n, t, -1).transpose(1, 2).reshape(n, -1)

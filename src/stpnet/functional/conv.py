@@ -2,17 +2,16 @@
 
 The k x k stage of a factorized convolution runs in the rank space: a few channels (2 to 8 in a
 ResNet-20 at 9x) on full-size maps. On CPU, oneDNN's gradient with respect to the input of such a
-convolution, in the plain (NCHW) float32 layout, is far slower than the forward: measured here
-(2 threads, batch 128, 32x32 maps, 3x3, stride 1) 6.7-7.6 ms for 2 to 8 channels against
-0.7-1.7 ms for a forward convolution of the same size; in the depth form of the grouped stage
-(a 3-D convolution with kernel depth 1) 13-27 ms against 1.5-10 ms. For stride 1 that gradient
+convolution, in the plain (NCHW) float32 layout, is several times slower than the forward
+convolution of the same size, and more so in the depth form of the grouped stage (a 3-D
+convolution with kernel depth 1; ``bench/spatial_stage.py --micro-train``). For stride 1 that gradient
 *is* a forward convolution: of the output gradient with the kernel transposed (in and out
 channels swapped within each group) and flipped, with padding ``dilation * (k - 1) - padding``.
 :func:`conv_nd` computes it that way when the slow case applies (CPU, float32/float64 without
 autocast, stride 1, numeric padding that the flipped form can express, gradients wanted); else
 it is ``F.conv{1,2,3}d``. The weight gradient is torch's own. Both forms compute the same
 function and gradient; only the time differs. In channels_last or bfloat16 torch's backward was
-already as fast (measured ratio 0.74-1.43), so it is left alone there; under tracing, export and
+already about as fast, so it is left alone there; under tracing, export and
 ``torch.compile`` the plain op is used.
 """
 
@@ -111,7 +110,7 @@ def conv_nd(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int] | int =
             groups: int = 1) -> torch.Tensor:
     """``F.conv{1,2,3}d(x, weight, None, stride, padding, dilation, groups)``, the dimension taken
     from ``weight``; on CPU in float32/float64 with stride 1 and gradients wanted, the input
-    gradient runs as a forward convolution (module docstring: same values, 4-10x faster there).
+    gradient runs as a forward convolution (module docstring: same values, several times faster there).
 
     Parameters
     ----------

@@ -2,10 +2,10 @@
 
 The contraction kernels of :mod:`stpnet.functional.contract` apply a semi-tensor link as a
 reshape and share one spatial kernel across groups through strided views: no operator is ever
-larger than its factors. At batch 1 on CPU, though, each extra op costs more than the arithmetic
-it saves (a 16-channel 32x32 convolution is ~45 us, a call ~8 us), and grouped or batched forms of
-the shared kernel measured 1.1-1.7x slower than one plain convolution on a block-diagonal copy of
-it (``bench/latency.py``, BENCHMARKS.md). The functions here build, from the factors, the weights
+larger than its factors. At batch 1 on CPU, though, the fixed cost of each extra op call is
+comparable to a small convolution's arithmetic, and grouped or batched forms of the shared kernel
+run slower than one plain convolution on a block-diagonal copy of it (``bench/latency.py``,
+BENCHMARKS.md). The functions here build, from the factors, the weights
 of three plain convolutions that compute the same function:
 
 ``1x1 (W_in) -> k x k (W_mid) -> 1x1 (W_out)``

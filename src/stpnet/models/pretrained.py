@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._atomic import atomic_path, atomic_write_text
+
 __all__ = ["ModelCard", "PretrainedError", "pretrained", "pretrained_names", "model_card", "file_sha256"]
 
 _WEIGHTS_PACKAGE = "stpnet.models.weights"
@@ -144,7 +146,8 @@ def pretrained(name: str, *, device: str | torch.device = "cpu", path: str | Pat
     Raises
     ------
     ValueError
-        If ``name`` is unknown (the message lists the available names).
+        If ``name`` is unknown (the message lists the available names), or ``device`` is not one
+        this machine has.
     PretrainedError
         If the weights file is missing, its SHA-256 differs from the card's (a corrupted or
         altered file is never loaded), or it does not fit the architecture.
@@ -157,13 +160,18 @@ def pretrained(name: str, *, device: str | torch.device = "cpu", path: str | Pat
     from . import build_model
 
     card = model_card(name)
+    device = _check_device(device)
     file = Path(path) if path is not None else _weights_dir() / f"{name}.pt"
+    if file.is_dir():
+        raise PretrainedError(f"path {file} is a folder; give the weights file itself (a copy of {name}.pt)")
     if not file.is_file():
         raise PretrainedError(f"the weights of {name!r} are missing: {file} does not exist")
     digest = file_sha256(file)
     if digest != card.sha256:
+        remedy = (f"use the packaged file (leave path= out) or a fresh copy of {name}.pt" if path is not None
+                  else "reinstall stpnet")
         raise PretrainedError(f"SHA-256 check failed for {file}: expected {card.sha256}, got {digest}; the file "
-                              f"is corrupted or altered, so it was not loaded (reinstall stpnet)")
+                              f"is corrupted or altered, so it was not loaded ({remedy})")
     state = torch.load(file, map_location="cpu", weights_only=True)
     model = build_model(card.architecture, in_channels=card.in_channels, num_classes=card.num_classes)
     try:
@@ -171,6 +179,26 @@ def pretrained(name: str, *, device: str | torch.device = "cpu", path: str | Pat
     except RuntimeError as exc:
         raise PretrainedError(f"{file} does not fit {card.architecture}: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), card
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has, or a ValueError saying what is valid."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device {device!r} is not supported; valid: 'cpu', 'cuda', 'cuda:N'")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here; use device='cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: MPS is not available here; use device='cpu'")
+    elif resolved.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ValueError(f"device {device!r}: XPU is not available here; use device='cpu'")
+    return resolved
 
 
 def write_pretrained(model: nn.Module, card_fields: dict[str, Any], directory: str | Path) -> ModelCard:
@@ -184,8 +212,9 @@ def write_pretrained(model: nn.Module, card_fields: dict[str, Any], directory: s
     name = card_fields["name"]
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     weights = directory / f"{name}.pt"
-    torch.save(state, weights)
+    with atomic_path(weights, "weights") as partial:
+        torch.save(state, partial)
     card = ModelCard.from_dict({**card_fields, "sha256": file_sha256(weights),
                                 "params": sum(p.numel() for p in model.parameters())})
-    (directory / f"{name}.json").write_text(json.dumps(card.to_dict(), indent=1) + "\n")
+    atomic_write_text(directory / f"{name}.json", json.dumps(card.to_dict(), indent=1) + "\n", "model card")
     return card

@@ -55,26 +55,28 @@ class _BasicBlock(nn.Module):
 
 
 class ResNetCIFAR(nn.Module):
-    """CIFAR ResNet: conv1 (16) -> three stages of n basic blocks (16/32/64) -> pool -> fc.
+    """CIFAR ResNet: conv1 (16) -> three stages of n basic blocks (16/32/64) -> pool -> fc (other
+    stage widths through ``widths``).
 
     Submodules are registered in forward order, so ``conv1`` is the first ``nn.Conv2d`` and
     ``fc`` the last ``nn.Linear`` in ``modules()``. Build it with :func:`resnet_cifar`.
     """
 
-    def __init__(self, n: int, in_channels: int, num_classes: int, shortcut: str) -> None:
+    def __init__(self, n: int, in_channels: int, num_classes: int, shortcut: str,
+                 widths: tuple[int, int, int] = (16, 32, 64)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         stages = []
-        width = 16
-        for out_channels, stride in ((16, 1), (32, 2), (64, 2)):
+        width = widths[0]
+        for out_channels, stride in zip(widths, (1, 2, 2)):
             blocks = []
             for i in range(n):
                 blocks.append(_BasicBlock(width, out_channels, stride if i == 0 else 1, shortcut))
                 width = out_channels
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(widths[2], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -90,7 +92,8 @@ class ResNetCIFAR(nn.Module):
 
 
 def resnet_cifar(
-    depth: int, in_channels: int = 3, num_classes: int = 10, shortcut: str = "A"
+    depth: int, in_channels: int = 3, num_classes: int = 10, shortcut: str = "A",
+    widths: tuple[int, int, int] = (16, 32, 64),
 ) -> ResNetCIFAR:
     """CIFAR ResNet of He et al. (2016) with ``depth = 6n + 2`` layers.
 
@@ -105,6 +108,9 @@ def resnet_cifar(
     shortcut : {'A', 'B'}, default 'A'
         Shortcut where the shape changes: 'A' subsamples with stride 2 and zero-pads the channels
         (no parameters); 'B' is a 1x1 convolution plus BatchNorm projection.
+    widths : tuple of three int, default (16, 32, 64)
+        Channels of the three stages (the first convolution has the first stage's). Narrower
+        widths give a thin network, for example one with as many parameters as a compressed one.
 
     Returns
     -------
@@ -116,8 +122,8 @@ def resnet_cifar(
     Raises
     ------
     ValueError
-        If ``depth`` is not ``6n + 2`` with ``n >= 1``, a count is not a positive integer, or
-        ``shortcut`` is not 'A' or 'B'.
+        If ``depth`` is not ``6n + 2`` with ``n >= 1``, a count is not a positive integer,
+        ``shortcut`` is not 'A' or 'B', or ``widths`` is not three positive integers.
     """
     depth = check_positive_int(depth, "depth")
     if depth < 8 or (depth - 2) % 6 != 0:
@@ -126,7 +132,10 @@ def resnet_cifar(
     num_classes = check_positive_int(num_classes, "num_classes")
     if shortcut not in SHORTCUTS:
         raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
-    return ResNetCIFAR((depth - 2) // 6, in_channels, num_classes, shortcut)
+    if isinstance(widths, (str, bytes)) or len(tuple(widths)) != 3:
+        raise ValueError(f"widths must be three stage widths such as (16, 32, 64), got {widths!r}")
+    widths = tuple(check_positive_int(w, "each of widths") for w in widths)
+    return ResNetCIFAR((depth - 2) // 6, in_channels, num_classes, shortcut, widths)
 
 
 def resnet20(in_channels: int = 3, num_classes: int = 10, shortcut: str = "A") -> ResNetCIFAR:

@@ -1,7 +1,12 @@
 """Compile a native kernel's C source on first use and load it with :mod:`ctypes`.
 
 The shared library is built once per source, compiler and CPU into a cache folder and reused by
-later processes. Nothing here is required: where no C compiler is found, compilation fails, or
+later processes. It is compiled into a temporary name and renamed into place, and its size and
+SHA-256 are recorded beside it (``<library>.sha256``, JSON) when it is built; both are checked
+before every load. A cached file that does not match its record (truncated, overwritten, or built
+by a version that kept no record) is never loaded: it is rebuilt, or where that fails the callers
+fall back to PyTorch ops with one logged warning (loading a truncated library can kill the process
+with SIGBUS). Nothing here is required: where no C compiler is found, compilation fails, or
 ``STPNET_NATIVE=0`` is set, :func:`load_library` returns None and the callers keep to PyTorch ops.
 
 Environment
@@ -19,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -81,10 +87,59 @@ def _compiler_version(compiler: str) -> str:
     return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else ""
 
 
+def record_path(library: Path) -> Path:
+    """Where the size and SHA-256 of a built ``library`` are recorded."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _digest(path: Path | str) -> dict:
+    """``{'size': bytes, 'sha256': hex digest}`` of the file at ``path``."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _write_record(built: str, library: Path) -> None:
+    """Record the size and SHA-256 of the file ``built`` (about to be renamed to
+    ``library``) beside ``library``, atomically."""
+    record = record_path(library)
+    fd, partial = tempfile.mkstemp(prefix=f".{record.name}.", suffix=".tmp", dir=library.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_digest(built), f)
+        os.replace(partial, record)
+    except BaseException:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        raise
+
+
+def verify_library(library: Path) -> str | None:
+    """Why ``library`` must not be loaded (no record, unreadable, or its size or SHA-256 differs
+    from the record made when it was built), or None where it matches."""
+    try:
+        record = json.loads(record_path(library).read_text())
+    except (OSError, ValueError):
+        return f"no readable record of its size and SHA-256 ({record_path(library).name})"
+    try:
+        actual = _digest(library)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if not isinstance(record, dict) or record.get("size") != actual["size"]:
+        return (f"it holds {actual['size']} bytes, the record made when it was built says "
+                f"{record.get('size') if isinstance(record, dict) else '?'}")
+    if record.get("sha256") != actual["sha256"]:
+        return "its SHA-256 differs from the record made when it was built"
+    return None
+
+
 def _build(source: Path, target: Path, compiler: str) -> str | None:
     """Compile ``source`` into ``target`` with the first flag set that works; the error of the last
-    attempt, or None on success. The library is written beside ``target`` and renamed into place,
-    so concurrent builds never load a half-written file."""
+    attempt, or None on success. The library is written beside ``target``, its size and SHA-256
+    recorded, and it is renamed into place, so concurrent builds never load a half-written file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     error = "no flag set tried"
     for flags in FLAG_SETS:
@@ -97,7 +152,13 @@ def _build(source: Path, target: Path, compiler: str) -> str | None:
             os.unlink(partial)
             return f"{' '.join(command)}: {exc}"
         if out.returncode == 0:
-            os.replace(partial, target)
+            try:
+                _write_record(partial, target)
+                os.replace(partial, target)
+            except BaseException:
+                if os.path.exists(partial):
+                    os.unlink(partial)
+                raise
             return None
         os.unlink(partial)
         error = f"{' '.join(command)}: {out.stderr.strip()[-2000:]}"
@@ -121,14 +182,24 @@ def load_library(name: str) -> ctypes.CDLL | None:
     key = hashlib.sha256("\0".join([source.read_text(), repr(FLAG_SETS), _compiler_version(compiler),
                                     _cpu_signature()]).encode()).hexdigest()[:16]
     target = cache_dir() / "native" / f"{name}-{key}.so"
-    if not target.exists():
+    stale = verify_library(target) if target.exists() else None
+    if stale is not None or not target.exists():
         try:
             error = _build(source, target, compiler)
         except OSError as exc:  # the cache folder cannot be written
             error = str(exc)
+        if error is None:
+            error = verify_library(target)  # replaced meanwhile by another process's build, or damaged
+            if error is not None:
+                error = f"the library just built does not match its record: {error}"
         if error is not None:
-            logger.warning("could not build the native %s kernel (using PyTorch ops instead): %s", name, error)
+            was = f" (the cached {target} was not loaded: {stale})" if stale is not None else ""
+            logger.warning("could not build the native %s kernel (using PyTorch ops instead): %s%s", name, error,
+                           was)
             return None
+        if stale is not None:
+            logger.warning("the cached native %s kernel %s did not match the size and SHA-256 recorded when it "
+                           "was built (%s); it was rebuilt", name, target, stale)
     try:
         return ctypes.CDLL(str(target))
     except OSError as exc:

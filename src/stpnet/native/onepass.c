@@ -144,8 +144,8 @@ static int same_inputs(const stage_t *s, int o)
 /* The k x k stage on zero-padded planes (hp x wp): out[o] is a compact ho x wo plane. With stride 1
    or 2 and rows of whole 8-output vectors, tiles of 8 vectors (1 row of 8, 2 of 4, 4 of 2, 8 of 1,
    by the row length) accumulate side by side, two or three outputs at a time where they read the
-   same inputs (on an AVX-512 EPYC, ResNet-20 9x layers at batch 32: 0.90-0.92x the time of pairs for
-   STT/STR/Tucker, BENCHMARKS.md); other shapes run a scalar loop. */
+   same inputs (three where 32 vector registers hold their accumulators); other shapes run a
+   scalar loop. */
 static void spatial(const plan_t *P, const float *src, int hp, int wp, int ho, int wo, float *dst, int o0, int o1)
 {
     const stage_t *s = &P->mid;

@@ -2,8 +2,8 @@
 
 PyTorch runs the plain chain (:func:`stpnet.functional.plain.plain_conv`) as three library
 convolutions, each a full pass over the batch's feature maps; on narrow rank spaces each costs
-about as much as a convolution several times wider (a 6-channel 3x3 convolution of 32 32x32 maps
-took 0.4-0.5 ms on the 2-core EPYC of BENCHMARKS.md, the dense 16-channel one 0.8-1.6 ms). The
+about as much as a convolution several times wider (BENCHMARKS.md, "Inference latency of whole
+networks"). The
 kernel in ``onepass.c`` runs the three stages image by image on intermediate planes that stay in
 cache, and skips the plain form's structural zeros. It is an inference operator: no autograd,
 float32 on the CPU, dilation 1, zero padding.

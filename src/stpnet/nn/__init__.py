@@ -7,9 +7,11 @@ from .convert import dense_counterpart, from_dense, to_dense, why_not_factorizab
 from .cost import PathCost
 from .embedding import FactorizedEmbedding
 from .fold import fold_batchnorm
-from .fused import FUSED_FORMS, FusedCP, FusedLayer, FusedPaired, FusedSequential, FusedTucker2, fuse, fuse_layer
+from .fused import (FUSED_FORMS, FusedCP, FusedLayer, FusedPaired, FusedSequential, FusedTucker2, fuse, fuse_layer,
+                    fused_forms)
 from .layouts import LAYOUTS, Layout, layout_named
 from .linear import FactorizedLinear
+from .linear_like import LinearView, linear_view, register_linear_like
 from .tensorize import Tensorization, channel_modes, factorize
 
 __all__ = [
@@ -19,6 +21,9 @@ __all__ = [
     "FactorizedConv2d",
     "FactorizedConv3d",
     "FactorizedEmbedding",
+    "LinearView",
+    "linear_view",
+    "register_linear_like",
     "UnpackedMultiheadAttention",
     "FUSED_FORMS",
     "FusedLayer",
@@ -31,6 +36,7 @@ __all__ = [
     "layout_named",
     "fuse",
     "fuse_layer",
+    "fused_forms",
     "fold_batchnorm",
     "from_dense",
     "to_dense",

@@ -193,7 +193,7 @@ class FactorizedLayer(InferenceCache):
         and reused while the factors are unchanged. To change the layer, change its factors
         (``weight_tensor``), or convert it back with :func:`stpnet.nn.to_dense`."""
         return self._cached("weight", lambda: self.dense_weight().contiguous())  # a permuted view would
-        # be copied by the convolution on every call (22% of ResNet-20's batch-1 time)
+        # be copied by the convolution on every call
 
     @weight.setter
     def weight(self, value) -> None:
@@ -293,6 +293,14 @@ class FactorizedLayer(InferenceCache):
 
     def _cache_owner(self) -> nn.Module:
         return self.weight_tensor
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and self.forward_path == "rebuild":  # a layer stpnet.fuse kept factorized
+            from .fused import FORM_METADATA_KEY
+
+            metadata.setdefault(prefix[:-1], {})[FORM_METADATA_KEY] = "rebuild"
 
     # ------------------------------------------------------------- from a dense layer
     @classmethod

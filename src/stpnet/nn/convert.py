@@ -11,6 +11,7 @@ from .base import FactorizedLayer
 from .conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
 from .embedding import FactorizedEmbedding
 from .linear import FactorizedLinear
+from .linear_like import linear_view
 
 __all__ = ["from_dense", "to_dense", "FACTORIZED_COUNTERPARTS", "DENSE_TYPES", "dense_counterpart",
            "why_not_factorizable", "dense_geometry", "dense_matrix"]
@@ -31,9 +32,13 @@ DENSE_TYPES = tuple(FACTORIZED_COUNTERPARTS)
 def dense_geometry(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
     """``(inputs, outputs, kernel)`` of a dense layer as its factorized counterpart tensorizes it:
     Linear ``(in_features, out_features, ())``, ConvNd ``(in_channels, out_channels, kernel_size)``,
-    Embedding ``(num_embeddings, embedding_dim, ())`` (the table is a map from one-hot tokens)."""
+    Embedding ``(num_embeddings, embedding_dim, ())`` (the table is a map from one-hot tokens); a
+    linear-like layer (:mod:`stpnet.nn.linear_like`) as the Linear it computes."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, ()
+    view = linear_view(module)
+    if view is not None:
+        return view.in_features, view.out_features, ()
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim, ()
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -43,7 +48,10 @@ def dense_geometry(module: nn.Module) -> tuple[int, int, tuple[int, ...]]:
 
 def dense_matrix(module: nn.Module) -> torch.Tensor:
     """The weight of a dense layer shaped ``(outputs, inputs, *kernel)`` (an Embedding's table
-    transposed), detached."""
+    transposed; a linear-like layer's as ``(out, in)``), detached."""
+    view = linear_view(module) if not isinstance(module, DENSE_TYPES) else None
+    if view is not None:
+        return view.weight
     weight = module.weight.detach()
     return weight.transpose(0, 1) if isinstance(module, nn.Embedding) else weight
 
@@ -53,18 +61,22 @@ def dense_counterpart(module: nn.Module) -> type | None:
 
     An exact ``nn.Linear`` / ``nn.Conv1d/2d/3d``, or a subclass that keeps its base's ``forward``
     (``NonDynamicallyQuantizableLinear``, the ``out_proj`` of ``nn.MultiheadAttention``, is one). A
-    subclass that overrides ``forward`` computes something else and is not replaced.
+    subclass that overrides ``forward`` computes something else and is not replaced. A linear-like
+    layer (a Linear storing its weight another way, such as HuggingFace's ``Conv1D``:
+    :func:`stpnet.nn.linear_view`) has ``nn.Linear`` as its counterpart.
     """
     for base in type(module).__mro__:
         if base in FACTORIZED_COUNTERPARTS:
             return base if type(module).forward is base.forward else None
-    return None
+    return nn.Linear if linear_view(module) is not None else None
 
 
 def why_not_factorizable(module: nn.Module) -> str | None:
     """None if ``module`` can be replaced by a factorized layer, else the reason it cannot."""
     base = next((b for b in type(module).__mro__ if b in FACTORIZED_COUNTERPARTS), None)
     if base is None:
+        if linear_view(module) is not None:
+            return None
         return f"{type(module).__name__} has no factorized counterpart"
     if dense_counterpart(module) is None:
         return f"{type(module).__name__} overrides the forward of nn.{base.__name__}"
@@ -81,7 +93,9 @@ def from_dense(layer: nn.Module, format: str = "tt", **kwargs: Any) -> Factorize
 
     Parameters
     ----------
-    layer : nn.Linear, nn.Conv1d/2d/3d or nn.Embedding (or a subclass keeping its forward)
+    layer : nn.Linear, nn.Conv1d/2d/3d or nn.Embedding (or a subclass keeping its forward), or a linear-like layer
+        (:func:`stpnet.nn.linear_view`: HuggingFace's ``Conv1D``, or a registered type), which
+        becomes a :class:`FactorizedLinear`
     format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str'}
     **kwargs
         ``rank``, ``tol`` or ``compression`` (exactly one), and optionally ``t``, ``layout``,
@@ -105,8 +119,8 @@ def to_dense(layer: FactorizedLayer) -> nn.Module:
 
     The weight is rebuilt from the factors once. Use it to deploy a trained factorized model where
     the download or storage size is what had to shrink but inference should run at dense speed:
-    at batch 1 a factorized layer pays a fixed overhead per call (see BENCHMARKS.md, CIFAR-10
-    latency) that the dense layer does not. The result holds the dense parameter count.
+    a factorized layer pays a fixed overhead per call that the dense layer does not (see
+    BENCHMARKS.md, "The paper's comparison on CIFAR-10"). The result holds the dense parameter count.
 
     Parameters
     ----------

@@ -25,8 +25,9 @@ __all__ = ["PathCost", "Stage", "MEMORY_WEIGHT", "OP_COST", "GROUP_PENALTY", "ch
 MEMORY_WEIGHT = {"cpu": 32.0, "cuda": 64.0}
 
 #: Multiply-adds that launching one op is worth, per device type: at batch 1 a chain of three
-#: small ops loses to one dense convolution of more multiply-adds (measured on CPU: ~5-8 us per
-#: op, about 1e6 multiply-adds of a dense 3x3 convolution). Not measured on CUDA (0 there).
+#: small ops loses to one dense convolution of more multiply-adds (on CPU a launch costs about
+#: what 1e6 multiply-adds of a dense 3x3 convolution do; ``bench/cost_model.py`` fits it). Not
+#: measured on CUDA (0 there).
 OP_COST = {"cpu": 1e6}
 
 #: Below this many channels a convolution or matrix product runs at a fraction of peak

@@ -46,7 +46,7 @@ class FactorizedEmbedding(FactorizedLayer):
 
     In inference (eval mode, gradients off) a small table, of at most ``max_cached_table``
     entries (a position table, say), is rebuilt once and gathered from while the factors are
-    unchanged: a contraction per call cost 20x a gather for a 16 x 128 position table. Larger
+    unchanged: a contraction per call costs far more than a gather for a small table. Larger
     tables (vocabularies) are never formed.
     """
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +36,7 @@ from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors,
 from ..native.onepass import OnepassConv2d, onepass_available
 from ..functional.plain import (PLAIN_FORMS, PlainChain, PlainForm, cp_plain, plain_conv, plain_form_weights,
                                 sequential_plain, tucker2_plain)
-from ._cache import InferenceCache, recording
+from ._cache import InferenceCache, _entry, recording
 from ._timing import best_time, interleaved_best_times
 from .base import FactorizedLayer
 from .conv import prepare_conv_input
@@ -42,7 +44,11 @@ from ._replace import replace_modules
 from .embedding import FactorizedEmbedding
 
 __all__ = ["FUSED_FORMS", "FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "FusedCP", "fuse",
-           "fuse_layer"]
+           "fuse_layer", "fused_forms"]
+
+#: The key under which a fused layer's form (and a layer kept factorized, ``'rebuild'``) is
+#: recorded in its entry of a state dict's ``_metadata``: :func:`fused_forms` reads it back.
+FORM_METADATA_KEY = "stpnet_form"
 
 
 #: How a fused layer runs: ``'chain'``, its contraction chain on the merged factors (nothing
@@ -75,7 +81,8 @@ class FusedLayer(InferenceCache):
 
     #: How the 1x1 stages apply a factor: a batched product with the factor broadcast (faster in
     #: PyTorch at batch 32), or :func:`stpnet.functional.contract.conv1x1_mix`, a 1x1 conv1d, which
-    #: :func:`stpnet.export.export` sets for ONNX (faster under ONNX Runtime; BENCHMARKS.md, latency).
+    #: :func:`stpnet.export.export` sets for ONNX (faster under ONNX Runtime; BENCHMARKS.md,
+    #: "Inference latency of whole networks").
     mix = staticmethod(_mix)
 
     def __init__(self, layer: FactorizedLayer):
@@ -97,6 +104,48 @@ class FusedLayer(InferenceCache):
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, format={self.format!r}, "
                 f"form={self.form!r}")
+
+    # ------------------------------------------------------------------ recorded form
+    @property
+    def form_spec(self) -> str:
+        """The form as :func:`fused_forms` records it: :attr:`form`, or for a sequential/ring
+        chain with a chosen grouped stage ``'chain:<stage>'``."""
+        stage = getattr(self, "spatial_stage", None)
+        return f"{self.form}:{stage}" if self.form == "chain" and stage is not None else self.form
+
+    def set_form_spec(self, spec: str) -> None:
+        """Run in the form ``spec`` (as :attr:`form_spec` writes it). ``'onepass'`` where the native
+        kernel is not available here runs ``'plain'``, the same weights in library convolutions,
+        with a warning."""
+        form, _, stage = str(spec).partition(":")
+        if form == "onepass" and form not in self.forms and "plain" in self.forms:
+            warnings.warn("the 'onepass' form needs the native kernel, which is not available here (see "
+                          "stpnet.native); the layer runs the same weights as library convolutions ('plain')",
+                          stacklevel=3)
+            form = "plain"
+        if form not in self.forms:
+            raise ValueError(f"form {spec!r} is not available for this layer; valid: {', '.join(self.forms)}")
+        if stage and (form != "chain" or not isinstance(self, FusedSequential) or stage not in GROUPED_STAGES):
+            raise ValueError(f"form {spec!r}: only the chain of a sequential/ring layer takes a grouped stage "
+                             f"({', '.join(f'chain:{g}' for g in GROUPED_STAGES)})")
+        self.form = form
+        if isinstance(self, FusedSequential):
+            self.spatial_stage = stage or None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:  # this module's entry, made by Module.state_dict just before
+            metadata.setdefault(prefix[:-1], {})[FORM_METADATA_KEY] = self.form_spec
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        spec = (local_metadata or {}).get(FORM_METADATA_KEY)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        if spec is not None and spec != self.form_spec:
+            try:
+                self.set_form_spec(spec)
+            except ValueError:
+                pass  # a form this layer lacks (another layout): it keeps its own
 
     def _chain_conv(self, x: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
         """The contraction chain on an already padded (N, C_in, *spatial) input, without the bias."""
@@ -163,8 +212,7 @@ class FusedLayer(InferenceCache):
         key = super()._cache_key()
         if self.output_scale is None:
             return key
-        s = self.output_scale
-        return (*key, (self._buffers, "output_scale", s, s._version, s.data_ptr()))
+        return (*key, _entry(self._buffers, "output_scale", self.output_scale))
 
     def _scale_rows(self, W: torch.Tensor) -> torch.Tensor:
         """``W`` (output channels first) with each row times ``output_scale``."""
@@ -172,9 +220,9 @@ class FusedLayer(InferenceCache):
 
     def _output_affine(self, y: torch.Tensor) -> torch.Tensor:
         """The chain's output ``y`` (N, C_out, *spatial), a tensor of its own, times
-        ``output_scale``, plus the bias. In inference both apply in place: at batch 32 on 16
-        channels of 32x32, ``mul_`` then ``add_`` took about 55 us where BatchNorm took 65 and
-        ``addcmul`` (broadcast) 195-217 (``bench/conv_floor.py --passes``; BENCHMARKS.md)."""
+        ``output_scale``, plus the bias. In inference both apply in place, ``mul_`` then ``add_``,
+        which ``bench/conv_floor.py --passes`` times faster than an eval BatchNorm and than a
+        broadcast ``addcmul``."""
         shape = (1, -1, *([1] * (y.ndim - 2)))
         inplace = not (torch.is_grad_enabled() or recording())
         if self.output_scale is not None:
@@ -363,8 +411,16 @@ def fuse_layer(layer: FactorizedLayer) -> nn.Module:
 
 
 def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str = "measure",
-         fold_batchnorm: bool = False, inplace: bool = False) -> nn.Module:
+         fold_batchnorm: bool = False, inplace: bool = False,
+         forms: Mapping[str, str] | Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Replace every factorized Conv/Linear of ``model`` by its fused deployment form.
+
+    A fused model is for inference: save and share the unfused compressed model (its state dict,
+    or a checkpoint), which is the portable form, and fuse after loading, on the machine that
+    serves. The forms chosen with ``example`` depend on timings, so two calls can keep different
+    layers factorized and give state dicts with different keys; each fused layer records its form
+    in the state dict's metadata (:func:`fused_forms`), and ``fuse(model, forms=...)`` rebuilds
+    exactly that structure, into which the fused state dict then loads.
 
     Parameters
     ----------
@@ -400,14 +456,18 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         ``nn.Identity``. A layer kept factorized (``'rebuild'``) keeps the BatchNorm after it.
     inplace : bool, default False
         Modify ``model`` itself instead of a deep copy.
+    forms : mapping, optional
+        The forms to take instead of choosing them: :func:`fused_forms` of a fused model or of its
+        state dict, or that state dict itself (its recorded forms are read). Every factorized
+        layer must be named; not with ``example``. A fused state dict of a model folded with
+        ``fold_batchnorm=True`` loads into one fused with ``forms=`` and ``fold_batchnorm=True``.
 
     Notes
     -----
     To run under ``torch.compile``, compile the chain form (``fuse(model)``, no ``example``):
     the forms on derived weights (plain, dense, a kept ``'rebuild'`` layer) cache those weights
-    only in eager inference, so compiled code derives them again on every call (at batch 1 the
-    compiled network fused for the batch ran up to 6x slower than the compiled chain form where
-    many layers had chosen them; BENCHMARKS.md, latency, session 10).
+    only in eager inference, so compiled code derives them again on every call (BENCHMARKS.md,
+    "Inference latency of whole networks").
 
     Returns
     -------
@@ -418,11 +478,24 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
     """
     if decide not in ("measure", "cost"):
         raise ValueError(f"decide must be 'measure' or 'cost', got {decide!r}")
+    if forms is not None:
+        if example is not None:
+            raise ValueError("give example= (to choose the forms by timing) or forms= (the forms recorded by "
+                             "fused_forms), not both")
+        forms = _recorded_forms(forms)
+    if example is not None:
+        _check_example(model, example)
     if isinstance(model, FactorizedLayer):
+        if forms is not None:
+            raise ValueError("forms= names the layers of a model; for one layer, fuse_layer(layer) and "
+                             "set_form_spec(form)")
         return fuse_layer(model)
     if not inplace:
         model = copy.deepcopy(model)
-    forms = _forms_for_example(model, example, decide == "measure") if example is not None else {}
+    if forms is not None:
+        forms = _forms_from_names(model, forms)
+    else:
+        forms = _forms_for_example(model, example, decide == "measure") if example is not None else {}
 
     def build(layer: FactorizedLayer) -> nn.Module:
         form = forms.get(id(layer))
@@ -441,6 +514,117 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
     if example is not None and decide == "measure":
         _keep_faster_than_dense(fused, example)
     return fused
+
+
+def _check_example(model: nn.Module, example: object) -> None:
+    """``fuse(example=)``: a real tensor of the dtype and on the device of the model's parameters
+    (the forms are timed on it, so it must be what the model will serve)."""
+    if not isinstance(example, torch.Tensor):
+        raise ValueError(f"example must be an input batch (a tensor), got {type(example).__name__}")
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if example.device.type == "meta" or (reference is not None and reference.device.type == "meta"):
+        raise ValueError("fuse(example=) times the forms on real data: the example and the model must not be on "
+                         "the meta device")
+    if example.numel() == 0:
+        raise ValueError(f"example has shape {tuple(example.shape)}, with no elements: give a batch of the size "
+                         "the model will serve")
+    if reference is None:
+        return
+    if example.is_floating_point() and example.dtype != reference.dtype:
+        raise ValueError(f"example is {example.dtype}, the model's parameters {reference.dtype}: the forms are "
+                         f"timed on the example, so give one of the dtype the model serves (example.to("
+                         f"{reference.dtype})), or convert the model first")
+    if not example.is_floating_point() and not any(isinstance(m, (nn.Embedding, FactorizedEmbedding))
+                                                  for m in model.modules()):
+        raise ValueError(f"example is {example.dtype}, but the model has no embedding to look integer inputs up: "
+                         f"give a floating batch ({reference.dtype}) of the size the model will serve")
+    if example.device != reference.device:
+        raise ValueError(f"example is on {example.device}, the model on {reference.device}: give it on the "
+                         "device the model serves on")
+
+
+def fused_forms(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The form of every fused layer of a fused model, or recorded in its state dict.
+
+    Parameters
+    ----------
+    source : nn.Module or state dict
+        A model returned by :func:`fuse`, or its ``state_dict()`` (also after ``torch.save`` and
+        ``torch.load``: the forms travel in the state dict's ``_metadata``).
+
+    Returns
+    -------
+    dict
+        ``{layer name: form}``: one of :data:`FUSED_FORMS` (``'chain:<stage>'`` for a
+        sequential/ring chain with a chosen grouped stage), or ``'rebuild'`` for a layer kept
+        factorized. Give it to ``fuse(model, forms=...)`` to rebuild the same structure.
+
+    Raises
+    ------
+    ValueError
+        If ``source`` records no form (not a fused model, or a state dict that lost its metadata,
+        for example through ``dict(state_dict)``).
+    """
+    if isinstance(source, nn.Module):
+        out = {}
+        for name, module in source.named_modules(remove_duplicate=False):
+            if isinstance(module, FusedLayer):
+                out[name] = module.form_spec
+            elif _fusable(module) and module.forward_path == "rebuild":
+                out[name] = "rebuild"
+    elif isinstance(source, Mapping):
+        metadata = getattr(source, "_metadata", None) or {}
+        out = {name: entry[FORM_METADATA_KEY] for name, entry in metadata.items()
+               if isinstance(entry, Mapping) and FORM_METADATA_KEY in entry}
+    else:
+        raise ValueError(f"fused_forms reads a fused model or its state dict, got {type(source).__name__}")
+    if not out:
+        raise ValueError("no fused layer's form is recorded here: give a model returned by stpnet.fuse, or its "
+                         "state_dict() as saved (a plain dict copy loses the metadata the forms travel in)")
+    return out
+
+
+def _recorded_forms(forms: Mapping) -> dict[str, str]:
+    """``forms=`` as ``{name: form}``: given so, or read from a fused state dict."""
+    if not isinstance(forms, Mapping):
+        raise ValueError(f"forms must be a mapping of layer names to forms (stpnet.nn.fused_forms), got "
+                         f"{type(forms).__name__}")
+    if forms and all(isinstance(v, str) for v in forms.values()) and all(isinstance(k, str) for k in forms):
+        return dict(forms)
+    return fused_forms(forms)
+
+
+def _forms_from_names(model: nn.Module, forms: Mapping[str, str]) -> dict[int, nn.Module | str]:
+    """For each factorized layer of ``model`` (by id): ``'rebuild'`` or its fused module in the form
+    ``forms`` names for it."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and _fusable(module):
+            names.setdefault(id(module), []).append(name)
+    known = {n for aliases in names.values() for n in aliases}
+    unknown = sorted(set(forms) - known)
+    if unknown:
+        raise ValueError(f"forms names layers the model has no factorized layer at: {unknown[:5]}; its factorized "
+                         f"layers: {sorted(known)[:5]}{' ...' if len(known) > 5 else ''}")
+    missing = [aliases[0] for aliases in names.values() if not any(n in forms for n in aliases)]
+    if missing:
+        raise ValueError(f"forms names no form for the factorized layers {missing[:5]}; give every layer's form "
+                         "(stpnet.nn.fused_forms of the fused model or of its state dict)")
+    out: dict[int, nn.Module | str] = {}
+    for name, module in model.named_modules():
+        if not (name and _fusable(module)):
+            continue
+        spec = next(forms[n] for n in names[id(module)] if n in forms)
+        if spec == "rebuild":
+            out[id(module)] = "rebuild"
+            continue
+        fused = fuse_layer(module)
+        try:
+            fused.set_form_spec(spec)
+        except ValueError as error:
+            raise ValueError(f"layer {name!r}: {error}") from None
+        out[id(module)] = fused
+    return out
 
 
 def _model_time(model: nn.Module, x: torch.Tensor) -> float:

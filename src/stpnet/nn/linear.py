@@ -11,6 +11,7 @@ from torch import nn
 from ..formats import FactorizedTensor
 from .base import FactorizedLayer, resolve_weight_compression
 from .cost import PathCost
+from .linear_like import as_linear, linear_view
 
 __all__ = ["FactorizedLinear"]
 
@@ -138,14 +139,23 @@ class FactorizedLinear(FactorizedLayer):
 
         Give one of ``rank``, ``tol`` (relative error of the weight) or ``weight_compression``.
         ``n_iter`` refinement sweeps (HOOI / ALS) follow the SVD fit. The bias is copied.
+        ``layer`` may also be linear-like (:func:`stpnet.nn.linear_view`: a Linear storing its
+        weight transposed, as HuggingFace's ``Conv1D``); the result computes the same function.
         """
         if not isinstance(layer, nn.Linear):
-            raise ValueError(f"from_dense expects an nn.Linear, got {type(layer).__name__}")
+            if linear_view(layer) is None:
+                raise ValueError(f"from_dense expects an nn.Linear or a linear-like layer, got {type(layer).__name__}")
+            layer = as_linear(layer)  # the same function, its weight as (out, in)
         return cls._from_trained(layer, layer.weight.detach(), format, rank=rank, tol=tol,
                                  weight_compression=resolve_weight_compression(weight_compression, compression), t=t,
                                  layout=layout, in_modes=in_modes, out_modes=out_modes, n_modes=n_modes, n_iter=n_iter,
                                  forward_path=forward_path)
 
     @classmethod
-    def dense_layer_args(cls, dense: nn.Linear) -> tuple:
+    def dense_layer_args(cls, dense: nn.Module) -> tuple:
+        if not isinstance(dense, nn.Linear):
+            view = linear_view(dense)
+            if view is None:
+                raise ValueError(f"expected an nn.Linear or a linear-like layer, got {type(dense).__name__}")
+            return view.in_features, view.out_features, view.bias is not None
         return dense.in_features, dense.out_features, dense.bias is not None

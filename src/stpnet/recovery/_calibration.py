@@ -8,6 +8,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..nn.embedding import FactorizedEmbedding
+
 
 def check_images(images: object, name: str = "images") -> None:
     """A non-empty tensor with a batch dimension: the model's preprocessed floating inputs, or the
@@ -16,6 +18,8 @@ def check_images(images: object, name: str = "images") -> None:
         got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"{name} must be a non-empty batch of preprocessed inputs (N x C x ...) or of token "
                          f"indices (N x L), got {got}")
+    if images.device.type == "meta":
+        raise ValueError(f"{name} are on the meta device (a shape without values); give real inputs")
     if images.dtype in (torch.int64, torch.int32):
         return  # token indices (uint8 is refused below: those are raw, unnormalized images)
     if not images.is_floating_point():
@@ -23,6 +27,24 @@ def check_images(images: object, name: str = "images") -> None:
                          f"std)) or int64/int32 token indices, got {images.dtype}")
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{name} holds NaN or infinite values")
+
+
+def check_images_for(model: nn.Module, images: torch.Tensor, name: str = "images") -> None:
+    """``images`` (already through :func:`check_images`) suit ``model``: real data (not the meta
+    device) for a model with real parameters, and integer token indices only for a model that
+    looks them up (one with an embedding)."""
+    params = list(model.parameters())
+    if any(p.device.type == "meta" for p in params):
+        raise ValueError("the model's parameters are on the meta device (shapes without values): load or "
+                         "materialize its weights first (model.to_empty(device=...) and load_state_dict)")
+    if images.device.type == "meta":
+        raise ValueError(f"{name} are on the meta device (a shape without values); give real inputs")
+    if not images.is_floating_point() and not any(isinstance(m, (nn.Embedding, FactorizedEmbedding))
+                                                  for m in model.modules()):
+        floating = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+        raise ValueError(f"{name} are {images.dtype}, integer token indices, but the model has no embedding to "
+                         f"look them up: give its preprocessed floating inputs ({floating}, e.g. "
+                         "stpnet.data.normalize(x, mean, std))")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -26,7 +26,7 @@ from torch import nn
 from ..decomposition import decompose
 from ..nn.base import FactorizedLayer, layer_tensorization, tensor_t, uniform_rank
 from ..nn.convert import DENSE_TYPES, dense_matrix
-from ._calibration import check_images, forward_with_hooks, iterate_images
+from ._calibration import check_images, check_images_for, forward_with_hooks, iterate_images
 
 __all__ = ["RankAllocation", "allocate_ranks", "CRITERIA", "OBJECTIVES"]
 
@@ -112,7 +112,7 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
         on the next-worst layers; ``'sum'`` minimises the sum of the errors (the greedy "most
         error removed per parameter" on each layer's convex hull). On ResNet-20 the sum starves the
         wide layers, whose errors fall slowly per parameter, and loses far more accuracy after
-        fitting than 'max' (BENCHMARKS.md).
+        fitting than 'max'.
     images : torch.Tensor, optional
         Preprocessed calibration inputs, needed for ``criterion='activation'``.
     layers : sequence of str, optional
@@ -143,14 +143,25 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if not (isinstance(compression, (int, float)) and compression > 1):
         raise ValueError(f"compression is a whole-model factor and must be > 1, got {compression!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if criterion == "activation":
         if images is None:
             raise ValueError("criterion='activation' needs calibration images (images=...)")
         check_images(images)
+        check_images_for(model, images)
     if t_choices is not None:
         t_choices = _check_t_choices(format, t_choices)
+    if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+        raise ValueError(f"layers must be a sequence of module names, got {layers!r}")
     names = list(layers) if layers is not None else eligible_layers(model)
-    modules = {n: model.get_submodule(n) for n in names}
+    known = dict(model.named_modules())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        dense = [n for n, m in known.items() if n and isinstance(m, DENSE_TYPES)]
+        raise ValueError(f"layers names modules the model does not have: {unknown[:5]}; its Conv/Linear/Embedding "
+                         f"layers: {dense[:8]}{' ...' if len(dense) > 8 else ''}")
+    modules = {n: known[n] for n in names}
     for n, m in modules.items():
         if isinstance(m, FactorizedLayer) or not isinstance(m, DENSE_TYPES):
             raise ValueError(f"layer {n!r} is a {type(m).__name__}; allocation needs dense Conv/Linear/Embedding "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._calibration import check_images, forward_with_hooks, iterate_images, modes_restored
+from ._calibration import check_images, check_images_for, forward_with_hooks, iterate_images, modes_restored
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -36,8 +36,9 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
     activations (:func:`stpnet.recovery.fit_to_activations`): the fit relies on the dense running
     statistics, which no longer describe the compressed layers' outputs, so in training mode, where
     BatchNorm normalizes with the batch's own statistics, the fitted function is lost at the first
-    step (ResNet-20 STT 9x fitted: 61.6% in eval mode, 31.6% with batch statistics; 55.0% after
-    this, BENCHMARKS.md). Here the BatchNorm weights and biases change too, and ``num_batches_tracked``
+    step; after this, training-mode batches compute nearly the fitted function (BENCHMARKS.md,
+    "Keeping the accuracy of a trained network"). Here the BatchNorm weights and biases change too,
+    and ``num_batches_tracked``
     does not.
 
     Parameters
@@ -63,19 +64,54 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
     Raises
     ------
     ValueError
-        If ``images`` is not a non-empty floating tensor, or ``batch_size`` < 2 (a BatchNorm needs
-        more than one value per channel), or with ``keep_function`` a BatchNorm is not affine or
-        sees fewer than two values per channel.
+        If ``images`` is not a non-empty floating tensor (or does not suit the model: integer
+        inputs to a model without an embedding, a meta tensor), or ``batch_size`` < 2 (a BatchNorm
+        needs more than one value per channel), or with ``keep_function`` a BatchNorm is not affine
+        or sees fewer than two values per channel; or if the new statistics (or rescaled weights)
+        are not finite (inputs too large for the model's dtype): the previous ones are then kept.
     """
     check_images(images)
+    check_images_for(model, images)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError(f"batch_size must be an int >= 2 (batch statistics need two samples), got {batch_size!r}")
     norms = [m for m in model.modules() if isinstance(m, _BATCHNORMS) and m.track_running_stats]
     if not norms:
         return 0
-    if keep_function:
-        _restate(model, norms, images, batch_size)
-        return len(norms)
+    saved = [(m, {name: getattr(m, name).clone() for name in _STATE if getattr(m, name, None) is not None})
+             for m in norms]
+    try:
+        if keep_function:
+            _restate(model, norms, images, batch_size)
+        else:
+            _reestimate(model, norms, images, batch_size)
+        tracked = set(norms)
+        bad = [name for name, m in model.named_modules() if m in tracked
+               and not all(bool(torch.isfinite(getattr(m, n)).all()) for n in _STATE[:4]
+                           if getattr(m, n, None) is not None)]
+        if bad:
+            raise ValueError(f"BatchNorm recalibration gave non-finite statistics in {len(bad)} layer(s) "
+                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the images drive the "
+                             f"activations beyond the range of {_dtype_of(model)} (preprocess them as in training, "
+                             "e.g. stpnet.data.normalize); the previous statistics are kept")
+    except BaseException:
+        for m, state in saved:
+            for name, value in state.items():
+                getattr(m, name).copy_(value)
+        raise
+    return len(norms)
+
+
+#: What recalibration may change in a BatchNorm: restored if it fails.
+_STATE = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    param = next(model.parameters(), None)
+    return param.dtype if param is not None else torch.float32
+
+
+def _reestimate(model: nn.Module, norms: list[nn.Module], images: torch.Tensor, batch_size: int) -> None:
+    """Reset each BatchNorm's running statistics and average them over ``images`` exactly."""
     momenta = {m: m.momentum for m in norms}
     try:
         with modes_restored(model):
@@ -89,7 +125,6 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
-    return len(norms)
 
 
 def _restate(model: nn.Module, norms: list[nn.Module], images: torch.Tensor, batch_size: int) -> None:

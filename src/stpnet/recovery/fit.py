@@ -9,8 +9,9 @@ layers before it produce to the outputs the *dense* network computes at that poi
 therefore also correct the error that reaches it from the layers before, and errors do not
 accumulate through depth.
 
-``unit='block'`` fits a whole block at a time instead (a residual block, an attention or MLP
-sub-block: :func:`stpnet.train.distillation_points`): all factorized layers inside it together,
+``unit='block'`` fits a whole block at a time instead (a residual block with its shortcut, an
+attention or MLP sub-block: a layer's nearest enclosing module that is not a mere container):
+all factorized layers inside it together,
 so that the block's output, after its BatchNorms, nonlinearities and shortcut, matches the dense
 block's (block-wise reconstruction, as in BRECQ, Li et al. 2021, for quantization). The layers of
 a block can then share out its error instead of each matching its own dense output.
@@ -27,7 +28,8 @@ from torch import nn
 
 from ..nn.base import FactorizedLayer
 from ..nn.conv import _FactorizedConvNd
-from ._calibration import check_images, forward_with_hooks, iterate_images, modes_restored
+from ..nn.convert import FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry
+from ._calibration import check_images, check_images_for, forward_with_hooks, iterate_images, modes_restored
 
 __all__ = ["LayerFit", "FitReport", "fit_to_activations", "activation_errors", "factorized_layer_order"]
 
@@ -177,20 +179,38 @@ def _fit_layer(layer: nn.Module, X: torch.Tensor, Y: torch.Tensor, steps: int, b
     return int(optimizer.state[params[0]].get("n_iter", steps))
 
 
+#: Modules that only hold others: their output is one child's (Sequential) or they have no
+#: forward of their own, so a block is never one of them.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _block_of(layer: str, compressed: nn.Module, dense: nn.Module, factorized: set[str]) -> str | None:
+    """The block whose output a factorized layer is fitted through: its nearest enclosing module
+    that is not a container (``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``), not
+    factorized itself, not the whole model, and present in ``dense`` under the same name. A
+    residual block's shortcut ``nn.Sequential(conv, bn)`` thus belongs to the block that adds it
+    to the main path, with the block's other convolutions. None: no such module."""
+    dense_names = {n for n, _ in dense.named_modules()}
+    parts = layer.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:end])
+        if name in factorized or any(name.startswith(f + ".") for f in factorized):
+            continue
+        if isinstance(compressed.get_submodule(name), _CONTAINERS):
+            continue
+        return name if name in dense_names else None
+    return None
+
+
 def _units(compressed: nn.Module, dense: nn.Module, order: list[str], unit: str) -> list[tuple[str | None, list[str]]]:
     """``(block name or None, its factorized layers to fit)`` in execution order; ``None``: fit the
-    layers one at a time (``unit='layer'``, or layers outside every block)."""
+    layers one at a time (``unit='layer'``, or layers outside every block, see :func:`_block_of`)."""
     if unit == "layer":
         return [(None, order)]
-    from ..train.features import distillation_points
-
-    try:
-        blocks = distillation_points(compressed, dense)
-    except ValueError:
-        blocks = ()
+    factorized = set(order)
     units: list[tuple[str | None, list[str]]] = []
     for name in order:
-        block = next((b for b in blocks if name.startswith(b + ".")), None)
+        block = _block_of(name, compressed, dense, factorized)
         if block is not None and units and units[-1][0] == block:
             units[-1][1].append(name)
         else:
@@ -266,8 +286,10 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
         Fit only these factorized layers (default all).
     unit : {'layer', 'block'}
         ``'layer'`` (default): each factorized layer matches its dense layer's output.
-        ``'block'``: the factorized layers of each block (:func:`stpnet.train.distillation_points`)
-        are fitted together so that the block's output matches the dense block's; layers outside
+        ``'block'``: the factorized layers of each block (a layer's nearest enclosing module that
+        is not an ``nn.Sequential``/``ModuleList``/``ModuleDict`` container nor the whole model:
+        a residual block with its shortcut projection, an attention sub-block) are fitted together
+        so that the block's output matches the dense block's; layers outside
         every block, and blocks called with more than one input, are fitted layer by layer. The
         report then has one entry per block.
     callback : callable, optional
@@ -285,6 +307,7 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
         has no factorized layer, or a factorized layer has no dense counterpart in ``dense``.
     """
     check_images(images)
+    check_images_for(compressed, images)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if weighting not in WEIGHTINGS:
@@ -307,6 +330,7 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
             if unknown:
                 raise ValueError(f"layers {unknown} are not factorized layers of the model; valid: {order}")
             order = [n for n in order if n in set(layers)]
+        _check_counterparts(compressed, dense, order)
         fits = []
         for unit_name, names in _units(compressed, dense, order, unit):
             if unit_name is not None:
@@ -323,6 +347,36 @@ def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Te
                 if callback is not None:
                     callback(fits[-1])
     return FitReport(tuple(fits), target, int(images.shape[0]), unit)
+
+
+def _check_counterparts(compressed: nn.Module, dense: nn.Module, names: list[str]) -> None:
+    """Each factorized layer of ``names`` has, in ``dense`` under its name, a layer of the type it
+    replaced with the same weight geometry: the layers are paired by name, and a module of another
+    kind there (a ReLU, another network's layer) must not silently serve as the target."""
+    dense_modules = dict(dense.named_modules())
+    replaced = {factorized: torch_type for torch_type, factorized in FACTORIZED_COUNTERPARTS.items()}
+    for name in names:
+        layer = compressed.get_submodule(name)
+        kind = next((torch_type for cls, torch_type in replaced.items() if isinstance(layer, cls)), None)
+        tz = layer.tensorization
+        geometry = (tz.in_features, tz.out_features, tuple(tz.kernel_size))
+        other = dense_modules.get(name)
+        advice = ("fit_to_activations pairs the layers by name: give the dense network that compress() "
+                  "started from")
+        if other is None:
+            raise ValueError(f"the dense network has no module {name!r} for the factorized layer of that name; "
+                             f"{advice}")
+        if isinstance(other, FactorizedLayer):
+            raise ValueError(f"layer {name!r} of the dense network is factorized; pass the uncompressed model "
+                             "(the one compress() started from)")
+        counterpart = dense_counterpart(other)
+        if counterpart is None or (kind is not None and counterpart is not kind):
+            expected = kind.__name__ if kind is not None else "dense layer"
+            raise ValueError(f"layer {name!r}: the factorized layer stands for a {expected}, but the dense "
+                             f"network's {name!r} is a {type(other).__name__}; {advice}")
+        if dense_geometry(other) != geometry:
+            raise ValueError(f"layer {name!r}: the factorized layer has (inputs, outputs, kernel) {geometry}, the "
+                             f"dense network's {type(other).__name__} {dense_geometry(other)}; {advice}")
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ class TrainConfig:
         Clip the global L2 norm of the gradients to this value before each step. Products of
         several factors (deep-linear structure) can make plain SGD blow up at learning rates
         the dense network tolerates; clipping keeps the step bounded (see BENCHMARKS.md,
-        Fashion-MNIST). ``None`` (default) does not clip.
+        "Fashion-MNIST, from scratch"). ``None`` (default) does not clip.
     augment : bool
         Pad-4 random crop and horizontal flip (for 32x32 colour images).
     seed : int
@@ -43,12 +43,24 @@ class TrainConfig:
     amp : {'auto', 'bf16', 'fp16', 'off'}
         Mixed precision. ``'auto'`` autocasts on CUDA only (bfloat16 where the GPU supports it,
         else float16 with loss scaling); ``'bf16'`` autocasts to bfloat16 on any device, which on
-        CPUs with AMX or AVX512-BF16 roughly halves a ResNet training step (BENCHMARKS.md) and on
+        CPUs with AMX or AVX512-BF16 makes a ResNet training step much faster (BENCHMARKS.md) and on
         CPUs without them is slower than float32; ``'fp16'`` float16 autocast (with loss scaling
         on CUDA); ``'off'`` full float32. ``True``/``False`` are read as ``'auto'``/``'off'``.
-    channels_last : bool
-        NHWC memory layout for 4-D inputs and weights, on every device (faster for CIFAR
-        ResNets on CPU and GPU; BENCHMARKS.md).
+    channels_last : bool or None
+        NHWC memory layout for 4-D inputs and weights. ``None`` (default): on CUDA only. ``True``
+        asks for it on every device, ``False`` never. On CPUs it is used only when asked for:
+        it was faster for CIFAR ResNets on some processors (BENCHMARKS.md), but on a 2-core AMD
+        EPYC with AVX2 only (torch 2.13.0+cpu) the backward pass of a thin ResNet-20 in
+        channels_last hung in oneDNN, likely an upstream oneDNN/OpenMP problem, while the
+        contiguous layout finished at once. To check a machine before asking for it::
+
+            import torch, torch.nn.functional as F
+            from stpnet.models.resnet_cifar import resnet_cifar
+            model = resnet_cifar(20, shortcut="B", widths=(5, 10, 20)).to(memory_format=torch.channels_last)
+            x = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+            F.cross_entropy(model(x), torch.randint(0, 10, (128,))).backward()  # hung there
+
+        (``bench/train_speed.py`` times both layouts on the machine at hand).
     train_subset : int, optional
         Train on the first ``train_subset`` samples of a fixed random permutation.
     distill_alpha, distill_temperature : float
@@ -80,7 +92,7 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     amp: str = "auto"
-    channels_last: bool = True
+    channels_last: bool | None = None
     eval_batch_size: int = 500
     train_subset: int | None = None
     distill_alpha: float = 0.0
@@ -92,6 +104,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.amp, bool):  # settings written before the modes existed
             object.__setattr__(self, "amp", "auto" if self.amp else "off")
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last must be True, False or None (CUDA only), got {self.channels_last!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES} (or a bool), got {self.amp!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -176,7 +176,8 @@ class Trainer:
         autocast = resolve_amp(config.amp, self.device)
         self.amp = autocast is not None
         self.amp_dtype = autocast or torch.float32  # float16 on CUDA gets a GradScaler in fit()
-        self.channels_last = config.channels_last
+        # channels_last on CUDA unless set: on CPUs only when asked for (TrainConfig.channels_last)
+        self.channels_last = self.device.type == "cuda" if config.channels_last is None else config.channels_last
         self.train_x, self.train_y = data.train_x, data.train_y
         if config.train_subset is not None and config.train_subset < len(self.train_y):
             perm = torch.randperm(len(self.train_y), generator=torch.Generator().manual_seed(config.seed))
@@ -271,6 +272,11 @@ class Trainer:
                         if self.teacher is not None:
                             with torch.no_grad():
                                 teacher_logits = self.teacher(xb)
+                            if teacher_logits.shape != logits.shape:
+                                raise ValueError(
+                                    f"the teacher returns outputs of shape {tuple(teacher_logits.shape)} and the "
+                                    f"model {tuple(logits.shape)} on the same batch: distillation needs a teacher "
+                                    f"over the same classes ({logits.shape[-1]})")
                             loss = distillation_loss(logits, teacher_logits, yb, alpha=cfg.distill_alpha,
                                                      temperature=cfg.distill_temperature,
                                                      label_smoothing=cfg.label_smoothing)

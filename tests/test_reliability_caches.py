@@ -1,0 +1,160 @@
+"""The inference caches (a factorized layer's rebuilt weight and merged cores, a fused layer's derived
+weights and plans) never return a stale result: every way of changing the tensors they are computed
+from is noticed, checked against a fresh (gradient-mode, uncached) forward of the same model."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import stpnet
+from stpnet.nn import FactorizedConv2d, FactorizedLayer, FusedLayer, fuse
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                          nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small, _ = stpnet.compress(dense, "stt", rank=4, keep_first_conv=False, keep_classifier=False)
+    return small.eval()
+
+
+def _fused(form: str) -> nn.Module:
+    model = fuse(_net())
+    for m in model.modules():
+        if isinstance(m, FusedLayer):
+            m.form = form if form in m.forms else "dense"
+    return model.eval()
+
+
+def _fresh(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's output computed without any cache (gradient mode rebuilds everything)."""
+    with torch.enable_grad():
+        return model(x).detach()
+
+
+def _cached(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        model(x)
+        return model(x)  # the second call runs the remembered plans and cached weights
+
+
+def _models():
+    return {"factorized": _net, "fused-dense": lambda: _fused("dense"), "fused-plain": lambda: _fused("plain"),
+            "fused-merged_in": lambda: _fused("merged_in"), "fused-chain": lambda: _fused("chain")}
+
+
+def _data_edit(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.data.mul_(1.5)
+
+
+def _load_state_dict(model: nn.Module) -> None:
+    state = {k: v * 1.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+
+
+def _load_state_dict_assign(model: nn.Module) -> None:
+    state = {k: (v * 1.5 if v.is_floating_point() else v).clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+
+
+def _data_assign(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.data = p.data * 1.5
+
+
+def _single_entry_edit(model: nn.Module) -> None:
+    """One value of one factor changed through ``.data``; sums and norms would barely move."""
+    p = next(p for m in model.modules() if isinstance(m, (FactorizedLayer, FusedLayer))
+             for n, p in m.named_parameters() if n != "bias")
+    flat = p.data.view(-1)
+    flat[0], flat[1] = flat[1].clone(), flat[0].clone()  # a swap: the same sum, another function
+
+
+EDITS = {"data-mul": _data_edit, "load_state_dict": _load_state_dict, "load_state_dict-assign": _load_state_dict_assign,
+         "data-assign": _data_assign, "data-swap": _single_entry_edit}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+@pytest.mark.parametrize("kind", list(_models()))
+def test_an_edit_of_the_source_tensors_is_seen_by_the_next_inference_call(kind, edit):
+    model = _models()[kind]()
+    x = torch.randn(2, 3, 8, 8)
+    before = _cached(model, x)
+    EDITS[edit](model)
+    after = _fresh(model, x)
+    assert not torch.allclose(after, before, atol=1e-4), "the edit should change the function"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), after, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(x), after, rtol=1e-4, atol=1e-5)  # and the plan made after it
+
+
+@pytest.mark.parametrize("kind", list(_models()))
+def test_to_and_half_drop_the_caches(kind):
+    model = _models()[kind]()
+    x = torch.randn(2, 3, 8, 8)
+    _cached(model, x)
+    model.double()
+    xd = x.double()
+    with torch.no_grad():
+        torch.testing.assert_close(model(xd), _fresh(model, xd))
+    model.half()
+    for m in model.modules():
+        if isinstance(m, (FactorizedLayer, FusedLayer)):
+            assert "_inference_cache" not in m.__dict__ and "_plan" not in m.__dict__
+    model.float()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _fresh(model, x), rtol=1e-3, atol=1e-3)  # rounded through half
+
+
+@pytest.mark.parametrize("kind", ["factorized", "fused-dense"])
+def test_requires_grad_drops_the_caches(kind):
+    model = _models()[kind]()
+    layer = next(m for m in model.modules() if isinstance(m, (FactorizedLayer, FusedLayer)))
+    x = torch.randn(2, 3, 8, 8)
+    _cached(model, x)
+    with torch.no_grad():
+        first = layer.weight
+        assert layer.weight is first
+        model.requires_grad_(False)  # each parameter's flag: the recorded flag no longer matches
+        assert layer.weight is not first
+        second = layer.weight
+        layer.requires_grad_(True)  # the layer's own call: dropped outright
+        assert "_inference_cache" not in layer.__dict__ or layer.weight is not second
+        torch.testing.assert_close(model(x), _fresh(model, x))
+
+
+def test_the_cached_weight_follows_a_data_edit_of_one_layer():
+    torch.manual_seed(3)
+    layer = FactorizedConv2d(8, 12, 3, 1, 1, format="stt", rank=4, t=2).eval()
+    with torch.no_grad():
+        first = layer.weight
+        assert layer.weight is first
+        for p in layer.weight_tensor.parameters():
+            p.data.mul_(2)
+        torch.testing.assert_close(layer.weight, first * 2 ** len(list(layer.weight_tensor.parameters())))
+
+
+def test_a_deep_copy_and_an_optimizer_step_are_followed():
+    model = _net()
+    x = torch.randn(2, 3, 8, 8)
+    _cached(model, x)
+    clone = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(x).square().mean().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _fresh(model, x))
+        torch.testing.assert_close(clone(x), _fresh(clone, x))
