@@ -32,10 +32,12 @@ dense, _, state = load_trained("resnet20-cifar10")
 dense.eval()
 data = normalized_like(load_dataset(str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")), state)
 start = time.perf_counter()
+calibration = calibration_images(data, n_calib, 0)
 small, report = stpnet.compress(dense, fmt, compression=9,
                                 t=2 if fmt.startswith("st") and t_choices is None else None,
-                                allocation=allocation, t_choices=t_choices, calibration=calibration_images(data, n_calib, 0),
-                                fit_steps=steps, fit_unit=unit)
+                                allocation=allocation, t_choices=t_choices, calibration=calibration)
+if steps > 0:
+    report = report.with_recovery(stpnet.recover(small, dense, calibration, fit_steps=steps, fit_unit=unit))
 seconds = time.perf_counter() - start
 acc = evaluate(small.eval(), data.test_x, data.test_y, data.mean, data.std, device=torch.device("cpu"))["accuracy"]
 choice = "" if t_choices is None else "-t" + "".join(map(str, t_choices))

@@ -58,7 +58,7 @@ from stpnet.compress import compress
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
 from stpnet.pipeline import calibration_images, load_trained, normalized_like, train_spec
-from stpnet.recovery import recalibrate_batchnorm
+from stpnet.recovery import recalibrate_batchnorm, recover
 from stpnet.train import TrainConfig, evaluate
 
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
@@ -187,10 +187,16 @@ class Sweep:
     def calibration(self, seed: int) -> torch.Tensor:
         return calibration_images(self.data, self.args.calibration_images, seed)
 
-    def compressed(self, config: Config, **options):
+    def compressed(self, config: Config, *, fit_steps: int = 0, fit_unit: str = "block", recalibrate_bn=False,
+                   **options):
+        """Compress the dense network for ``config``, then recover it on ``options['calibration']``
+        when ``fit_steps`` or ``recalibrate_bn`` ask for it; the model, its report and the seconds."""
         start = time.perf_counter()
         t = None if options.get("t_choices") is not None else config.t
         small, report = compress(self.dense, config.format, compression=config.compression, t=t, **options)
+        if fit_steps > 0 or recalibrate_bn:
+            report = report.with_recovery(recover(small, self.dense, options["calibration"], fit_steps=fit_steps,
+                                                  fit_unit=fit_unit, recalibrate_bn=recalibrate_bn))
         return small, report, time.perf_counter() - start
 
     # ------------------------------------------------------------------ steps

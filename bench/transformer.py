@@ -41,6 +41,7 @@ from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
 from stpnet.nn import fuse
 from stpnet.pipeline import calibration_images, load_trained, normalized_like, train_spec
+from stpnet.recovery import recover
 from stpnet.train import TrainConfig, evaluate
 
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
@@ -165,8 +166,8 @@ class Sweep:
                     self.record(name, "plain", test_accuracy=self.accuracy(plain), **common,
                                 seconds=round(time.perf_counter() - start, 1))
                 start = time.perf_counter()
-                fitted, report = compress(dense, fmt, compression=factor, t=t, calibration=calibration, fit_steps=100,
-                                          fit_unit="layer", attention=self.args.attention)
+                fitted, report = compress(dense, fmt, compression=factor, t=t, attention=self.args.attention)
+                report = report.with_recovery(recover(fitted, dense, calibration, fit_steps=100, fit_unit="layer"))
                 fit_seconds = time.perf_counter() - start
                 if (name, "fit") not in self.done:
                     self.record(name, "fit", test_accuracy=self.accuracy(fitted), **common,

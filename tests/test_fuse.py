@@ -67,7 +67,8 @@ def test_fused_layer_computes_the_same_function(combo, kind):
     # every conv form computes the same function (the plain ones on derived weights), and stays
     # differentiable through the merged factors
     onepass = kind == "conv2d-strided" and onepass_available()  # 2-D, dilation 1 (conv2d has dilation 2)
-    assert fused.forms == (("chain", "dense") if kind == "linear" or layout == "paired" else
+    linear_forms = ("chain", "plain", "dense") if layout in ("sequential", "ring", "tucker2") else ("chain", "dense")
+    assert fused.forms == (linear_forms if kind == "linear" else ("chain", "dense") if layout == "paired" else
                            tuple(f for f in FUSED_FORMS if onepass or f != "onepass"))
     for form in fused.forms:
         fused.form = form

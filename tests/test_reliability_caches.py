@@ -158,3 +158,91 @@ def test_a_deep_copy_and_an_optimizer_step_are_followed():
     with torch.no_grad():
         torch.testing.assert_close(model(x), _fresh(model, x))
         torch.testing.assert_close(clone(x), _fresh(clone, x))
+
+
+@pytest.fixture(params=["memcmp", "torch"])
+def comparison(request, monkeypatch):
+    """Each source comparison: byte-wise on the host (``memcmp``), and the batched ``torch.equal``
+    of their bits that accelerators (and hosts without a C library) use."""
+    if request.param == "torch":
+        import stpnet.nn._cache as cache
+
+        monkeypatch.setattr(cache, "_memcmp", lambda: None)
+    return request.param
+
+
+def _bias_data_edit(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, (FactorizedLayer, FusedLayer)) and m.bias is not None:
+            m.bias.data.add_(1.0)
+
+
+def _reshaped_in_place(model: nn.Module) -> None:
+    """A factor given another layout of the same memory (same pointer, shape and bytes; other strides)."""
+    layer = next(m for m in model.modules() if isinstance(m, FusedLayer))
+    p = next(p for n, p in layer.named_parameters() if n != "bias" and p.ndim == 2 and p.shape[0] != p.shape[1])
+    pointer, shape = p.data_ptr(), p.shape
+    rows, cols = shape
+    p.data = p.data.as_strided(shape, (1, rows) if p.stride() == (cols, 1) else (cols, 1))
+    assert p.data_ptr() == pointer and p.shape == shape
+
+
+@pytest.mark.parametrize("edit", ["data-mul", "data-swap", "bias-data"])
+@pytest.mark.parametrize("kind", list(_models()))
+def test_edits_are_seen_through_either_comparison(kind, edit, comparison):
+    model = _models()[kind]()
+    x = torch.randn(2, 3, 8, 8)
+    before = _cached(model, x)
+    {"data-mul": _data_edit, "data-swap": _single_entry_edit, "bias-data": _bias_data_edit}[edit](model)
+    after = _fresh(model, x)
+    assert not torch.allclose(after, before, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), after, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(x), after, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fused-dense", "fused-plain"])
+def test_a_transposed_factor_is_compared_over_its_memory(kind, comparison):
+    """Fused factors can be stored transposed (a permuted, not contiguous, layout): an edit of one
+    entry through ``.data`` is still seen, and so is new data of a new layout."""
+    model = _models()[kind]()
+    layer = next(m for m in model.modules() if isinstance(m, FusedLayer))
+    name, p = next((n, p) for n, p in layer.named_parameters() if n != "bias" and p.ndim == 2)
+    with torch.no_grad():
+        setattr(layer, name, nn.Parameter(p.detach().t().contiguous().t()))  # same values, transposed storage
+    p = getattr(layer, name)
+    assert not p.is_contiguous()
+    x = torch.randn(2, 3, 8, 8)
+    before = _cached(model, x)
+    p.data[-1, 0] += 3.0  # one entry, through .data (no version bump)
+    after = _fresh(model, x)
+    assert not torch.allclose(after, before, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), after, rtol=1e-4, atol=1e-5)
+        p.data = p.data.t().contiguous().t() * 2  # another storage, the same layout
+        torch.testing.assert_close(model(x), _fresh(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_factor_reshaped_on_the_same_memory_is_seen(comparison):
+    model = _models()["fused-dense"]()
+    x = torch.randn(2, 3, 8, 8)
+    before = _cached(model, x)
+    _reshaped_in_place(model)
+    after = _fresh(model, x)
+    assert not torch.allclose(after, before, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), after, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cached_value_is_reused_while_unchanged_even_with_nan_factors(comparison):
+    """The sources are compared bit for bit: a NaN equals itself, so an unchanged layer holding one
+    keeps its cache (``torch.equal`` would call it changed on every call)."""
+    torch.manual_seed(0)
+    layer = FactorizedConv2d(8, 12, 3, 1, 1, format="stt", rank=4, t=2).eval()
+    factor = next(layer.weight_tensor.parameters())
+    with torch.no_grad():
+        factor[(0,) * factor.ndim] = float("nan")
+        first = layer.weight
+        assert layer.weight is first
+        factor.data[(0,) * factor.ndim] = 0.0
+        assert layer.weight is not first and not torch.isnan(layer.weight).all()

@@ -23,6 +23,7 @@ from .stp import mode_product, rstp, stp, swap_matrix
 from . import nn
 from .nn.fold import fold_batchnorm
 from .nn.fused import fuse
+from .recovery import RecoveryReport, recover
 from .saving import load, save
 
 __version__ = "0.1.0"
@@ -35,6 +36,8 @@ __all__ = [
     "decompose",
     "compress",
     "decompress",
+    "recover",
+    "RecoveryReport",
     "save",
     "load",
     "fuse",

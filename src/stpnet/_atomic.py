@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "check_output_path"]
+__all__ = ["atomic_path", "atomic_write_text", "check_output_path", "new_file_mode"]
 
 
 def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
@@ -52,6 +52,7 @@ def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would make every written file private
     except OSError as exc:
         raise OSError(f"{what} {path} cannot be written ({exc.strerror or exc})") from None
     try:
@@ -63,6 +64,14 @@ def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def new_file_mode() -> int:
+    """The permission bits a plain new file gets here: 0o666 less the process's file-creation
+    mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, what: str = "output") -> Path:

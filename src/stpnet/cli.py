@@ -371,19 +371,16 @@ def _cmd_compress(args) -> int:
     _claim_run_dir(args)
     calibration = calibration_images(data, args.calibration_images, args.seed) if (
         fit_steps or bn or allocation == "activation") else None
+    # keep_function: the statistics of what training will feed the network, augmented images (docs/accuracy.md)
+    augmented = calibration_images(data, args.calibration_images, args.seed, augment=True) if keep_function else None
     small, new_spec, report = compress_trained(model, spec, args.format, rank=args.rank,
                                                compression=args.compression, t=args.t, layout=args.layout,
                                                n_iter=args.n_iter, input_shape=(1, c, h, w), allocation=allocation,
                                                calibration=calibration, fit_steps=fit_steps,
-                                               fit_unit=args.fit_unit, recalibrate_bn=False if keep_function else bn,
+                                               fit_unit=args.fit_unit, recalibrate_bn=bn, bn_calibration=augmented,
                                                t_choices=args.t_choices)
     print(report.to_markdown())
     if keep_function:
-        from .recovery import recalibrate_batchnorm
-
-        # statistics of what training will feed the network: augmented images (BENCHMARKS.md)
-        recalibrate_batchnorm(small, calibration_images(data, args.calibration_images, args.seed, augment=True),
-                              keep_function=True)
         print(f"BatchNorm: statistics moved to the network's own on {calibration.shape[0]} augmented calibration "
               "images, weights rescaled to keep the function")
     made = {"source": str(args.checkpoint), "format": args.format, "compression_target": args.compression,
@@ -578,7 +575,9 @@ def _cmd_demo(args) -> int:
         _print_table(["network", "parameters", "compression", "straight after compression",
                       "after allocation + fit (no epoch)", f"after {epochs} distilled epoch{'s' * (epochs != 1)}",
                        "time (s)"],
-                     [[r["format"], f"{r['params']:,}", f"{r['compression']:.2f}x", pct(r["plain"]),
+                     [[r["format"] + (f" (shipped; {r['full_test_accuracy']:.2%} on the full test set)"
+                                      if "full_test_accuracy" in r else ""),
+                       f"{r['params']:,}", f"{r['compression']:.2f}x", pct(r["plain"]),
                        pct(r["recovered"]), f"{r['accuracy']:.2%}", f"{r['seconds']:.1f}"] for r in rows])
     if plot:
         print(f"\nplot: {plot}")

@@ -5,26 +5,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .discovery import (attention_modules, candidate_layers, eligible_layers, layer_eligibility, layer_input_shapes,
+                        tied_layers)
 from .formats import format_class
-from .nn.cost import dense_layer_macs
 from .nn.base import FactorizedLayer, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
 from .nn._replace import replace_modules, set_submodule
-from .nn.attention import UnpackedMultiheadAttention
-from .nn.convert import (DENSE_TYPES, FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry, to_dense,
-                         why_not_factorizable)
-from .nn.linear_like import as_linear, linear_view
-
-if TYPE_CHECKING:
-    from .recovery import FitReport
+from .nn.convert import FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry, to_dense, why_not_factorizable
+from .nn.layer_types import layer_type
+from .nn.linear_like import as_linear
+from .recovery._calibration import check_images, check_images_for
+from .recovery.allocate import CRITERIA, allocate_ranks, check_t_choices
+from .recovery.fit import FitReport
+from .recovery.recover import RecoveryReport, check_recovery_options, recover
 
 __all__ = ["LayerReport", "LayerNote", "CompressionReport", "compress", "decompress", "eligible_layers",
            "layer_eligibility", "model_report"]
@@ -115,6 +115,10 @@ class CompressionReport:
                 "bn_recalibrated": self.bn_recalibrated, "kept_tied": list(self.kept_tied),
                 "skipped": [asdict(n) for n in self.skipped], "adjusted": [asdict(n) for n in self.adjusted]}
 
+    def with_recovery(self, recovery: RecoveryReport) -> "CompressionReport":
+        """This report with what :func:`stpnet.recover` did (its fit errors and the BatchNorm step)."""
+        return dataclasses.replace(self, fit=recovery.fit, bn_recalibrated=recovery.bn_recalibrated)
+
     def to_markdown(self) -> str:
         """A table: one row per Conv/Linear layer, then the whole-model totals."""
         def macs(v):
@@ -160,100 +164,6 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that hold a weight matrix or kernel: the Conv/Linear family, and any other module
-    with a parameter of two or more dimensions of its own (so what cannot be compressed is
-    reported, not silently passed over). Factorized layers are not candidates."""
-    out = []
-    for name, m in model.named_modules():
-        if not name or isinstance(m, FactorizedLayer):
-            continue
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or any(
-                p.ndim >= 2 for p in m.parameters(recurse=False)):
-            out.append((name, m))
-    return out
-
-
-def layer_eligibility(
-    model: nn.Module,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    keep_first_conv: bool = True,
-    keep_classifier: bool = True,
-) -> dict[str, str | None]:
-    """Every module holding a weight matrix or kernel, with None if ``compress`` would replace it or
-    the reason it stays as it is (unsupported type, groups > 1, kept on purpose, filtered out)."""
-    named = _candidates(model)
-    convs = [n for n, m in named if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    linears = [n for n, m in named if isinstance(m, nn.Linear) or linear_view(m) is not None]
-    protected = {}
-    if keep_classifier and linears:
-        protected[linears[-1]] = "kept dense on purpose: the classifier (keep_classifier=True)"
-    if keep_first_conv and convs:
-        protected[convs[0]] = "kept dense on purpose: the first convolution (keep_first_conv=True)"
-    out: dict[str, str | None] = {}
-    for name, module in named:
-        reason = why_not_factorizable(module)
-        explicitly = include is not None and any(fnmatch.fnmatch(name, p) for p in include)
-        if reason is None and include is not None and not explicitly:
-            reason = "not matched by include="
-        if reason is None and exclude is not None and any(fnmatch.fnmatch(name, p) for p in exclude):
-            reason = "matched by exclude="
-        if reason is None and name in protected and not explicitly:
-            reason = protected[name]
-        out[name] = reason
-    return out
-
-
-def eligible_layers(
-    model: nn.Module,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    keep_first_conv: bool = True,
-    keep_classifier: bool = True,
-) -> list[str]:
-    """Names of the Conv/Linear layers ``compress`` would replace.
-
-    By default the first convolution and the last Linear (the classifier) stay dense. ``include``
-    and ``exclude`` are shell-style patterns on module names (``fnmatch``); a layer named by
-    ``include`` is eligible even if it is the first conv or the classifier. Subclasses of
-    ``nn.Linear`` / ``nn.ConvNd`` that keep their base's forward are eligible
-    (:func:`stpnet.nn.dense_counterpart`); :func:`layer_eligibility` says why the others are not.
-    """
-    return [n for n, reason in layer_eligibility(model, include, exclude, keep_first_conv, keep_classifier).items()
-            if reason is None]
-
-
-def _layer_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[str, tuple[int, ...]]:
-    """Input shape of every Conv/Linear layer for one forward pass on zeros of ``input_shape``."""
-    if input_shape is None:
-        return {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = []
-
-    def record(name: str):
-        def hook(module, args, output) -> None:
-            shapes.setdefault(name, tuple(args[0].shape))
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, (*DENSE_TYPES, FactorizedLayer)) or linear_view(module) is not None:
-            hooks.append(module.register_forward_hook(record(name)))
-    was_training = model.training
-    try:
-        model.eval()
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else "cpu"
-        dtype = param.dtype if param is not None else torch.float32
-        with torch.no_grad():
-            model(torch.zeros(*input_shape, device=device, dtype=dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return shapes
-
-
 def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
                  dense_params: int | None = None) -> CompressionReport:
     """Report every Conv/Linear layer of ``model`` (factorized or dense) and the totals.
@@ -261,7 +171,7 @@ def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
     ``dense_params`` is the parameter count of the uncompressed model; by default it is computed
     by counting each factorized layer as the dense layer it replaces.
     """
-    shapes = _layer_shapes(model, input_shape)
+    shapes = layer_input_shapes(model, input_shape)
     rows = []
     for name, m in model.named_modules():
         shape = shapes.get(name)
@@ -270,13 +180,9 @@ def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
             rows.append(LayerReport(name, kind, m.format, m.rank, m.t, m.dense_params, m.num_params,
                                     None if shape is None else m.dense_macs(shape),
                                     None if shape is None else m.macs(shape)))
-        elif isinstance(m, DENSE_TYPES):
+        elif (layer_kind := layer_type(m, keep_forward=False)) is not None and layer_kind.counterpart is not None:
             n = sum(p.numel() for p in m.parameters())
-            macs = None if shape is None else dense_layer_macs(m, shape)
-            rows.append(LayerReport(name, type(m).__name__, "dense", None, None, n, n, macs, macs))
-        elif (view := linear_view(m)) is not None:  # a Linear storing its weight another way (HF Conv1D)
-            n = sum(p.numel() for p in m.parameters())
-            macs = None if shape is None else math.prod(shape[:-1]) * view.in_features * view.out_features
+            macs = None if shape is None else layer_kind.dense_macs(m, shape)
             rows.append(LayerReport(name, type(m).__name__, "dense", None, None, n, n, macs, macs))
     params = sum(p.numel() for p in model.parameters())
     if dense_params is None:
@@ -331,12 +237,16 @@ def compress(
     allocation: str = "uniform",
     t_choices: Sequence[int] | None = None,
     calibration: torch.Tensor | None = None,
-    fit_steps: int = 0,
-    fit_unit: str = "block",
-    recalibrate_bn: bool | str = False,
+    fit_steps: int | None = None,
+    fit_unit: str | None = None,
+    recalibrate_bn: bool | str | None = None,
     attention: str = "packed",
 ) -> tuple[nn.Module, CompressionReport]:
     """Replace the eligible Conv/Linear/Embedding layers of ``model`` with factorized layers.
+
+    This is the structure of the compressed network (which layers, format, ranks and t, their
+    allocation); recovering the accuracy it lost on calibration inputs is the next step,
+    :func:`stpnet.recover`.
 
     Parameters
     ----------
@@ -383,48 +293,49 @@ def compress(
         (``t_choices`` of :func:`stpnet.recovery.allocate_ranks`); the report lists each layer's
         t. Not with ``t``.
     calibration : torch.Tensor, optional
-        A few hundred preprocessed training inputs (no augmentation) for the data-aware steps.
-    fit_steps : int
-        If > 0, refine every factorized layer for this many L-BFGS iterations to reproduce the
-        dense network's activations on ``calibration``, layer by layer in execution order
-        (:func:`stpnet.recovery.fit_to_activations`); 100 is a good value.
-    fit_unit : {'block', 'layer'}
-        What each fit matches: the factorized layers of each block (every residual block of a
-        ResNet) together, the block's output (default), or every factorized layer its dense
-        layer's output (``unit`` of :func:`stpnet.recovery.fit_to_activations`; layers outside
-        every block are fitted alone either way). Block fitting keeps far more of a trained
-        network's accuracy than layer fitting (BENCHMARKS.md, "Keeping the accuracy of a trained
-        network").
+        A few hundred preprocessed training inputs (no augmentation), for
+        ``allocation='activation'``.
     attention : {'packed', 'separate'}
         How an attention's query/key/value projection is factorized: one (3E x E) matrix, run once
         in self-attention (``'in_proj'``), or three (E x E) matrices (``'q_proj'``, ``'k_proj'``,
         ``'v_proj'``).
-    recalibrate_bn : {False, True, 'keep_function'}
-        Re-estimate BatchNorm running statistics on ``calibration`` at the end
-        (:func:`stpnet.recovery.recalibrate_batchnorm`). ``True`` recovers much of a plain
-        decomposition's loss; after fitting, which targets the dense network's statistics, it
-        measured worse on ResNet-20 (BENCHMARKS.md). ``'keep_function'`` also rescales every
-        BatchNorm's weight and bias so the network computes the same function as before, now with
-        statistics that describe its real activations, so that training-mode BatchNorm (batch
-        statistics) computes the fitted function too: before fine-tuning ResNet-20 it helped on the
-        full training set, and in the demo after a 60-step fit, not after a weak 20-step one
-        (BENCHMARKS.md).
+    fit_steps, fit_unit, recalibrate_bn
+        Deprecated: the recovery is its own step, :func:`stpnet.recover` (whose arguments of
+        these names they are). Given here they still run it on ``calibration`` after the
+        compression, with a DeprecationWarning, until the next release.
 
     Returns
     -------
     (nn.Module, CompressionReport)
-        The report records the allocation and, when fitted, each layer's output error before
-        and after the fit.
+        The report records each layer's format, ranks and t, the allocation, and the layers
+        left as they were and why.
 
     Raises
     ------
     ValueError
         For an unknown format, init or allocation, no eligible layer, not exactly one of
         rank/compression, or a data-aware step without ``calibration``.
-    """
-    from .recovery import allocate_ranks, fit_to_activations, recalibrate_batchnorm
-    from .recovery.allocate import CRITERIA
 
+    Examples
+    --------
+    >>> import stpnet, torch
+    >>> from stpnet.models import build_model
+    >>> dense = build_model("resnet20").eval()
+    >>> small, report = stpnet.compress(dense, "stt", compression=9, t=2)
+    >>> calibration = torch.randn(8, 3, 32, 32)
+    >>> recovery = stpnet.recover(small, dense, calibration, fit_steps=2)
+    >>> report = report.with_recovery(recovery)
+    """
+    deprecated = {name: value for name, value in (("fit_steps", fit_steps), ("fit_unit", fit_unit),
+                                                   ("recalibrate_bn", recalibrate_bn)) if value is not None}
+    if deprecated:
+        warnings.warn(f"compress({', '.join(f'{k}=...' for k in deprecated)}) is deprecated and will be removed in the "
+                      "next release: compress builds the structure, and stpnet.recover(compressed, dense, calibration, "
+                      f"{', '.join(f'{k}=...' for k in deprecated)}) recovers the accuracy", DeprecationWarning,
+                      stacklevel=2)
+    fit_steps = 0 if fit_steps is None else fit_steps
+    fit_unit = "block" if fit_unit is None else fit_unit
+    recalibrate_bn = False if recalibrate_bn is None else recalibrate_bn
     if (rank is None) == (compression is None):
         raise ValueError("give exactly one of rank=... or compression=...")
     if init not in INIT_MODES:
@@ -441,29 +352,18 @@ def compress(
                          "'activation' (with compression=...), and no t=")
     if attention not in ("packed", "separate"):
         raise ValueError(f"attention must be 'packed' or 'separate', got {attention!r}")
-    if not (isinstance(recalibrate_bn, bool) or recalibrate_bn == "keep_function"):
-        raise ValueError(f"recalibrate_bn must be False, True or 'keep_function', got {recalibrate_bn!r}")
-    if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0:
-        raise ValueError(f"fit_steps must be an int >= 0, got {fit_steps!r}")
-    from .recovery.fit import UNITS
-
-    if fit_unit not in UNITS:
-        raise ValueError(f"fit_unit must be one of {UNITS}, got {fit_unit!r}")
+    check_recovery_options(fit_steps, fit_unit, recalibrate_bn)
     needs_data = [what for what, on in (("fit_steps > 0", fit_steps > 0), ("recalibrate_bn", recalibrate_bn),
                                         ("allocation='activation'", allocation == "activation")) if on]
     if needs_data and calibration is None:
         raise ValueError(f"{' and '.join(needs_data)} need calibration inputs (calibration=a few hundred "
                          "preprocessed training images)")
     if needs_data:
-        from .recovery._calibration import check_images, check_images_for
-
         check_images(calibration, "calibration")
         check_images_for(model, calibration, "calibration")
     format_cls, semi = format_class(format)
     if t_choices is not None:
-        from .recovery.allocate import _check_t_choices
-
-        t_choices = _check_t_choices(format, t_choices)
+        t_choices = check_t_choices(format, t_choices)
     per_layer_t = dict(t) if isinstance(t, Mapping) else None
     if per_layer_t is not None:
         if not isinstance(rank, Mapping) or set(per_layer_t) != set(rank):
@@ -480,9 +380,6 @@ def compress(
         model = copy.deepcopy(model)
     elif fit_steps > 0:
         reference = copy.deepcopy(model)  # the dense activations to fit to
-    if fit_steps > 0 and _attention_modules(reference):
-        reference = copy.deepcopy(reference)
-        _unpack_attention(reference, attention == "packed")  # the same module names as the compressed model
     unpacked, refused = _unpack_attention(model, attention == "packed")
     linearized = _linearize(model)
     if isinstance(rank, Mapping):
@@ -496,7 +393,7 @@ def compress(
             if reason is not None:
                 raise ValueError(f"layer {name!r} cannot be factorized: {reason}; only Conv1d/2d/3d with groups=1 "
                                  "and Linear (or subclasses keeping their forward) can")
-        eligibility = {n: None if n in rank else "not named in rank=" for n, _ in _candidates(model)}
+        eligibility = {n: None if n in rank else "not named in rank=" for n, _ in candidate_layers(model)}
     else:
         eligibility = layer_eligibility(model, include, exclude, keep_first_conv, keep_classifier)
         names = [n for n, reason in eligibility.items() if reason is None]
@@ -506,7 +403,7 @@ def compress(
             why = sorted({eligibility.pop(c) or "tied" for c in [n for n in eligibility if n.startswith(name + ".")]})
             eligibility[name] = f"none of its projections is selected ({'; '.join(why)})"
             set_submodule(model, name, original)
-    tied = _tied_layers(model, names)
+    tied = tied_layers(model, names)
     if tied and isinstance(rank, Mapping):
         raise ValueError(f"layers {tied} share their weight with another module (tied parameters); factorizing "
                          "one would break the tie. Leave them out of rank=...")
@@ -558,20 +455,13 @@ def compress(
         return _frozen_like(layer, dense)
 
     replace_modules(model, lambda m: id(m) in name_of, factorized)  # a shared module stays one shared module
-    fit = None
-    if fit_steps > 0:
-        fit = fit_to_activations(model, reference, calibration, steps=fit_steps, unit=fit_unit)
-    if recalibrate_bn:
-        recalibrate_batchnorm(model, calibration, keep_function=recalibrate_bn == "keep_function")
-    report = model_report(model, input_shape, dense_params)
-    return model, dataclasses.replace(report, allocation=allocation if compression is not None else None, fit=fit,
-                                      bn_recalibrated=recalibrate_bn, kept_tied=tuple(tied), skipped=tuple(skipped),
-                                      adjusted=tuple(adjusted))
-
-
-def _attention_modules(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if n and isinstance(m, nn.MultiheadAttention)
-            and type(m).forward is nn.MultiheadAttention.forward]
+    report = dataclasses.replace(model_report(model, input_shape, dense_params),
+                                 allocation=allocation if compression is not None else None, kept_tied=tuple(tied),
+                                 skipped=tuple(skipped), adjusted=tuple(adjusted))
+    if fit_steps > 0 or recalibrate_bn:  # the deprecated recovery arguments
+        report = report.with_recovery(recover(model, reference, calibration, fit_steps=fit_steps, fit_unit=fit_unit,
+                                              recalibrate_bn=recalibrate_bn))
+    return model, report
 
 
 def _unpack_attention(model: nn.Module, packed: bool = True) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -580,10 +470,10 @@ def _unpack_attention(model: nn.Module, packed: bool = True) -> tuple[dict[str, 
 
     Returns the replaced modules by name, and the reasons for those left as they are."""
     unpacked, refused = {}, {}
-    for name in _attention_modules(model):
+    for name in attention_modules(model):
         module = model.get_submodule(name)
         try:
-            new = UnpackedMultiheadAttention.from_torch(module, packed=packed and module._qkv_same_embed_dim)
+            new = layer_type(module).unpack(module, packed)
         except ValueError as error:
             refused[name] = str(error)
             continue
@@ -603,9 +493,9 @@ def _linearize(model: nn.Module) -> dict[str, nn.Module]:
             owners[id(param)] = owners.get(id(param), 0) + 1
     originals: dict[str, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if (name and not isinstance(module, (*DENSE_TYPES, FactorizedLayer))
-                and all(owners[id(p)] == 1 for p in module.parameters(recurse=False))
-                and linear_view(module) is not None):
+        kind = layer_type(module)
+        if (name and kind is not None and kind.linearized and not isinstance(module, FactorizedLayer)
+                and all(owners[id(p)] == 1 for p in module.parameters(recurse=False))):
             originals[name] = module
     selected = {id(m) for m in originals.values()}
     replace_modules(model, lambda m: id(m) in selected, as_linear)
@@ -654,21 +544,6 @@ def _check_layer_t(layers: Mapping[str, nn.Module], format: str, t: Mapping[str,
         except ValueError as error:
             raise ValueError(f"layer {name!r}: t={t[name]}: {error}") from None
     return {name: t[name] for name in layers}
-
-
-def _tied_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """Those of ``names`` whose weight Parameter another module also holds (for example a classifier
-    tied to an embedding)."""
-    owners: dict[int, set[int]] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), set()).add(id(module))
-    out = []
-    for name in names:
-        weight = getattr(model.get_submodule(name), "weight", None)
-        if isinstance(weight, nn.Parameter) and len(owners.get(id(weight), ())) > 1:
-            out.append(name)
-    return out
 
 
 def decompress(model: nn.Module, *, inplace: bool = False) -> nn.Module:

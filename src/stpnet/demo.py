@@ -21,7 +21,7 @@ from .formats import format_class
 from .model_spec import ModelSpec
 from .progress import ProgressBar
 
-__all__ = ["run_demo", "run_compression_demo", "DEMO_MODEL", "DEMO_PRETRAINED", "DEMO_FORMATS",
+__all__ = ["run_demo", "run_compression_demo", "shipped_compressed", "DEMO_MODEL", "DEMO_PRETRAINED", "DEMO_FORMATS",
            "DEMO_FINE_TUNE_EPOCHS"]
 
 #: The small ResNet of the demo (CIFAR ResNet-20, option A shortcuts).
@@ -32,6 +32,14 @@ DEMO_PRETRAINED = "resnet20-cifar10"
 DEMO_FINE_TUNE_EPOCHS = 3
 #: Formats of the compression demo (t = 2 for the semi-tensor ones).
 DEMO_FORMATS = ("tt", "stt", "str")
+
+
+def shipped_compressed() -> tuple[str, ...]:
+    """The shipped networks compressed from :data:`DEMO_PRETRAINED` (for example
+    ``'resnet20-cifar10-stt9x'``), the ones the compression demo shows first."""
+    from .models import pretrained_names
+
+    return tuple(n for n in pretrained_names() if n.startswith(DEMO_PRETRAINED + "-"))
 
 
 def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir: str | Path = "stpnet-demo",
@@ -74,13 +82,15 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
         One dict per network: format, params, compression, ``plain`` (accuracy straight after
         compression; the dense row has its own accuracy), ``recovered`` (after allocation and
         fitting, no epoch), ``accuracy`` (final), ``seconds`` (compression, recovery and fine-tuning). The
-        plot path is None if matplotlib is missing.
+        dense row comes first, then each shipped compressed network (:func:`shipped_compressed`,
+        named in ``format``, with its card's ``full_test_accuracy``), then the networks compressed
+        here. The plot path is None if matplotlib is missing.
     """
     from .compress import compress as compress_model
     from .data import load_embedded_cifar10
     from .models import pretrained
     from .pipeline import calibration_images, train_spec
-    from .recovery import recalibrate_batchnorm
+    from .recovery import recalibrate_batchnorm, recover
     from .train import TrainConfig, evaluate
 
     dense, card = pretrained(DEMO_PRETRAINED)
@@ -101,6 +111,14 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
     rows = [{"format": "dense", "params": dense_params, "compression": 1.0, "plain": None,
              "recovered": None, "accuracy": accuracy(dense), "seconds": 0.0}]
     say(f"{DEMO_PRETRAINED}: {rows[0]['accuracy']:.2%} on the embedded test subset")
+    for name in shipped_compressed():  # the end result of a full-length run, first
+        start = time.perf_counter()
+        shipped, shipped_card = pretrained(name)
+        rows.append({"format": name, "params": shipped_card.params, "compression": dense_params / shipped_card.params,
+                     "plain": None, "recovered": None, "accuracy": accuracy(shipped),
+                     "full_test_accuracy": shipped_card.test_accuracy, "seconds": time.perf_counter() - start})
+        say(f"{name} (shipped): {rows[-1]['accuracy']:.2%} on the embedded test subset, "
+            f"{shipped_card.test_accuracy:.2%} on the full test set")
     calibration = calibration_images(data, calibration_size, seed)
     keep_function = bn_keep_function and fine_tune_epochs > 0
     # what training feeds BatchNorm: its statistics are moved to these (only before a fine-tune)
@@ -114,8 +132,9 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
         say(f"{fmt}: straight after compression {plain_accuracy:.2%}; recovering")
         choose_t = bool(t_choices) and t is not None  # each layer's t chosen with its ranks
         small, report = compress_model(dense, fmt, compression=compression, t=None if choose_t else t,
-                                       allocation="weight", calibration=calibration, fit_steps=fit_steps,
-                                       fit_unit="block", t_choices=t_choices if choose_t else None)
+                                       allocation="weight", t_choices=t_choices if choose_t else None)
+        if fit_steps > 0:
+            report = report.with_recovery(recover(small, dense, calibration, fit_steps=fit_steps, fit_unit="block"))
         recovered = accuracy(small)
         say(f"{fmt}: after rank allocation and fitting {recovered:.2%}")
         spec = ModelSpec(DEMO_MODEL, 3, data.num_classes, fmt, report.t if choose_t else t, None, report.ranks)
@@ -143,8 +162,9 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
 
         epochs = f"{fine_tune_epochs} distilled epoch{'s' * (fine_tune_epochs != 1)}"
         plot = plot_recovery_stages(
-            rows[1:], {"plain": "straight after compression", "recovered": "after allocation + fit (no epoch)",
-                       "accuracy": f"after {epochs}"},
+            [r for r in rows[1:] if "full_test_accuracy" not in r],
+            {"plain": "straight after compression", "recovered": "after allocation + fit (no epoch)",
+             "accuracy": f"after {epochs}"},
             out_dir / "accuracy_by_stage.png", dense_accuracy=rows[0]["accuracy"],
             title=f"trained {DEMO_MODEL} compressed ~{compression:g}x, embedded CIFAR-10 subset (JPEG q75)")
     except ImportError as exc:

@@ -14,6 +14,8 @@ from torch import nn
 from .compress import CompressionReport, compress
 from .data import ImageDataset, normalize, training_augment
 from .model_spec import ModelSpec
+from .models import pretrained, pretrained_names
+from .recovery import recover
 from .train import CheckpointError, TrainConfig, Trainer, load_checkpoint
 
 __all__ = ["train_spec", "load_trained", "normalized_like", "calibration_images", "compress_trained",
@@ -56,12 +58,12 @@ def load_trained(path: str | Path, device="cpu") -> tuple[nn.Module, ModelSpec, 
     CheckpointError
         If the file is not an stpnet checkpoint, holds no model spec, or does not fit it.
     """
-    from .models import pretrained, pretrained_names
-
     if not Path(path).exists():
         if str(path) in pretrained_names():
             model, card = pretrained(str(path), device=device)
-            spec = ModelSpec(card.architecture, card.in_channels, card.num_classes)
+            plan = card.compression or {}
+            spec = ModelSpec(card.architecture, card.in_channels, card.num_classes, plan.get("format", "dense"),
+                             plan.get("t"), plan.get("layout"), {k: tuple(v) for k, v in plan.get("ranks", {}).items()})
             metadata = {"spec": spec.to_dict(), "source": card.name,
                         "preprocessing": {"mean": list(card.mean), "std": list(card.std)}}
             return model, spec, {"card": card.to_dict(), "metadata": metadata}
@@ -113,17 +115,24 @@ def calibration_images(data: ImageDataset, n: int, seed: int = 0, *, augment: bo
 def compress_trained(model: nn.Module, spec: ModelSpec, format: str, *, rank=None, compression=None, t=None,
                      layout=None, n_iter: int = 0, input_shape: Sequence[int] | None = None,
                      allocation: str = "uniform", calibration: torch.Tensor | None = None, fit_steps: int = 0,
-                     fit_unit: str = "block", recalibrate_bn: bool = False,
+                     fit_unit: str = "block", recalibrate_bn: bool | str = False,
+                     bn_calibration: torch.Tensor | None = None,
                      t_choices: Sequence[int] | None = None) -> tuple[nn.Module, ModelSpec, CompressionReport]:
-    """Compress a trained dense zoo model through the decompositions (and the recovery steps of
-    :func:`stpnet.compress`); return it, its spec and report. With ``t_choices`` the spec records
-    each layer's t."""
+    """Compress a trained dense zoo model through the decompositions (:func:`stpnet.compress`),
+    then recover it on ``calibration`` when ``fit_steps`` or ``recalibrate_bn`` ask for it
+    (:func:`stpnet.recover`, its ``bn_calibration`` too); return it, its spec and the report of
+    both. With ``t_choices`` the spec records each layer's t."""
     if spec.format != "dense":
         raise ValueError(f"the model is already compressed ({spec.format}); compress a dense checkpoint")
+    if (fit_steps or recalibrate_bn) and calibration is None:
+        raise ValueError("fit_steps and recalibrate_bn need calibration inputs (calibration=a few hundred "
+                         "preprocessed training images)")
     small, report = compress(model, format, rank=rank, compression=compression, t=t, layout=layout, init="decompose",
                              n_iter=n_iter, input_shape=input_shape, allocation=allocation, calibration=calibration,
-                             fit_steps=fit_steps, fit_unit=fit_unit, recalibrate_bn=recalibrate_bn,
                              t_choices=t_choices)
+    if fit_steps or recalibrate_bn:
+        report = report.with_recovery(recover(small, model, calibration, fit_steps=fit_steps, fit_unit=fit_unit,
+                                              recalibrate_bn=recalibrate_bn, bn_calibration=bn_calibration))
     new_spec = ModelSpec(spec.name, spec.in_channels, spec.num_classes, format,
                          t if t_choices is None else report.t, layout, report.ranks)
     return small, new_spec, report

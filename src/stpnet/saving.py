@@ -30,17 +30,17 @@ from torch import nn
 from .nn._replace import set_submodule
 from .nn.attention import UnpackedMultiheadAttention
 from .nn.base import FactorizedLayer
-from .nn.conv import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
-from .nn.embedding import FactorizedEmbedding
-from .nn.linear import FactorizedLinear
+from .nn.fused import FusedLayer
+from .nn.layer_types import LAYER_TYPES, factorized_layer_type
 
 __all__ = ["save", "load", "compression_plan", "apply_plan", "SavedModelError", "FILE_FORMAT", "FILE_VERSION"]
 
 FILE_FORMAT = "stpnet-compressed-model"
 FILE_VERSION = 1
 
-_LAYER_CLASSES = {cls.__name__: cls for cls in (FactorizedLinear, FactorizedConv1d, FactorizedConv2d,
-                                                 FactorizedConv3d, FactorizedEmbedding)}
+#: The factorized layer classes a plan can rebuild, by name: those of the layer types.
+_LAYER_CLASSES = {kind.factorized.__name__: kind.factorized for kind in LAYER_TYPES.values()
+                  if kind.factorized is not None}
 
 
 class SavedModelError(ValueError):
@@ -51,14 +51,7 @@ class SavedModelError(ValueError):
 def _layer_args(layer: FactorizedLayer) -> list:
     """The positional constructor arguments of ``layer``'s class that give its dense geometry (what
     ``dense_layer_args`` returns for the dense layer it replaces), as JSON values."""
-    if isinstance(layer, FactorizedEmbedding):
-        args = (layer.num_embeddings, layer.embedding_dim, layer.padding_idx)
-    elif isinstance(layer, FactorizedLinear):
-        args = (layer.in_features, layer.out_features, layer.bias is not None)
-    else:
-        args = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                layer.dilation, 1, layer.bias is not None, layer.padding_mode)
-    return _jsonable(args)
+    return _jsonable(factorized_layer_type(layer).constructor_args(layer))
 
 
 def _jsonable(value: Any) -> Any:
@@ -89,8 +82,6 @@ def compression_plan(model: nn.Module) -> dict[str, Any]:
         If the model holds fused layers (:func:`stpnet.fuse`), or a factorized layer of a class
         the plan cannot rebuild.
     """
-    from .nn.fused import FusedLayer
-
     aliases: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):

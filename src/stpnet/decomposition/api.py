@@ -9,7 +9,7 @@ import torch
 
 from .._arrays import ArrayLike, as_tensor
 from .._validate import check_finite_tensor, check_positive_int
-from ..formats import FORMATS, FactorizedTensor, format_class
+from ..formats import FORMATS, FactorizedTensor, fit_method, format_class
 from .memory import check_memory
 from .ranks import ranks_for_budget
 from .svd import SVD_METHODS
@@ -39,7 +39,7 @@ def decompose(
     X : torch.Tensor or numpy.ndarray
         float32 or float64, on any device; finite and non-empty.
     format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str', 'cp'}
-        The fit is the format's own (:meth:`FactorizedTensor.fit`): ST-HOSVD for Tucker/STTu,
+        The fit is the one registered for the format's family (:func:`stpnet.formats.register_fit`): ST-HOSVD for Tucker/STTu,
         (S)TT-SVD, (S)TR-SVD, and ALS from an SVD start for CP.
     rank : int or sequence of int, optional
         Upper bounds, as in TensorLy: a rank larger than the data allows is lowered to the largest
@@ -128,7 +128,8 @@ def decompose(
         cls.validate_rank(shape, t, t)  # order and t checks
         caps = None
 
-    check_memory(cls.fit_bytes(shape, t, caps, n_iter, X.element_size(), svd), X.device,
+    method = fit_method(cls)
+    check_memory(method.fit_bytes(cls, shape, t, caps, n_iter, X.element_size(), svd), X.device,
                  max_memory, f"decomposing a {shape} tensor as {format}")
     generator = torch.Generator(device=X.device).manual_seed(seed)
     # Fit X / 2^e with 2^e near max|X| (exact in floating point), then scale one factor back: sums
@@ -142,7 +143,7 @@ def decompose(
         scale = 2.0 ** math.floor(math.log2(peak))
         X = X / scale if scale != 1.0 else X
 
-    result = cls.fit(X, caps, t, tol=tol, svd=svd, generator=generator, n_iter=n_iter, n_restarts=n_restarts,
+    result = method.fit(cls, X, caps, t, tol=tol, svd=svd, generator=generator, n_iter=n_iter, n_restarts=n_restarts,
                      callback=callback)
     if scale != 1.0:
         result.scale_(scale)

@@ -7,10 +7,12 @@ from typing import Callable
 
 import torch
 
+from ..formats.base import register_fit
 from ..formats.cp import CPTensor
 from ..functional.reconstruct import khatri_rao
+from .api import relative_error
 
-__all__ = ["cp_als", "mttkrp", "default_sweeps"]
+__all__ = ["cp_als", "mttkrp", "default_sweeps", "fit_cp", "cp_fit_bytes"]
 
 
 def mttkrp(X: torch.Tensor, factors: list[torch.Tensor], mode: int) -> torch.Tensor:
@@ -174,3 +176,33 @@ def _balance(factors: list[torch.Tensor]) -> None:
     target = norms.log().mean(0).exp()  # geometric mean
     for k, A in enumerate(factors):
         factors[k] = A * (target / norms[k])
+
+
+def fit_cp(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> CPTensor:
+    """CP for :func:`stpnet.decompose`: CP-ALS from an SVD start (Carroll & Chang 1970; Harshman
+    1970; Kolda & Bader 2009), ``n_iter`` sweeps (when 0: :func:`default_sweeps`), stopping early
+    at ``tol`` or when the error stops moving. Without a rank, the smallest rank on a geometric
+    ladder (1, 2, 3, 5, 8, ...) whose fit reaches ``tol``; the exact rank
+    ``prod(shape) / max(shape)`` ends the ladder."""
+    if rank is not None:
+        return cp_als(X, rank[0], n_iter=n_iter or default_sweeps(X.shape, rank[0]), tol=tol or 0.0,
+                      generator=generator, callback=callback)
+    full = math.prod(X.shape) // max(X.shape)
+    R = 1
+    while True:
+        result = cp_als(X, R, n_iter=n_iter or default_sweeps(X.shape, R), tol=tol, generator=generator,
+                        callback=callback)
+        if R >= full or relative_error(X, result) <= tol:
+            return result
+        R = min(full, max(R + 1, math.ceil(R * 1.5)))
+
+
+def cp_fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
+    """Peak bytes of :func:`fit_cp`: the tensor, a working copy, and the largest partial
+    Khatri-Rao product of the MTTKRP."""
+    numel = math.prod(shape)
+    R = 1 if rank is None else rank[0]
+    return 3 * numel * itemsize + itemsize * R * int(math.isqrt(numel * max(shape)) + 1) * 2
+
+
+register_fit(CPTensor.family, fit_cp, cp_fit_bytes)

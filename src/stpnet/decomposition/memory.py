@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Sequence
 
 import torch
 
-__all__ = ["InsufficientMemoryError", "available_memory", "svd_bytes", "check_memory"]
+__all__ = ["InsufficientMemoryError", "available_memory", "svd_bytes", "chain_svd_bytes", "check_memory"]
 
 
 class InsufficientMemoryError(MemoryError):
@@ -53,6 +55,14 @@ def format_bytes(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return f"{nbytes:.1f} TiB"
+
+
+def chain_svd_bytes(classic_shape: Sequence[int], itemsize: int, cap: int | None, randomized: bool) -> int:
+    """Peak bytes of a TT/TR chain SVD of a tensor whose re-tensorized (classic) shape is
+    ``classic_shape``: the tensor, a working copy and its first unfolding's SVD (``cap``: that
+    unfolding's rank, or None)."""
+    numel = math.prod(classic_shape)
+    return 2 * numel * itemsize + svd_bytes(classic_shape[0], numel // classic_shape[0], itemsize, cap, randomized)
 
 
 def check_memory(nbytes: int, device: torch.device, max_memory: int | None, what: str,

@@ -8,15 +8,17 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..formats.base import register_fit
 from ..formats.tr import TRTensor, split_pair
 from ..functional.reconstruct import _chain, tr_to_tensor
 from ..functional.retensorize import (
     copy_index_to_first_mode,
     first_core_from_classic,
 )
+from .memory import chain_svd_bytes
 from .svd import truncated_svd
 
-__all__ = ["tr_svd", "str_svd", "tr_als"]
+__all__ = ["tr_svd", "str_svd", "tr_als", "fit_tr", "tr_fit_bytes"]
 
 
 def tr_svd(
@@ -199,3 +201,31 @@ def tr_als(
             break
     best_cores[0] = first_core_from_classic(best_cores[0], t)
     return TRTensor(best_cores, t=t)
+
+
+def fit_tr(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> TRTensor:
+    """TR / STR for :func:`stpnet.decompose`: TR-SVD (Zhao et al. 2016) of the re-tensorized tensor
+    (STR-SVD for t > 1), then ``n_iter`` ALS sweeps, restarted from random cores up to
+    ``n_restarts`` times when a run stalls above ``tol`` (only with ``tol``: without a target a
+    stall cannot be told from convergence)."""
+    result = str_svd(X, rank, t, tol=tol, svd=svd, generator=generator)
+    if n_iter:
+        result = tr_als(X, result, n_iter=n_iter, tol=tol or 0.0, n_restarts=n_restarts if tol else 0,
+                        generator=generator, callback=callback)
+    return result
+
+
+def tr_fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
+    """Peak bytes of :func:`fit_tr`: the chain SVD, and with ALS sweeps the sub-chain and the
+    normal equations."""
+    numel = math.prod(shape)
+    dims = cls.classic_shape(shape, t)
+    peak = chain_svd_bytes(dims, itemsize, None if rank is None else rank[0] * rank[1] // (t * t),
+                           svd == "randomized")
+    if n_iter > 0:
+        r2 = max(rank) ** 2 // (t * t) if rank is not None else min(dims[0], numel // dims[0])
+        peak = max(peak, 2 * numel * itemsize + itemsize * (2 * numel + 2 * r2 * (numel // min(dims))))
+    return peak
+
+
+register_fit(TRTensor.family, fit_tr, tr_fit_bytes)

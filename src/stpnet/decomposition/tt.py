@@ -9,11 +9,13 @@ from typing import Sequence
 
 import torch
 
+from ..formats.base import register_fit
 from ..formats.tt import TTTensor
 from ..functional.retensorize import copy_index_to_first_mode, first_core_from_classic
+from .memory import chain_svd_bytes
 from .svd import truncated_svd
 
-__all__ = ["tt_svd", "stt_svd"]
+__all__ = ["tt_svd", "stt_svd", "fit_tt", "tt_fit_bytes"]
 
 
 def tt_svd(
@@ -94,3 +96,18 @@ def stt_svd(
     cores = tt_svd(Xp, caps, tol=tol, svd=svd, generator=generator)
     cores[0] = first_core_from_classic(cores[0], t)
     return TTTensor(cores, t=t)
+
+
+def fit_tt(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> TTTensor:
+    """TT / STT for :func:`stpnet.decompose`: TT-SVD (Oseledets 2011) of the re-tensorized tensor;
+    STT-SVD for t > 1 (Zhao et al. 2021). TT-SVD is quasi-optimal: no refinement."""
+    return stt_svd(X, rank, t, tol=tol, svd=svd, generator=generator)
+
+
+def tt_fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
+    """Peak bytes of :func:`fit_tt`: the chain SVD of the re-tensorized tensor."""
+    return chain_svd_bytes(cls.classic_shape(shape, t), itemsize, None if rank is None else rank[0] // t,
+                           svd == "randomized")
+
+
+register_fit(TTTensor.family, fit_tt, tt_fit_bytes)

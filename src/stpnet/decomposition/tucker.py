@@ -11,11 +11,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..formats.base import register_fit
 from ..formats.tucker import TuckerTensor
 from ..stp import _mode_product
+from .memory import svd_bytes
 from .svd import truncated_svd
 
-__all__ = ["st_hosvd", "hooi"]
+__all__ = ["st_hosvd", "hooi", "fit_tucker", "tucker_fit_bytes"]
 
 
 def _mode_matrix(X: torch.Tensor, mode: int, t: int) -> torch.Tensor:
@@ -130,3 +132,25 @@ def hooi(
             break
         previous = err
     return TuckerTensor(core, factors, t=t)
+
+
+def fit_tucker(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> TuckerTensor:
+    """Tucker / STTu for :func:`stpnet.decompose`: ST-HOSVD (Vannieuwenhoven et al. 2012;
+    semi-tensor mode products for t > 1), then ``n_iter`` HOOI sweeps (De Lathauwer et al. 2000)."""
+    result = st_hosvd(X, rank, t, tol=tol, svd=svd, generator=generator)
+    if n_iter:
+        result = hooi(X, result, n_iter=n_iter, tol=1e-12, svd=svd, generator=generator, callback=callback)
+    return result
+
+
+def tucker_fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
+    """Peak bytes of :func:`fit_tucker`: the tensor, a working copy, and the largest mode
+    unfolding's SVD."""
+    numel = math.prod(shape)
+    peak = max(svd_bytes(size // tk, numel // size * tk, itemsize, None if rank is None else rank[k] // tk,
+                         svd == "randomized")
+               for k, (size, tk) in enumerate(zip(shape, t)))
+    return 2 * numel * itemsize + peak
+
+
+register_fit(TuckerTensor.family, fit_tucker, tucker_fit_bytes)

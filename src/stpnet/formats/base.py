@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, ClassVar, Sequence
 
@@ -12,7 +14,7 @@ from torch import nn
 
 from .._validate import check_positive_int
 
-__all__ = ["FactorizedTensor", "FORMATS", "format_class"]
+__all__ = ["FactorizedTensor", "FORMATS", "format_class", "FitMethod", "FITS", "register_fit", "fit_method"]
 
 # Format name -> (class, whether the name denotes the semi-tensor variant). Filled once, by the
 # class statements of the format modules (through _FormatMeta); read through FORMATS.
@@ -29,6 +31,62 @@ def format_class(name: str) -> tuple[type["FactorizedTensor"], bool]:
     if key not in _REGISTRY:
         raise ValueError(f"unknown format {name!r}; valid formats: {', '.join(_REGISTRY)}")
     return _REGISTRY[key]
+
+
+@dataclass(frozen=True)
+class FitMethod:
+    """A format family's decomposition, as :func:`stpnet.decompose` runs it.
+
+    Attributes
+    ----------
+    fit : callable
+        ``fit(cls, X, rank, t, *, tol, svd, generator, n_iter, n_restarts, callback)``: decompose
+        the dense ``X`` (finite, scaled to max|X| about 1) into an instance of the format class
+        ``cls`` at validated ranks ``rank`` (caps) or tolerance ``tol``, then ``n_iter`` sweeps of
+        the family's refinement.
+    fit_bytes : callable
+        ``fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd)``: the estimated peak bytes of
+        ``fit`` (the memory check ``decompose`` makes first).
+    """
+
+    fit: Callable[..., "FactorizedTensor"]
+    fit_bytes: Callable[..., int]
+
+
+# Format family -> its decomposition. Filled by the algorithm modules of stpnet.decomposition
+# (register_fit), which import the format classes; the format modules never import them.
+_FITS: dict[str, FitMethod] = {}
+
+#: Every registered decomposition by format family ('tucker', 'tt', 'tr', 'cp').
+FITS = MappingProxyType(_FITS)
+
+
+def register_fit(family: str, fit: Callable[..., "FactorizedTensor"], fit_bytes: Callable[..., int]) -> None:
+    """Register the decomposition of the format family ``family`` (see :class:`FitMethod` for the
+    signatures); :func:`stpnet.decompose` looks it up by the format class's ``family``."""
+    if not isinstance(family, str) or not family:
+        raise ValueError(f"family must be a format family name (a non-empty str), got {family!r}")
+    if not (callable(fit) and callable(fit_bytes)):
+        raise TypeError("register_fit needs callables fit and fit_bytes")
+    _FITS[family] = FitMethod(fit, fit_bytes)
+
+
+def fit_method(cls: type["FactorizedTensor"]) -> FitMethod:
+    """The decomposition registered for the format class ``cls`` (by its ``family``).
+
+    A format class written before the registry, which defines its own ``fit`` and ``fit_bytes``
+    classmethods, is still served by them, with a DeprecationWarning."""
+    registered = _FITS.get(cls.family)
+    if registered is not None:
+        return registered
+    if (cls.fit.__func__ is not FactorizedTensor.fit.__func__
+            and cls.fit_bytes.__func__ is not FactorizedTensor.fit_bytes.__func__):
+        warnings.warn(f"format {cls.family!r} defines its decomposition as the classmethods fit/fit_bytes; "
+                      "register it with stpnet.formats.register_fit instead (fit and fit_bytes on the class "
+                      "are deprecated and will be removed in the next release)", DeprecationWarning, stacklevel=3)
+        return FitMethod(lambda c, *a, **k: c.fit(*a, **k), lambda c, *a, **k: c.fit_bytes(*a, **k))
+    raise ValueError(f"no decomposition is registered for format {cls.family!r}; registered: "
+                     f"{', '.join(_FITS) or 'none'} (stpnet.formats.register_fit registers one)")
 
 
 class _FormatMeta(ABCMeta):
@@ -60,8 +118,9 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
     A concrete subclass that sets ``family`` in its class body is a *format*: defining it
     registers its names in :data:`FORMATS`, and every entry point (:func:`stpnet.decompose`, the layers,
     :func:`stpnet.compress`, the CLI, the plots) reads that registry. A format declares its
-    names, the layer layouts it supports, its rank rules, parameter count, random init,
-    reconstruction and its decomposition fit (:meth:`fit`, with :meth:`fit_bytes`).
+    names, the layer layouts it supports, its rank rules, parameter count, random init and
+    reconstruction. Its decomposition lives in :mod:`stpnet.decomposition`, registered for its
+    family with :func:`register_fit`.
 
     Attributes
     ----------
@@ -119,19 +178,30 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
         return t
 
     @classmethod
-    @abstractmethod
     def fit(cls, X: torch.Tensor, rank: tuple[int, ...] | None, t, *, tol: float | None, svd: str,
             generator: torch.Generator, n_iter: int = 0, n_restarts: int = 0,
             callback: Callable[[int, float], None] | None = None) -> "FactorizedTensor":
-        """Decompose the dense ``X`` (finite, scaled to max|X| about 1) at validated ranks ``rank``
-        (caps) or tolerance ``tol``: the format's fit, then ``n_iter`` sweeps of its refinement.
-        Called by :func:`stpnet.decompose`, which does the input checks."""
+        """Decompose the dense ``X`` with the family's registered decomposition (:class:`FitMethod`).
+
+        .. deprecated::
+            The decompositions live in :mod:`stpnet.decomposition` and are registered per family
+            (:func:`register_fit`); call :func:`stpnet.decompose`. This classmethod will be removed
+            in the next release."""
+        warnings.warn(f"{cls.__name__}.fit is deprecated and will be removed in the next release; call "
+                      "stpnet.decompose", DeprecationWarning, stacklevel=2)
+        return fit_method(cls).fit(cls, X, rank, t, tol=tol, svd=svd, generator=generator, n_iter=n_iter,
+                                   n_restarts=n_restarts, callback=callback)
 
     @classmethod
-    @abstractmethod
     def fit_bytes(cls, shape: tuple[int, ...], t, rank: tuple[int, ...] | None, n_iter: int, itemsize: int,
                   svd: str) -> int:
-        """Estimated peak bytes of :meth:`fit` (the memory check of :func:`stpnet.decompose`)."""
+        """Estimated peak bytes of the family's registered decomposition.
+
+        .. deprecated::
+            Read ``fit_method(cls).fit_bytes``; this classmethod will be removed in the next release."""
+        warnings.warn(f"{cls.__name__}.fit_bytes is deprecated and will be removed in the next release; use "
+                      "stpnet.formats.fit_method(cls).fit_bytes", DeprecationWarning, stacklevel=2)
+        return fit_method(cls).fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd)
 
     @abstractmethod
     def scale_(self, factor: float) -> None:

@@ -5,7 +5,6 @@ specification, ``docs/formats-spec.md``, sections 5 and 6)."""
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -55,15 +54,6 @@ class CoreTensor(FactorizedTensor):
     @torch.no_grad()
     def scale_(self, factor: float) -> None:
         self.cores[-1].mul_(factor)
-
-    @classmethod
-    def _svd_bytes(cls, shape, t, cap: int | None, itemsize: int, svd: str) -> int:
-        """Peak bytes of the chain SVD: the tensor, a working copy and its first unfolding's SVD."""
-        from ..decomposition.memory import svd_bytes  # the fits live in decomposition/, which imports formats
-
-        numel = math.prod(shape)
-        dims = cls.classic_shape(shape, t)
-        return 2 * numel * itemsize + svd_bytes(dims[0], numel // dims[0], itemsize, cap, svd == "randomized")
 
     def reconstruction_macs(self) -> int:
         return chain_reconstruction_macs([G.shape for G in self.cores], self._t)

@@ -133,33 +133,3 @@ class CPTensor(FactorizedTensor):
         s = (std * std / R) ** (0.5 / len(shape))
         factors = [torch.randn(size, R, dtype=dtype, device=device, generator=generator) * s for size in shape]
         return cls(factors)
-
-    @classmethod
-    def fit(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> "CPTensor":
-        """CP-ALS from an SVD start (Carroll & Chang 1970; Harshman 1970; Kolda & Bader 2009):
-        ``n_iter`` sweeps (when 0: 100, fewer for large tensors and ranks, at least 1; see
-        :func:`stpnet.decomposition.cp.default_sweeps`), stopping early at ``tol`` or when the error
-        stops moving.
-        Without a rank, the smallest rank on a geometric ladder (1, 2, 3, 5, 8, ...) whose fit
-        reaches ``tol``; the exact rank ``prod(shape) / max(shape)`` ends the ladder."""
-        from ..decomposition.cp import cp_als, default_sweeps
-        from ..decomposition.api import relative_error
-
-        if rank is not None:
-            return cp_als(X, rank[0], n_iter=n_iter or default_sweeps(X.shape, rank[0]), tol=tol or 0.0,
-                          generator=generator, callback=callback)
-        full = math.prod(X.shape) // max(X.shape)
-        R = 1
-        while True:
-            result = cp_als(X, R, n_iter=n_iter or default_sweeps(X.shape, R), tol=tol, generator=generator,
-                            callback=callback)
-            if R >= full or relative_error(X, result) <= tol:
-                return result
-            R = min(full, max(R + 1, math.ceil(R * 1.5)))
-
-    @classmethod
-    def fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
-        """The tensor, a working copy, and the largest partial Khatri-Rao product of the MTTKRP."""
-        numel = math.prod(shape)
-        R = 1 if rank is None else rank[0]
-        return 3 * numel * itemsize + itemsize * R * int(math.isqrt(numel * max(shape)) + 1) * 2

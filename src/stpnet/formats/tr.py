@@ -106,29 +106,6 @@ class TRTensor(CoreTensor):
         """(R_0, R_1, ..., R_{N-1}); R_N = R_0 closes the ring."""
         return tuple(self._t * int(G.shape[0]) for G in self.cores)
 
-    @classmethod
-    def fit(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> "TRTensor":
-        """TR-SVD (Zhao et al. 2016) of the re-tensorized tensor (STR-SVD for t > 1), then ``n_iter``
-        ALS sweeps, restarted from random cores up to ``n_restarts`` times when a run stalls above
-        ``tol`` (only with ``tol``: without a target a stall cannot be told from convergence)."""
-        from ..decomposition.tr import str_svd, tr_als
-
-        result = str_svd(X, rank, t, tol=tol, svd=svd, generator=generator)
-        if n_iter:
-            result = tr_als(X, result, n_iter=n_iter, tol=tol or 0.0, n_restarts=n_restarts if tol else 0,
-                            generator=generator, callback=callback)
-        return result
-
-    @classmethod
-    def fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
-        numel = math.prod(shape)
-        dims = cls.classic_shape(shape, t)
-        peak = cls._svd_bytes(shape, t, None if rank is None else rank[0] * rank[1] // (t * t), itemsize, svd)
-        if n_iter > 0:  # ALS: the sub-chain and the normal equations
-            r2 = max(rank) ** 2 // (t * t) if rank is not None else min(dims[0], numel // dims[0])
-            peak = max(peak, 2 * numel * itemsize + itemsize * (2 * numel + 2 * r2 * (numel // min(dims))))
-        return peak
-
     def to_tensor(self) -> torch.Tensor:
         return tr_to_tensor(list(self.cores), self._t)
 

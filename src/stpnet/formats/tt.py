@@ -109,17 +109,6 @@ class TTTensor(CoreTensor):
     def to_tensor(self) -> torch.Tensor:
         return tt_to_tensor(list(self.cores), self._t)
 
-    @classmethod
-    def fit(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> "TTTensor":
-        """TT-SVD (Oseledets 2011) of the re-tensorized tensor; STT-SVD for t > 1 (Zhao et al. 2021)."""
-        from ..decomposition.tt import stt_svd
-
-        return stt_svd(X, rank, t, tol=tol, svd=svd, generator=generator)
-
-    @classmethod
-    def fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
-        return cls._svd_bytes(shape, t, None if rank is None else rank[0] // t, itemsize, svd)
-
     # ----------------------------------------------------------- rank algebra
     @classmethod
     def validate_rank(

@@ -91,28 +91,6 @@ class TuckerTensor(FactorizedTensor):
         """One t per mode (an int applies to all), each dividing its mode size."""
         return cls.validate_t(shape, t)
 
-    @classmethod
-    def fit(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> "TuckerTensor":
-        """ST-HOSVD (Vannieuwenhoven et al. 2012; semi-tensor mode products for t > 1), then
-        ``n_iter`` HOOI sweeps (De Lathauwer et al. 2000)."""
-        from ..decomposition.tucker import hooi, st_hosvd
-
-        result = st_hosvd(X, rank, t, tol=tol, svd=svd, generator=generator)
-        if n_iter:
-            result = hooi(X, result, n_iter=n_iter, tol=1e-12, svd=svd, generator=generator, callback=callback)
-        return result
-
-    @classmethod
-    def fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
-        """The tensor, a working copy, and the largest mode unfolding's SVD."""
-        from ..decomposition.memory import svd_bytes  # decomposition/ imports formats
-
-        numel = math.prod(shape)
-        peak = max(svd_bytes(size // tk, numel // size * tk, itemsize, None if rank is None else rank[k] // tk,
-                             svd == "randomized")
-                   for k, (size, tk) in enumerate(zip(shape, t)))
-        return 2 * numel * itemsize + peak
-
     def reconstruction_macs(self) -> int:
         return tucker_reconstruction_macs(self.core.shape, [U.shape for U in self.factor_list])
 

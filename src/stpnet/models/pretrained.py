@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_path, atomic_write_text
+from ..compress import compress
+from .zoo import build_model
 
 __all__ = ["ModelCard", "PretrainedError", "pretrained", "pretrained_names", "model_card", "file_sha256"]
 
@@ -58,6 +60,13 @@ class ModelCard:
         Hex SHA-256 of the weights file.
     training : dict
         How it was trained: the command, the settings, epochs, CPU seconds and hardware.
+    compression : dict, optional
+        For a compressed network: how its layers are factorized (``format``, ``t``, ``layout``
+        and per-layer ``ranks``, as :class:`stpnet.model_spec.ModelSpec` records them), from which
+        :func:`pretrained` rebuilds it before loading the weights. None for a dense network.
+    latency : dict, optional
+        Measured inference latency against the dense network (after :func:`stpnet.fuse`), with
+        the command and hardware that measured it.
     """
 
     name: str
@@ -74,6 +83,8 @@ class ModelCard:
     params: int
     sha256: str
     training: dict
+    compression: dict | None = None
+    latency: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples as lists)."""
@@ -82,10 +93,11 @@ class ModelCard:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(d))
+        optional = {"compression", "latency"}
+        missing = sorted(names - optional - set(d))
         if missing:
             raise PretrainedError(f"model card is missing {missing}")
-        kwargs = {k: d[k] for k in names}
+        kwargs = {k: d[k] for k in names if k in d}
         for key in ("input_size", "classes", "mean", "std"):
             kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
@@ -157,8 +169,6 @@ def pretrained(name: str, *, device: str | torch.device = "cpu", path: str | Pat
     >>> model, card = pretrained("resnet20-cifar10")          # doctest: +SKIP
     >>> card.test_accuracy, card.mean, card.std               # doctest: +SKIP
     """
-    from . import build_model
-
     card = model_card(name)
     device = _check_device(device)
     file = Path(path) if path is not None else _weights_dir() / f"{name}.pt"
@@ -173,12 +183,23 @@ def pretrained(name: str, *, device: str | torch.device = "cpu", path: str | Pat
         raise PretrainedError(f"SHA-256 check failed for {file}: expected {card.sha256}, got {digest}; the file "
                               f"is corrupted or altered, so it was not loaded ({remedy})")
     state = torch.load(file, map_location="cpu", weights_only=True)
-    model = build_model(card.architecture, in_channels=card.in_channels, num_classes=card.num_classes)
+    with torch.random.fork_rng(devices=[]):  # the fresh weights, overwritten below, leave the caller's stream alone
+        model = build_model(card.architecture, in_channels=card.in_channels, num_classes=card.num_classes)
+        if card.compression is not None:
+            model = _factorized_like(model, card.compression)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise PretrainedError(f"{file} does not fit {card.architecture}: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), card
+
+
+def _factorized_like(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    """``model`` with its layers factorized as a card's ``compression`` records (fresh factors)."""
+    ranks = {name: tuple(r) for name, r in plan["ranks"].items()}
+    model, _ = compress(model, plan["format"], rank=ranks, t=plan.get("t"), layout=plan.get("layout"),
+                        init="random", inplace=True)
+    return model
 
 
 def _check_device(device: str | torch.device) -> torch.device:

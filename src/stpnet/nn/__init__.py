@@ -9,6 +9,7 @@ from .embedding import FactorizedEmbedding
 from .fold import fold_batchnorm
 from .fused import (FUSED_FORMS, FusedCP, FusedLayer, FusedPaired, FusedSequential, FusedTucker2, fuse, fuse_layer,
                     fused_forms)
+from .layer_types import LAYER_TYPES, LayerType, factorized_layer_type, layer_type
 from .layouts import LAYOUTS, Layout, layout_named
 from .linear import FactorizedLinear
 from .linear_like import LinearView, linear_view, register_linear_like
@@ -34,6 +35,10 @@ __all__ = [
     "Layout",
     "LAYOUTS",
     "layout_named",
+    "LayerType",
+    "LAYER_TYPES",
+    "layer_type",
+    "factorized_layer_type",
     "fuse",
     "fuse_layer",
     "fused_forms",

@@ -4,14 +4,17 @@ unchanged."""
 
 from __future__ import annotations
 
-from typing import Callable, Hashable
+import ctypes
+import functools
+import sys
+from typing import Callable, Hashable, Iterable, NamedTuple
 
 import torch
 from torch import nn
 
 from ..functional.conv import recording
 
-__all__ = ["InferenceCache", "recording"]
+__all__ = ["InferenceCache", "SourceKey", "recording", "source_key"]
 
 
 def _source_tensors(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
@@ -19,36 +22,156 @@ def _source_tensors(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
     return [(m._parameters, name, p) for m in module.modules() for name, p in m._parameters.items() if p is not None]
 
 
-def _entry(params: dict, name: str, p: torch.Tensor) -> tuple:
-    """What a cached value remembers of one source tensor: the tensor object, its version, storage,
-    gradient flag and a copy of its values."""
-    return params, name, p, p._version, p.data_ptr(), p.requires_grad, p.detach().clone()
+@functools.lru_cache(maxsize=None)
+def _memcmp() -> Callable[[int, int, int], int] | None:
+    """The C library's ``memcmp`` (None where it cannot be loaded): a byte comparison of host
+    memory several times faster than ``torch.equal``, with no per-call dispatch. Loaded through
+    ``PyDLL``, which keeps the GIL during the call: releasing it for so short a call would only
+    let other Python threads delay this one."""
+    try:
+        libc = ctypes.PyDLL("msvcrt") if sys.platform == "win32" else ctypes.PyDLL(None)
+        memcmp = libc.memcmp
+    except (OSError, AttributeError):
+        return None
+    memcmp.restype = ctypes.c_int
+    memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    return memcmp
+
+
+#: integer dtypes by item size: a tensor's bits viewed as integers compare exactly (NaN equals
+#: itself, -0.0 differs from 0.0)
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as a flat tensor of integers holding their bit patterns."""
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.reshape(-1).view(_BITS[t.element_size()])
+
+
+class _Source(NamedTuple):
+    """What a key remembers of one source tensor when the value was cached."""
+    owner: dict  # the ``_parameters`` (or ``_buffers``) dict holding it
+    name: str
+    tensor: torch.Tensor
+    version: int
+    pointer: int
+    requires_grad: bool
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class SourceKey(NamedTuple):
+    """The state of the source tensors of a cached value when it was cached (:func:`source_key`).
+
+    ``host`` holds, for each source compared with ``memcmp`` (a CPU tensor of a real dtype whose
+    elements fill a span of memory: :func:`_dense_span`), a copy of that span and its size in
+    bytes; ``other`` the remaining sources in groups by device, each with one copy of their bits
+    concatenated, compared in one ``torch.equal`` per group (so one wait per key on an
+    accelerator)."""
+    sources: tuple[_Source, ...]
+    host: tuple[tuple[_Source, torch.Tensor, int], ...]
+    other: tuple[tuple[tuple[torch.Tensor, ...], torch.device, torch.Tensor], ...]
+
+
+def source_key(sources: Iterable[tuple[dict, str, torch.Tensor]]) -> SourceKey:
+    """A :class:`SourceKey` for ``(owner dict, name, tensor)`` triples: their identity, version,
+    storage, gradient flag, geometry, and a copy of their values."""
+    memcmp = _memcmp()
+    recorded, host, other = [], [], {}
+    for owner, name, p in sources:
+        source = _Source(owner, name, p, p._version, p.data_ptr(), p.requires_grad, p.shape, p.stride(), p.dtype)
+        recorded.append(source)
+        if p.device.type == "meta":
+            continue  # no values to compare
+        if memcmp is not None and p.is_cpu and not p.is_complex() and _dense_span(p):
+            span = p.detach().as_strided((p.numel(),), (1,))  # its memory, in the order it lies there
+            host.append((source, span.clone(), p.numel() * p.element_size()))
+        else:
+            other.setdefault(p.device, []).append(p)
+    groups = tuple((tuple(ps), device, _group_bits(ps).clone()) for device, ps in other.items())
+    return SourceKey(tuple(recorded), tuple(host), groups)
+
+
+def _dense_span(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill ``t.numel()`` consecutive slots of its storage from
+    ``t.data_ptr()`` on, each once (contiguous, or a permutation of a contiguous layout)."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _group_bits(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The bits of ``tensors`` (:func:`_bits`), concatenated (one tensor: its own)."""
+    return _bits(tensors[0]) if len(tensors) == 1 else torch.cat([_bits(t) for t in tensors])
+
+
+def source_key_valid(key: SourceKey) -> bool:
+    """Whether every source of ``key`` is unchanged: the same object in the same place, at the
+    same version, on the same storage with the same geometry, dtype and gradient flag, holding
+    the same bits."""
+    for owner, name, p, version, pointer, requires_grad, shape, stride, dtype in key.sources:
+        if (owner.get(name) is not p or p._version != version or p.data_ptr() != pointer
+                or p.requires_grad != requires_grad or p.dtype is not dtype or p.shape != shape
+                or p.stride() != stride):
+            return False
+    if key.host:
+        memcmp = _memcmp()
+        for source, copy, nbytes in key.host:
+            if not source.tensor.is_cpu or memcmp(source.pointer, copy.data_ptr(), nbytes):
+                return False
+    for tensors, device, bits in key.other:
+        if any(t.device != device for t in tensors) or not torch.equal(_group_bits(tensors), bits):
+            return False
+    return True
 
 
 class InferenceCache(nn.Module):
     """Mixin: :meth:`_cached` remembers derived tensors across inference calls.
 
     A cached value is valid while every source tensor (each parameter of :meth:`_cache_owner`
-    and its submodules, and what :meth:`_cache_key` adds) is
+    and its submodules, and what :meth:`_cache_sources` adds) is
 
     * the same object in the same place (assigning a new Parameter, ``load_state_dict(...,
       assign=True)``),
     * at the same version (bumped by each in-place update: optimizer steps, ``load_state_dict``,
       in-place edits under ``no_grad``),
-    * on the same storage (``p.data = ...``),
+    * on the same storage, with the same shape, strides and dtype (``p.data = ...``),
     * with the same ``requires_grad``, and
-    * holding the same values as when the value was cached.
+    * holding the same bits as when the value was cached.
 
     The last check is the one that sees edits through ``p.data`` (EMA, pruning and quantization code
-    use it): ``p.data`` is a tensor with a version counter of its own, so an in-place edit of it
-    leaves ``p._version`` unchanged. The values are compared exactly (``torch.equal``) with a copy
-    kept when the value was cached, rather than through a summary such as a sum or a hash (which
-    an edit can leave unchanged, and which costs a reduction per tensor all the same). The sources
-    are the factors, a small fraction of a dense layer's size, so the copy is small and the
-    comparison is one pass over them per call: exactness is chosen over the cheaper checks of
-    identity and version alone, which let those edits return stale results. On an accelerator each
-    comparison waits for the device; code that needs no such wait runs the uncached paths (a fused
-    model's ``'chain'`` form, or ``torch.compile``).
+    use it), and writes through NumPy or raw memory: ``p.data`` is a tensor with a version counter
+    of its own, so an in-place edit of it leaves ``p._version`` unchanged, and no counter sees the
+    others. Nothing cheaper than reading the values can prove that such an edit did not happen, so
+    every cached call compares each source with a copy kept when the value was cached, exactly:
+
+    * on the CPU, byte for byte with the C library's ``memcmp`` over the memory the tensor fills
+      (contiguous or a permutation of a contiguous layout: a transposed factor too), one call per
+      tensor: a plain memory comparison, several times faster than ``torch.equal``'s elementwise
+      kernel, and with no operator dispatch;
+    * elsewhere (an accelerator, a complex or strided tensor, or no C library), all of a key's
+      tensors on one device at once: their bits viewed as integers and concatenated, then one
+      ``torch.equal``, so one wait for the device per cached call rather than one per tensor.
+
+    Comparing bits, not values, makes the check exact both ways: any change of a bit is seen
+    (``-0.0`` for ``0.0`` too), and an unchanged NaN is unchanged (``torch.equal`` calls it different,
+    which would rebuild on every call). A summary (a sum, a norm, a sampled hash) was rejected:
+    an edit can leave it unchanged (a swap of two entries keeps a sum), and it reads the values all
+    the same. A version-only check was rejected too: it returns stale results after ``.data``
+    edits. The sources are the factors, a fraction of the dense weight's size, so the copy is
+    small and the comparison is one pass over it per call; at small batches that pass is still a
+    visible part of the time, which is why each cached value is read once per call where we control
+    the caller (:class:`stpnet.nn.attention.WeightsOnceEncoderLayer`) and a fused layer's sources
+    leave out the bias where the cached value does not depend on it. Code that must not read the
+    factors per call runs the uncached paths (a fused model's ``'chain'`` form, or
+    ``torch.compile``).
 
     ``train()``, ``.to()``, ``.half()`` and every other ``_apply`` drop the cache outright. Training,
     gradient recording, tracing and compilation always rebuild. The check walks a list made when
@@ -60,17 +183,14 @@ class InferenceCache(nn.Module):
         """The module whose parameters the cached values are computed from."""
         return self
 
-    def _cache_key(self) -> tuple:
-        """One entry (:func:`_entry`) per source tensor."""
-        return tuple(_entry(*source) for source in _source_tensors(self._cache_owner()))
+    def _cache_sources(self) -> list[tuple[dict, str, torch.Tensor]]:
+        """``(owner dict, name, tensor)`` for every tensor the cached values are computed from."""
+        return _source_tensors(self._cache_owner())
 
-    @staticmethod
-    def _cache_valid(key: tuple) -> bool:
-        for params, name, p, version, pointer, requires_grad, values in key:
-            if (params.get(name) is not p or p._version != version or p.data_ptr() != pointer
-                    or p.requires_grad != requires_grad or not torch.equal(p, values)):
-                return False
-        return True
+    def _cache_key(self) -> SourceKey:
+        return source_key(self._cache_sources())
+
+    _cache_valid = staticmethod(source_key_valid)
 
     def _cached(self, name: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``build()``, remembered in inference (eval mode, gradients off) while the tensors it is

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UnpackedMultiheadAttention"]
+from ..functional.conv import recording
+
+__all__ = ["UnpackedMultiheadAttention", "WeightsOnceEncoderLayer"]
 
 
 class UnpackedMultiheadAttention(nn.Module):
@@ -232,3 +234,91 @@ class UnpackedMultiheadAttention(nn.Module):
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+
+class WeightsOnceEncoderLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` around an :class:`UnpackedMultiheadAttention` whose inference
+    fast path reads each weight once, and which runs its modules where they are not on dense
+    weights.
+
+    In eval mode without gradients, PyTorch's encoder layer runs one fused kernel
+    (``torch._transformer_encoder_layer_fwd``) on the weights it reads from its attention and
+    feed-forward layers, and it reads each of them twice: once to check that the fast path
+    applies, once to call it. A factorized or fused layer's ``weight`` is rebuilt once and then
+    checked against its factors on every read (:class:`stpnet.nn._cache.InferenceCache`), so
+    :func:`stpnet.fuse` turns such encoder layers into this class. In the plain inference case
+    (eval mode, gradients off, not traced or compiled, the fast path enabled
+    (``torch.backends.mha``), a batched, batch-first (N, L, E) plain tensor, no masks and no
+    ``is_causal``, no autocast, no hooks on the layer or its submodules, a packed attention with
+    biases and an even number of heads, ReLU or GELU, equal LayerNorm epsilons, every tensor on
+    the input's device, CPU or CUDA) it
+
+    * calls that kernel with the same arguments, each weight read once, when every projection
+      runs on its dense weight (a fused layer in the ``'dense'`` form, or a layer kept
+      factorized);
+    * else runs its modules, as PyTorch's layer does with the fast path off: the projections
+      then run the forms :func:`stpnet.fuse` chose for them (measured faster than their dense
+      op), which the kernel would bypass.
+
+    Every other call is ``nn.TransformerEncoderLayer.forward`` itself, so the function is the same
+    in every case.
+    """
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
+                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if src_mask is None and src_key_padding_mask is None and not is_causal and self._plain_inference(src):
+            if not self._on_dense_weights():
+                if self.norm_first:
+                    x = src + self._sa_block(self.norm1(src), None, None)
+                    return x + self._ff_block(self.norm2(x))
+                x = self.norm1(src + self._sa_block(src, None, None))
+                return self.norm2(x + self._ff_block(x))
+            tensors = self._kernel_tensors(src)
+            if tensors is not None:
+                attn = self.self_attn
+                in_w, in_b, out_w, out_b, n1_w, n1_b, n2_w, n2_b, l1_w, l1_b, l2_w, l2_b = tensors
+                mask, mask_type = attn.merge_masks(None, None, src)
+                return torch._transformer_encoder_layer_fwd(
+                    src, attn.embed_dim, attn.num_heads, in_w, in_b, out_w, out_b, self.activation_relu_or_gelu == 2,
+                    self.norm_first, self.norm1.eps, n1_w, n1_b, n2_w, n2_b, l1_w, l1_b, l2_w, l2_b, mask, mask_type)
+        return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+
+    def _plain_inference(self, src: torch.Tensor) -> bool:
+        """The plain case of the class docstring, but for the tensors' types and devices."""
+        if (self.training or torch.is_grad_enabled() or type(src) is not torch.Tensor or src.dim() != 3
+                or src.is_nested or recording() or not torch.backends.mha.get_fastpath_enabled()):
+            return False
+        device = src.device.type
+        if device not in ("cpu", "cuda") or torch.is_autocast_enabled(device) or torch.is_autocast_enabled("cpu"):
+            return False
+        attn = self.self_attn
+        if (not isinstance(attn, UnpackedMultiheadAttention) or not attn.packed or not attn.batch_first
+                or attn.num_heads % 2 or not self.activation_relu_or_gelu or self.norm1.eps != self.norm2.eps):
+            return False
+        stack: list[nn.Module] = [self]
+        while stack:  # no hooks anywhere below (they would not run inside the kernel)
+            module = stack.pop()
+            if module._forward_hooks or module._forward_pre_hooks:
+                return False
+            stack.extend(m for m in module._modules.values() if m is not None)
+        return True
+
+    def _on_dense_weights(self) -> bool:
+        """Whether every projection runs on its dense weight (a fused layer's form; other layers
+        have none and do)."""
+        attn = self.self_attn
+        return all(getattr(m, "form", "dense") == "dense" for m in (attn.in_proj, attn.out_proj, self.linear1,
+                                                                      self.linear2))
+
+    def _kernel_tensors(self, src: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The fused kernel's tensors, each read once, if each is a plain tensor on ``src``'s
+        device; else None."""
+        attn = self.self_attn
+        tensors = (attn.in_proj.weight, attn.in_proj.bias, attn.out_proj.weight, attn.out_proj.bias,
+                   self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
+                   self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
+        on_cpu = src.device.type == "cpu"
+        for t in tensors:
+            if type(t) not in (torch.Tensor, nn.Parameter) or (not t.is_cpu if on_cpu else t.device != src.device):
+                return None
+        return tensors

@@ -25,6 +25,10 @@ __all__ = ["FactorizedLayer", "FORWARD_PATHS"]
 
 FORWARD_PATHS = ("auto", "rebuild", "contract", "measure")
 
+#: The key under which a fused layer's form (and a layer kept factorized, ``'rebuild'``) is
+#: recorded in its entry of a state dict's ``_metadata``: :func:`stpnet.nn.fused_forms` reads it back.
+FORM_METADATA_KEY = "stpnet_form"
+
 
 def layer_tensorization(format: str, t: int | None, layout: str | Layout | None, c_in: int, c_out: int,
                         kernel_size: tuple[int, ...], in_modes, out_modes, n_modes: int):
@@ -298,8 +302,6 @@ class FactorizedLayer(InferenceCache):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         metadata = getattr(destination, "_metadata", None)
         if metadata is not None and self.forward_path == "rebuild":  # a layer stpnet.fuse kept factorized
-            from .fused import FORM_METADATA_KEY
-
             metadata.setdefault(prefix[:-1], {})[FORM_METADATA_KEY] = "rebuild"
 
     # ------------------------------------------------------------- from a dense layer

@@ -7,6 +7,7 @@ import warnings
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FactorizedTensor
@@ -115,20 +116,38 @@ class FactorizedEmbedding(FactorizedLayer):
     def _lookup(self, flat: torch.Tensor) -> torch.Tensor:
         return self.tensorization.layout.lookup(self, flat)
 
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise ValueError(f"embedding indices must be an integer tensor, got {indices.dtype}")
-        flat = indices.reshape(-1).long()
+    def _check_range(self, flat: torch.Tensor) -> None:
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"embedding index out of range: indices must lie in [0, {self.num_embeddings}), got "
                              f"values from {int(flat.min())} to {int(flat.max())}")
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"embedding indices must be an integer tensor, got {indices.dtype}")
         if (not self.training and not torch.is_grad_enabled()
                 and self.num_embeddings * self.embedding_dim <= self.max_cached_table):
-            return self.weight[flat].reshape(*indices.shape, self.embedding_dim)  # padding row is zero
+            return self._gather(indices)
+        flat = indices.reshape(-1).long()
+        self._check_range(flat)
         rows = self._lookup(flat) if flat.numel() else self.weight_tensor.factors[0].new_zeros(0, self.embedding_dim)
         if self.padding_idx is not None:
             rows = rows * (flat != self.padding_idx).unsqueeze(1).to(rows.dtype)
         return rows.reshape(*indices.shape, self.embedding_dim)
+
+    def _gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """Inference on a small table: rows of the cached table (its padding row is zero), as
+        ``nn.Embedding`` gathers them. On the CPU the gather checks the range itself (no
+        reductions and reads of the indices before it), and its error is replaced by this
+        layer's."""
+        ids = indices if indices.dtype in (torch.int64, torch.int32) else indices.long()
+        if ids.device.type != "cpu":
+            self._check_range(ids.reshape(-1))
+            return F.embedding(ids, self.weight)
+        try:
+            return F.embedding(ids, self.weight)
+        except IndexError:
+            self._check_range(ids.reshape(-1))
+            raise
 
     # ------------------------------------------------------------------ costs
     def _per_token_macs(self) -> int:

@@ -27,9 +27,8 @@ from torch import fx, nn
 
 from ._replace import set_submodule
 from .base import FactorizedLayer
-from .fused import FusedLayer
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["fold_batchnorm", "BatchNormFoldable"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +36,27 @@ _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _NORMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
+class BatchNormFoldable:
+    """A layer :func:`fold_batchnorm` folds the BatchNorm after it into by scaling its output,
+    not its weight, so that its parameters stay what they are (the fused factorized layers,
+    :class:`stpnet.nn.FusedLayer`, derive from it).
+
+    Such a layer has ``kernel_size`` (empty for a Linear), ``out_channels``, ``bias``, an
+    ``output_scale`` (None, or one factor per output channel) that its forward applies, and
+    ``_drop_cache()``, which forgets whatever it derived from them.
+    """
+
+
 class _LeafTracer(fx.Tracer):
     """Traces through containers and blocks; factorized and fused layers stay single calls."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (FactorizedLayer, FusedLayer)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (FactorizedLayer, BatchNormFoldable)) or super().is_leaf_module(m, qualname)
 
 
 def _spatial_dims(module: nn.Module) -> int | None:
     """The number of spatial dimensions of a foldable convolution, else None."""
-    if isinstance(module, FusedLayer):
+    if isinstance(module, BatchNormFoldable):
         return len(module.kernel_size) or None  # a fused Linear: the BatchNorm1d axis is not known here
     return _CONVS.get(type(module))  # exact types: a subclass may change what forward computes
 
@@ -98,7 +108,7 @@ def _fold(conv: nn.Module, norm: nn.Module) -> None:
     bias = torch.zeros_like(norm.running_mean) if conv.bias is None else conv.bias.detach()
     new_bias = ((bias - norm.running_mean) * scale + shift).to(dtype=ref.dtype, device=ref.device)
     scale = scale.to(dtype=ref.dtype, device=ref.device)
-    if isinstance(conv, FusedLayer):
+    if isinstance(conv, BatchNormFoldable):
         previous = torch.ones_like(scale) if conv.output_scale is None else conv.output_scale
         conv.output_scale = previous * scale
         conv._drop_cache()

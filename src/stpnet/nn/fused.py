@@ -36,25 +36,27 @@ from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors,
 from ..native.onepass import OnepassConv2d, onepass_available
 from ..functional.plain import (PLAIN_FORMS, PlainChain, PlainForm, cp_plain, plain_conv, plain_form_weights,
                                 sequential_plain, tucker2_plain)
-from ._cache import InferenceCache, _entry, recording
+from ._cache import InferenceCache, recording
 from ._timing import best_time, interleaved_best_times
-from .base import FactorizedLayer
+from .base import FORM_METADATA_KEY, FactorizedLayer
+from .fold import BatchNormFoldable
+from .fold import fold_batchnorm as _fold_batchnorm
+from .layouts import register_fused_form
 from .conv import prepare_conv_input
 from ._replace import replace_modules
-from .embedding import FactorizedEmbedding
+from .attention import UnpackedMultiheadAttention, WeightsOnceEncoderLayer
+from .layer_types import factorized_layer_type, takes_indices
 
 __all__ = ["FUSED_FORMS", "FusedLayer", "FusedSequential", "FusedTucker2", "FusedPaired", "FusedCP", "fuse",
            "fuse_layer", "fused_forms"]
 
-#: The key under which a fused layer's form (and a layer kept factorized, ``'rebuild'``) is
-#: recorded in its entry of a state dict's ``_metadata``: :func:`fused_forms` reads it back.
-FORM_METADATA_KEY = "stpnet_form"
-
-
 #: How a fused layer runs: ``'chain'``, its contraction chain on the merged factors (nothing
 #: larger than the factors is built; the form to export); a convolution's plain-convolution forms
 #: (:mod:`stpnet.functional.plain`: ``'plain'``, ``'merged_in'``, ``'merged_out'``) on weights
-#: derived once in inference (faster at batch 1 on CPU); or ``'dense'``, the dense op on the
+#: derived once in inference (faster at batch 1 on CPU); a Linear's ``'plain'`` form, two
+#: ``F.linear`` on weights derived once in inference (the chain's Kronecker factors expanded, so
+#: that no reshape between the products copies: sequential/ring and Tucker-2 layouts); or
+#: ``'dense'``, the dense op on the
 #: weight the chain computes, rebuilt once in inference; or ``'onepass'``, the plain chain of a 2-D
 #: convolution (dilation 1) in one native pass per image (:class:`stpnet.native.OnepassConv2d`),
 #: offered where the native kernel builds; its inference calls on contiguous float32 CPU inputs run
@@ -63,12 +65,16 @@ FORM_METADATA_KEY = "stpnet_form"
 FUSED_FORMS = ("chain", *PLAIN_FORMS, "dense", "onepass")
 
 
+def _eye(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
 def _channels_last(x: torch.Tensor) -> bool:
     """A 4-D input stored channels_last (and not also plain contiguous)."""
     return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-class FusedLayer(InferenceCache):
+class FusedLayer(InferenceCache, BatchNormFoldable):
     """Base of the fused layers: the geometry of the replaced Conv/Linear, its bias, and the forward
     pass in the layer's :attr:`form` around the subclass's chain (:meth:`_chain_conv` for a
     convolution, :meth:`_linear` for a Linear) or its plain weights (:meth:`_plain_chain`).
@@ -160,11 +166,26 @@ class FusedLayer(InferenceCache):
         no such form (paired)."""
         return None
 
+    def _plain_linear(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A Linear as two plain ``F.linear`` weights ``(W_in (r, in), W_out (out, r))``, the
+        chain's Kronecker factors ``⊗ I_t`` expanded so that no reshape between its products
+        copies; None where the layout has no such form. ``output_scale`` is not applied."""
+        return None
+
+    def _plain_linear_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        W_in, W_out = self._plain_linear()
+        if self.output_scale is not None:
+            W_out = self._scale_rows(W_out)
+        return W_in.contiguous(), W_out.contiguous()
+
     @property
     def forms(self) -> tuple[str, ...]:
         """The forms this layer can run in: ``FUSED_FORMS`` for a convolution with a plain chain
-        (``'onepass'`` only for a 2-D one with dilation 1, where the native kernel is available),
+        (``'onepass'`` only for a 2-D one with dilation 1, where the native kernel is available);
+        for a Linear with two plain weights (:meth:`_plain_linear`) ``('chain', 'plain', 'dense')``;
         else ``('chain', 'dense')``."""
+        if not self.kernel_size and type(self)._plain_linear is not FusedLayer._plain_linear:
+            return ("chain", "plain", "dense")
         if not self.kernel_size or type(self)._plain_chain is FusedLayer._plain_chain:
             return ("chain", "dense")
         if len(self.kernel_size) == 2 and tuple(self.dilation) == (1, 1) and onepass_available():
@@ -207,12 +228,14 @@ class FusedLayer(InferenceCache):
                                                      for w in weights.weights))
         return weights
 
-    def _cache_key(self) -> tuple:
-        """The parameters' key, and ``output_scale``'s: the derived weights are scaled by it."""
-        key = super()._cache_key()
+    def _cache_sources(self) -> list[tuple[dict, str, torch.Tensor]]:
+        """The factors, and ``output_scale`` (the derived weights are scaled by it). The bias only
+        in the ``'onepass'`` form, whose native operator holds it: every other form reads
+        ``self.bias`` at call time, so its derived weights do not depend on it."""
+        sources = [s for s in super()._cache_sources() if s[2] is not self.bias or self.form == "onepass"]
         if self.output_scale is None:
-            return key
-        return (*key, _entry(self._buffers, "output_scale", self.output_scale))
+            return sources
+        return [*sources, (self._buffers, "output_scale", self.output_scale)]
 
     def _scale_rows(self, W: torch.Tensor) -> torch.Tensor:
         """``W`` (output channels first) with each row times ``output_scale``."""
@@ -277,6 +300,10 @@ class FusedLayer(InferenceCache):
             weight = self.weight
             self._remember_plan(x, (self.form, False), lambda x: F.linear(x, weight, self.bias))
             return F.linear(x, weight, self.bias)
+        if self.form == "plain":
+            W_in, W_out = self._cached("plain_linear", self._plain_linear_weights)
+            self._remember_plan(x, (self.form, False), lambda x: F.linear(F.linear(x, W_in), W_out, self.bias))
+            return F.linear(F.linear(x, W_in), W_out, self.bias)
         lead = x.shape[:-1]
         y = self._output_affine(self._linear(x.reshape(-1, self.in_features)))
         return y.reshape(*lead, self.out_features)
@@ -306,6 +333,7 @@ class FusedLayer(InferenceCache):
         return self._cached("weight", lambda: self.dense_weight().contiguous())
 
 
+@register_fused_form("sequential")
 class FusedSequential(FusedLayer):
     """A sequential / ring (TT/STT, TR/STR) layer as ``A`` -> (shared k x k ``S``) -> ``B``."""
 
@@ -335,7 +363,12 @@ class FusedSequential(FusedLayer):
     def _linear(self, x):
         return sequential_linear(x, self._factors())
 
+    def _plain_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # z = x A, read as (n, rank, t); the output is B applied to each of the t columns: B ⊗ I_t
+        return self.A.transpose(0, 1), torch.kron(self.B.contiguous(), _eye(self.t, self.B))
 
+
+@register_fused_form("tucker2")
 class FusedTucker2(FusedLayer):
     """A Tucker-2 / STTu layer as ``U_in`` -> merged k x k core -> ``U_out``."""
 
@@ -358,7 +391,14 @@ class FusedTucker2(FusedLayer):
     def _linear(self, x):
         return tucker2_linear(x, self.core, self.U_out, self.U_in)
 
+    def _plain_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # x -> (U_in ⊗ I_t_in)^T x -> core -> U_out ⊗ I_t_out
+        t_in, t_out = self.in_features // self.U_in.shape[0], self.out_features // self.U_out.shape[0]
+        W_in = self.core @ torch.kron(self.U_in.transpose(0, 1).contiguous(), _eye(t_in, self.core))
+        return W_in, torch.kron(self.U_out.contiguous(), _eye(t_out, self.U_out))
 
+
+@register_fused_form("paired")
 class FusedPaired(FusedLayer):
     """A paired (TT-matrix) layer: its cores, contracted one at a time."""
 
@@ -378,6 +418,7 @@ class FusedPaired(FusedLayer):
         return paired_linear(x, list(self.cores), self.in_modes, self.out_modes, self.t)
 
 
+@register_fused_form("cp")
 class FusedCP(FusedLayer):
     """A CP layer as ``A`` (Khatri-Rao of the input factors) -> depthwise k x k ``S`` -> ``B``."""
 
@@ -403,10 +444,10 @@ class FusedCP(FusedLayer):
 def fuse_layer(layer: FactorizedLayer) -> nn.Module:
     """The fused form of one factorized Conv/Linear (an embedding is returned as it is: its lookup
     already has a single path)."""
-    if isinstance(layer, FactorizedEmbedding):
-        return layer
     if not isinstance(layer, FactorizedLayer):
         raise ValueError(f"fuse_layer expects a factorized layer, got {type(layer).__name__}")
+    if not _fusable(layer):
+        return layer
     return layer.tensorization.layout.fuse(layer).to(device=layer.weight_tensor.device).train(layer.training)
 
 
@@ -507,10 +548,9 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         return fuse_layer(layer)
 
     fused = replace_modules(model, _fusable, build)
+    _read_encoder_weights_once(fused)
     if fold_batchnorm:
-        from .fold import fold_batchnorm as fold  # fold.py reads FusedLayer from this module
-
-        fused = fold(fused, inplace=True)
+        fused = _fold_batchnorm(fused, inplace=True)
     if example is not None and decide == "measure":
         _keep_faster_than_dense(fused, example)
     return fused
@@ -534,8 +574,7 @@ def _check_example(model: nn.Module, example: object) -> None:
         raise ValueError(f"example is {example.dtype}, the model's parameters {reference.dtype}: the forms are "
                          f"timed on the example, so give one of the dtype the model serves (example.to("
                          f"{reference.dtype})), or convert the model first")
-    if not example.is_floating_point() and not any(isinstance(m, (nn.Embedding, FactorizedEmbedding))
-                                                  for m in model.modules()):
+    if not example.is_floating_point() and not any(takes_indices(m) for m in model.modules()):
         raise ValueError(f"example is {example.dtype}, but the model has no embedding to look integer inputs up: "
                          f"give a floating batch ({reference.dtype}) of the size the model will serve")
     if example.device != reference.device:
@@ -663,7 +702,9 @@ def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) ->
     """Time ``fused`` on ``x`` in each of its forms (each conv form, and for a sequential/ring
     chain each grouped-stage form) and ``layer`` rebuilt, in alternating rounds
     (:func:`interleaved_best_times`); return ``'rebuild'`` or ``fused`` set
-    to its fastest form."""
+    to its fastest form. For a Linear the fused ``'dense'`` form is the rebuilt dense op itself
+    (``F.linear`` on the weight rebuilt once), with fewer tensors to check per call than the
+    factorized layer's cores and no child modules, so it stands for ``'rebuild'``."""
     candidates: list[tuple[str, str | None]] = []
     for form in fused.forms:
         if form == "chain" and isinstance(fused, FusedSequential) and fused.kernel_size and fused.ring * fused.t > 1:
@@ -679,12 +720,13 @@ def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) ->
             return fused(x)
         return run
 
-    rebuilt = copy.copy(layer)  # shares the factors and the eval cache
-    rebuilt.forward_path = "rebuild"
     runs = {candidate: timed(*candidate) for candidate in candidates}
-    runs["rebuild"] = lambda: rebuilt(x)
+    if fused.kernel_size or "dense" not in fused.forms:
+        rebuilt = copy.copy(layer)  # shares the factors and the eval cache
+        rebuilt.forward_path = "rebuild"
+        runs["rebuild"] = lambda: rebuilt(x)
     times = interleaved_best_times(runs, x.device)
-    rebuild_time = times.pop("rebuild")
+    rebuild_time = times.pop("rebuild", float("inf"))
     (form, stage), fused_time = min(times.items(), key=lambda item: item[1])
     fused._drop_cache()  # only the chosen form's weights are kept (rebuilt on the first call)
     if rebuild_time < fused_time:
@@ -695,8 +737,23 @@ def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) ->
     return fused
 
 
+def _read_encoder_weights_once(model: nn.Module) -> None:
+    """Make each ``nn.TransformerEncoderLayer`` of ``model`` around a packed
+    :class:`UnpackedMultiheadAttention` a :class:`WeightsOnceEncoderLayer` (the same module and
+    function; its fast path reads each checked weight once)."""
+    for module in model.modules():
+        if (type(module) is nn.TransformerEncoderLayer and isinstance(module.self_attn, UnpackedMultiheadAttention)
+                and module.self_attn.packed):
+            module.__class__ = WeightsOnceEncoderLayer
+
+
 def _fusable(module: nn.Module) -> bool:
-    return isinstance(module, FactorizedLayer) and not isinstance(module, FactorizedEmbedding)
+    """A factorized layer whose type has a fused form (:attr:`stpnet.nn.layer_types.LayerType.fusable`;
+    one of no registered type goes through its layout's)."""
+    if not isinstance(module, FactorizedLayer):
+        return False
+    kind = factorized_layer_type(module)
+    return kind is None or kind.fusable
 
 
 @torch.no_grad()

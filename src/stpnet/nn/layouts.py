@@ -43,12 +43,27 @@ from .modes import channel_modes
 if TYPE_CHECKING:  # pragma: no cover
     from .base import FactorizedLayer
 
-__all__ = ["Layout", "LAYOUTS", "layout_named", "layouts_of", "default_layout"]
+__all__ = ["Layout", "LAYOUTS", "layout_named", "layouts_of", "default_layout", "register_fused_form"]
 
 _REGISTRY: dict[str, "Layout"] = {}
 
 #: Every layout by name.
 LAYOUTS = MappingProxyType(_REGISTRY)
+
+# Layout name -> the fused module class its layers deploy as. Filled by stpnet.nn.fused
+# (register_fused_form), which builds on the factorized layers and so is imported after this module.
+_FUSED_FORMS: dict[str, type] = {}
+
+
+def register_fused_form(*layout_names: str):
+    """Class decorator: the decorated fused module class (:mod:`stpnet.nn.fused`) is the deployment
+    form of the layers of these layouts, and of layouts derived from them that register none of
+    their own; :meth:`Layout.fuse` builds it from a factorized layer."""
+    def register(cls: type) -> type:
+        for name in layout_names:
+            _FUSED_FORMS[name] = cls
+        return cls
+    return register
 
 
 def layout_named(name: "str | Layout") -> "Layout":
@@ -165,8 +180,15 @@ class Layout:
 
     # ------------------------------------------------------------------ deployment
     def fuse(self, layer: "FactorizedLayer"):
-        """The fused module (:mod:`stpnet.nn.fused`) computing the layer with merged factors."""
-        raise NotImplementedError
+        """The fused module (:mod:`stpnet.nn.fused`) computing the layer with merged factors: the
+        class registered for this layout (:func:`register_fused_form`), or for the nearest layout
+        it derives from."""
+        for klass in type(self).__mro__:
+            form = _FUSED_FORMS.get(klass.__dict__.get("name"))
+            if form is not None:
+                return form(layer)
+        raise NotImplementedError(f"layout {self.name!r} has no fused form; register one with "
+                                  "stpnet.nn.layouts.register_fused_form")
 
 
 class SequentialLayout(Layout):
@@ -216,11 +238,6 @@ class SequentialLayout(Layout):
                   Stage(c_out * ra * a * p_out, min(c_out, ra * a))]
         acts = rb * a * t * p_in + ra * a * t * p_out + c_out * p_out
         return stages, acts, (c_in * t + c_out) * max(r) * max(r)
-
-    def fuse(self, layer):
-        from .fused import FusedSequential  # fused layers are built on the factorized ones
-
-        return FusedSequential(layer)
 
 
 class RingLayout(SequentialLayout):
@@ -310,11 +327,6 @@ class PairedLayout(Layout):
             state = new_state
         return stages, acts, (c_in * t + tz.out_features) * max(r) * max(r)
 
-    def fuse(self, layer):
-        from .fused import FusedPaired
-
-        return FusedPaired(layer)
-
 
 class Tucker2Layout(Layout):
     """Tucker-2 / STTu of (C_out, C_in, (K)): 1x1 (U_in ⊗ I_t)^T -> the core as a k x k
@@ -380,11 +392,6 @@ class Tucker2Layout(Layout):
                   Stage(c_out * r_o // t * p_out, min(c_out, r_o))]
         return stages, r_i * p_in + r_o * p_out + c_out * p_out, c_in * c_out
 
-    def fuse(self, layer):
-        from .fused import FusedTucker2
-
-        return FusedTucker2(layer)
-
 
 class CPLayout(Layout):
     """CP over the sequential modes [I_1..I_d, (K,) O_1..O_e]: 1x1 (Khatri-Rao of the input
@@ -419,8 +426,3 @@ class CPLayout(Layout):
         stages = [Stage(c_in * R * p_in, min(c_in, R)), Stage(R * K * p_out, 1),
                   Stage(c_out * R * p_out, min(c_out, R))]
         return stages, R * p_in + R * p_out + c_out * p_out, (c_in + c_out) * R
-
-    def fuse(self, layer):
-        from .fused import FusedCP
-
-        return FusedCP(layer)

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..nn.embedding import FactorizedEmbedding
+from ..nn.layer_types import takes_indices
 
 
 def check_images(images: object, name: str = "images") -> None:
@@ -39,8 +39,7 @@ def check_images_for(model: nn.Module, images: torch.Tensor, name: str = "images
                          "materialize its weights first (model.to_empty(device=...) and load_state_dict)")
     if images.device.type == "meta":
         raise ValueError(f"{name} are on the meta device (a shape without values); give real inputs")
-    if not images.is_floating_point() and not any(isinstance(m, (nn.Embedding, FactorizedEmbedding))
-                                                  for m in model.modules()):
+    if not images.is_floating_point() and not any(takes_indices(m) for m in model.modules()):
         floating = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
         raise ValueError(f"{name} are {images.dtype}, integer token indices, but the model has no embedding to "
                          f"look them up: give its preprocessed floating inputs ({floating}, e.g. "

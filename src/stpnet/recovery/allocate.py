@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..decomposition import decompose
+from ..discovery import eligible_layers
+from ..formats import format_class
 from ..nn.base import FactorizedLayer, layer_tensorization, tensor_t, uniform_rank
-from ..nn.convert import DENSE_TYPES, dense_matrix
+from ..nn.convert import dense_matrix
+from ..nn.layer_types import layer_type
 from ._calibration import check_images, check_images_for, forward_with_hooks, iterate_images
 
 __all__ = ["RankAllocation", "allocate_ranks", "CRITERIA", "OBJECTIVES"]
@@ -61,30 +63,6 @@ def _candidate_ranks(step: int, largest: int) -> list[int]:
     return out
 
 
-def _unfold_gram(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``sum over samples and positions of u u^T`` for the layer's input patches ``u``."""
-    if isinstance(layer, nn.Embedding):  # one-hot inputs: a diagonal Gram matrix, the token counts
-        return torch.bincount(x.reshape(-1).long(), minlength=layer.num_embeddings).double()
-    x = x.double()
-    if isinstance(layer, nn.Linear):
-        flat = x.reshape(-1, x.shape[-1])
-        return flat.T @ flat
-    dims = len(layer.kernel_size)
-    if dims != 2:  # Conv1d/3d: treat each position's patch through an equivalent 2-D view
-        if dims == 1:
-            x = x.unsqueeze(-1)
-            kernel, stride, dilation = (layer.kernel_size[0], 1), (layer.stride[0], 1), (layer.dilation[0], 1)
-            padding = (layer.padding[0], 0) if not isinstance(layer.padding, str) else "same"
-        else:
-            raise NotImplementedError("activation-criterion allocation supports Linear, Conv1d and Conv2d")
-    else:
-        kernel, stride, dilation, padding = layer.kernel_size, layer.stride, layer.dilation, layer.padding
-    if isinstance(padding, str):
-        padding = (0, 0) if padding == "valid" else tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # N, C*K, L
-    return torch.einsum("nal,nbl->ab", cols, cols)
-
-
 def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int | Mapping[str, int] | None = None,
                    layout: str | None = None, n_modes: int = 3, criterion: str = "weight",
                    objective: str = "max", images: torch.Tensor | None = None,
@@ -116,7 +94,7 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
     images : torch.Tensor, optional
         Preprocessed calibration inputs, needed for ``criterion='activation'``.
     layers : sequence of str, optional
-        The layers to factorize (default: :func:`stpnet.compress.eligible_layers`).
+        The layers to factorize (default: :func:`stpnet.discovery.eligible_layers`).
     t_choices : sequence of int, optional
         For a semi-tensor format, the STP factors each layer may take (e.g. ``(1, 2, 4)``; t = 1 is
         the classic format): every layer's candidates at every t that fits it enter the same search,
@@ -135,8 +113,6 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
         For an unknown criterion, missing or malformed images, or a target below what the smallest
         ranks reach (the message gives the largest reachable factor).
     """
-    from ..compress import eligible_layers
-
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if objective not in OBJECTIVES:
@@ -151,19 +127,19 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
         check_images(images)
         check_images_for(model, images)
     if t_choices is not None:
-        t_choices = _check_t_choices(format, t_choices)
+        t_choices = check_t_choices(format, t_choices)
     if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
         raise ValueError(f"layers must be a sequence of module names, got {layers!r}")
     names = list(layers) if layers is not None else eligible_layers(model)
     known = dict(model.named_modules())
     unknown = [n for n in names if n not in known]
     if unknown:
-        dense = [n for n, m in known.items() if n and isinstance(m, DENSE_TYPES)]
+        dense = [n for n, m in known.items() if n and _allocatable(m)]
         raise ValueError(f"layers names modules the model does not have: {unknown[:5]}; its Conv/Linear/Embedding "
                          f"layers: {dense[:8]}{' ...' if len(dense) > 8 else ''}")
     modules = {n: known[n] for n in names}
     for n, m in modules.items():
-        if isinstance(m, FactorizedLayer) or not isinstance(m, DENSE_TYPES):
+        if not _allocatable(m):
             raise ValueError(f"layer {n!r} is a {type(m).__name__}; allocation needs dense Conv/Linear/Embedding "
                              "layers")
     grams = _grams(model, modules, images, batch_size) if criterion == "activation" else {}
@@ -197,9 +173,15 @@ def allocate_ranks(model: nn.Module, format: str, compression: float, *, t: int 
                           chosen_t)
 
 
-def _check_t_choices(format: str, t_choices: Sequence[int]) -> tuple[int, ...]:
-    from ..formats import format_class
+def _allocatable(module: nn.Module) -> bool:
+    """A dense layer of a type a factorized layer replaces (:mod:`stpnet.nn.layer_types`)."""
+    kind = layer_type(module, keep_forward=False)
+    return not isinstance(module, FactorizedLayer) and kind is not None and kind.counterpart is not None
 
+
+def check_t_choices(format: str, t_choices: Sequence[int]) -> tuple[int, ...]:
+    """``t_choices`` sorted and without repeats; ValueError unless they are positive ints for a
+    semi-tensor ``format``."""
     cls, semi = format_class(format)
     values = tuple(t_choices)
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
@@ -215,7 +197,7 @@ def _grams(model: nn.Module, modules: dict[str, nn.Module], images: torch.Tensor
 
     def hook(name):
         def record(mod, args, output):
-            g = _unfold_gram(mod, args[0])
+            g = layer_type(mod, keep_forward=False).input_gram(mod, args[0])
             grams[name] = grams[name] + g if name in grams else g
         return record
 

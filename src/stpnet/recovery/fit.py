@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..nn.base import FactorizedLayer
-from ..nn.conv import _FactorizedConvNd
-from ..nn.convert import FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry
+from ..nn.convert import dense_counterpart, dense_geometry
+from ..nn.layer_types import factorized_layer_type
 from ._calibration import check_images, check_images_for, forward_with_hooks, iterate_images, modes_restored
 
 __all__ = ["LayerFit", "FitReport", "fit_to_activations", "activation_errors", "factorized_layer_order"]
@@ -236,7 +236,7 @@ def _fit_unit(compressed: nn.Module, dense: nn.Module, name: str, layer_names: l
             Y = _capture(dense, reference, images, batch_size, "output")
         else:
             Y = torch.cat([reference(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)])
-    channel_dim = 1 if any(isinstance(m, _FactorizedConvNd) for m in layers) and Y.ndim >= 3 else -1
+    channel_dim = 1 if any(_channel_dim(m) == 1 for m in layers) and Y.ndim >= 3 else -1
     weights = _channel_weights(Y, weighting, channel_dim)
     before = _relative_error(module, X, Y, batch_size, weights)
     saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -246,6 +246,12 @@ def _fit_unit(compressed: nn.Module, dense: nn.Module, name: str, layer_names: l
         module.load_state_dict(saved)
         after = before
     return LayerFit(name, before, after, n)
+
+
+def _channel_dim(layer: nn.Module) -> int:
+    """The output channel axis of a factorized layer (:attr:`stpnet.nn.layer_types.LayerType.channel_dim`)."""
+    kind = factorized_layer_type(layer)
+    return kind.channel_dim if kind is not None else -1
 
 
 def fit_to_activations(compressed: nn.Module, dense: nn.Module, images: torch.Tensor, *, steps: int = 30,
@@ -354,10 +360,10 @@ def _check_counterparts(compressed: nn.Module, dense: nn.Module, names: list[str
     replaced with the same weight geometry: the layers are paired by name, and a module of another
     kind there (a ReLU, another network's layer) must not silently serve as the target."""
     dense_modules = dict(dense.named_modules())
-    replaced = {factorized: torch_type for torch_type, factorized in FACTORIZED_COUNTERPARTS.items()}
     for name in names:
         layer = compressed.get_submodule(name)
-        kind = next((torch_type for cls, torch_type in replaced.items() if isinstance(layer, cls)), None)
+        layer_kind = factorized_layer_type(layer)
+        kind = layer_kind.counterpart if layer_kind is not None else None
         tz = layer.tensorization
         geometry = (tz.in_features, tz.out_features, tuple(tz.kernel_size))
         other = dense_modules.get(name)

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .._atomic import new_file_mode
+
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
 
 
@@ -22,6 +24,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, new_file_mode())  # the permissions of a plain new file, not mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
