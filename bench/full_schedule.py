@@ -42,7 +42,7 @@ import itertools
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +54,7 @@ from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
 from stpnet.models import resnet_cifar
 from stpnet.pipeline import calibration_images, load_trained, normalized_like
-from stpnet.recovery import recalibrate_batchnorm
+from stpnet.recovery import recover
 from stpnet.train import TrainConfig, Trainer, evaluate, save_checkpoint
 
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
@@ -143,9 +143,9 @@ class Protocol:
     def fitted(self, row: Row, seed: int) -> tuple[nn.Module, dict]:
         """(a), (b): the dense network compressed with allocated ranks and fitted block by block."""
         calib = calibration_images(self.data, 512, seed)
-        small, report = compress(self.dense, row.format, compression=row.compression, t=row.t, allocation="weight",
-                                 calibration=calib, fit_steps=200, fit_unit="block")
-        recalibrate_batchnorm(small, calibration_images(self.data, 512, seed, augment=True), keep_function=True)
+        small, report = compress(self.dense, row.format, compression=row.compression, t=row.t, allocation="weight")
+        recover(small, self.dense, calib, fit_steps=200, fit_unit="block", recalibrate_bn="keep_function",
+                bn_calibration=calibration_images(self.data, 512, seed, augment=True))
         model_spec = ModelSpec(self.dense_spec.name, 3, 10, row.format, row.t, None, report.ranks)
         return small, {"kind": "zoo", "model": model_spec.to_dict()}
 

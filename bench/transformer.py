@@ -13,8 +13,10 @@
    (``fit``: 100 L-BFGS iterations per layer on 512 training images), and after ``--ft-epochs``
    of fine-tuning with the dense network as teacher (``ft``); parameters; forward latency at
    batch 1 and 32 against dense, in the same process (alternating blocks, median of ``--repeats``),
-   of the factorized and the fused (``stpnet.fuse``) network, with PyTorch's encoder fast path on
-   (the default in eval: it runs on the weights it reads, rebuilt once) and off.
+   of the factorized and the fused network (``stpnet.fuse`` with an example of the batch timed, so
+   each layer takes its fastest form; ``bench/fused_transformer.py`` times the fused network alone),
+   with PyTorch's encoder fast path on (the default in eval: it runs on the weights it reads,
+   rebuilt once) and off.
 
 Every finished step appends a JSON line to ``results/transformer/runs.jsonl``; a rerun skips what
 is there. ``--report`` prints the table.
@@ -122,10 +124,11 @@ class Sweep:
     def latencies(self, model, dense) -> dict[str, float]:
         """Seconds per call at batch 1 and 32 of the factorized (``b1``), fused (``fused_b1``) and
         dense (``dense_b1``) networks, with the encoder fast path on, and off (``..._nofast``)."""
-        models = {"": model, "fused_": fuse(model).eval(), "dense_": dense}
+        fused = {batch: fuse(model, example=torch.randn(batch, 3, 32, 32)).eval() for batch in (1, 32)}
         out = {}
         for fastpath, suffix in ((True, ""), (False, "_nofast")):
             for batch in (1, 32):
+                models = {"": model, "fused_": fused[batch], "dense_": dense}
                 seconds = latency_ratio(models, batch, self.args.repeats, fastpath)
                 out.update({f"{name}b{batch}{suffix}": seconds[name] for name in models})
         return out

@@ -6,10 +6,11 @@ state_dict round trips, torch.jit.trace, torch.export, torch.compile, ONNX expor
 onnxruntime, channels_last inputs, CPU autocast (bfloat16 and float16) and, where a GPU is
 present, CUDA against CPU.
 
-The heavy checks (ONNX, torch.compile) run each combination on one path per layer kind,
-alternating, and with the opposite alternation from each other, so that between them every
-(combination, kind, path) triple goes through one heavy backend. The cheap checks run all of them.
-The ONNX export through the dynamo exporter is in the slow tier; the legacy exporter is not.
+The heavy checks (ONNX through the dynamo exporter, torch.compile) run each combination on one
+path per layer kind, alternating, and with the opposite alternation from each other, so that
+between them every (combination, kind, path) triple goes through one heavy backend; they are in
+the slow tier. The cheap checks (the legacy ONNX exporter and torch.export among them) run all
+of them.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def test_torch_export(combo, path, kind):
 
 
 # --------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
 @heavy_params_flipped
 def test_torch_compile_aot_eager(combo, kind, path):
     """fullgraph (no graph breaks) through dynamo and AOTAutograd; forward and gradients match."""

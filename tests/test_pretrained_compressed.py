@@ -73,6 +73,7 @@ def test_a_dense_card_without_the_optional_fields_still_loads(tmp_path):
     assert type(model_card("resnet20-cifar10")).from_dict(json.loads(json.dumps(card))).compression is None
 
 
+@pytest.mark.slow
 def test_the_demo_shows_shipped_compressed_networks_first(shipped, tmp_path):
     import shutil
 

@@ -51,10 +51,19 @@ def test_the_size_and_sha256_are_recorded_when_the_library_is_built(private_cach
     assert leftovers == []  # the temporary names were renamed into place
 
 
+def _replace_bytes(library: Path, data: bytes) -> None:
+    """Put ``data`` at ``library``'s path as a new file. Never write into the file in place: this
+    process may have it mapped (loaded), and changing a mapped library's pages under it kills the
+    process with SIGBUS or SIGSEGV later, at exit at the latest."""
+    partial = library.with_name(library.name + ".damaged")
+    partial.write_bytes(data)
+    os.replace(partial, library)
+
+
 def _truncate(library: Path, size: int = 20_000) -> None:
     data = library.read_bytes()
     assert len(data) > size
-    library.write_bytes(data[:size])
+    _replace_bytes(library, data[:size])
 
 
 @needs_compiler
@@ -66,7 +75,7 @@ def test_a_damaged_library_is_rebuilt_not_loaded(private_cache, monkeypatch, cap
     if damage == "truncated":
         _truncate(library)
     elif damage == "overwritten":
-        library.write_bytes(bytes(len(good)))  # same size, other bytes
+        _replace_bytes(library, bytes(len(good)))  # same size, other bytes
     elif damage == "no-record":
         build.record_path(library).unlink()
     else:

@@ -307,8 +307,8 @@ class WeightsOnceEncoderLayer(nn.TransformerEncoderLayer):
         """Whether every projection runs on its dense weight (a fused layer's form; other layers
         have none and do)."""
         attn = self.self_attn
-        return all(getattr(m, "form", "dense") == "dense" for m in (attn.in_proj, attn.out_proj, self.linear1,
-                                                                      self.linear2))
+        return all(m.__dict__.get("form", "dense") == "dense" for m in (attn.in_proj, attn.out_proj, self.linear1,
+                                                                          self.linear2))
 
     def _kernel_tensors(self, src: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The fused kernel's tensors, each read once, if each is a plain tensor on ``src``'s

@@ -474,10 +474,11 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         its other forms (``FusedLayer.form``: plain convolutions on weights derived from the merged
         factors once in inference, a few times the factors' size, faster at batch 1; those
         three stages in one native pass per image, ``'onepass'``, where :mod:`stpnet.native`
-        builds; or the dense op on the rebuilt weight), or the factorized layer forced to
+        builds; for a Linear, two plain products on derived weights, ``'plain'``; or the dense op
+        on the rebuilt weight), or, for a convolution, the factorized layer forced to
         ``'rebuild'`` (in eval mode it rebuilds the dense weight once and reuses it, so it runs
         like a dense layer while storing only its factors; its runtime memory holds the dense
-        weight). Parameters stay the
+        weight; for a Linear the fused ``'dense'`` form is that op). Parameters stay the
         merged factors in every form.
         Without it, every layer becomes a contraction chain (the form to export: nothing dense
         is ever built).
@@ -509,6 +510,12 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
     the forms on derived weights (plain, dense, a kept ``'rebuild'`` layer) cache those weights
     only in eager inference, so compiled code derives them again on every call (BENCHMARKS.md,
     "Inference latency of whole networks").
+
+    Each ``nn.TransformerEncoderLayer`` around a packed attention becomes a
+    :class:`stpnet.nn.attention.WeightsOnceEncoderLayer`, the same module computing the same
+    function: in inference it runs PyTorch's fused encoder kernel, each checked weight read once,
+    where every projection is on its dense weight, and its modules (the forms chosen here)
+    otherwise; the whole-model check above then compares the two.
 
     Returns
     -------
@@ -740,7 +747,8 @@ def _fastest_form(layer: FactorizedLayer, fused: FusedLayer, x: torch.Tensor) ->
 def _read_encoder_weights_once(model: nn.Module) -> None:
     """Make each ``nn.TransformerEncoderLayer`` of ``model`` around a packed
     :class:`UnpackedMultiheadAttention` a :class:`WeightsOnceEncoderLayer` (the same module and
-    function; its fast path reads each checked weight once)."""
+    function: its fast path reads each checked weight once, and it runs its modules where a
+    projection is in a form other than its dense weight)."""
     for module in model.modules():
         if (type(module) is nn.TransformerEncoderLayer and isinstance(module.self_attn, UnpackedMultiheadAttention)
                 and module.self_attn.packed):
