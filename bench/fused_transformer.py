@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
                     x = make(batch)
                     with torch.no_grad():
                         fused = stpnet.fuse(small, example=x).eval()
-                        times = time_in_blocks({"dense": lambda v: run(dense, v), "factorized": lambda v: run(small, v),
-                                                "fused": lambda v: run(fused, v)}, x, args.repeats,
-                                               rounds=args.rounds)
+                        models = {"dense": dense, "factorized": small, "fused": fused}
+                        times = time_in_blocks({k: (lambda v, m=m, run=run: run(m, v)) for k, m in models.items()}, x,
+                                               args.repeats, rounds=args.rounds)
                     row = {"model": name, "format": fmt, "factor": factor, "batch": batch,
                            "compression": round(sum(p.numel() for p in dense.parameters()) / report.params, 2),
                            "dense_ms": round(times["dense"] * 1e3, 3),

@@ -133,7 +133,19 @@ def test_report_of_a_zoo_model(capsys):
     assert "61,706" in capsys.readouterr().out
 
 
+@pytest.fixture
+def short_test_split(monkeypatch):
+    """The embedded CIFAR-10 subset with 200 of its 1,000 test images: the demo tests here check the
+    CLI's tables and plots, not accuracies (tests/test_pretrained.py checks those on all 1,000)."""
+    import stpnet.data
+
+    full = stpnet.data.load_embedded_cifar10
+    monkeypatch.setattr(stpnet.data, "load_embedded_cifar10", lambda *args, **kwargs: full(*args, **kwargs).subset(
+        None, 200))
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("short_test_split")
 def test_compression_demo_table_names_its_epochs_and_draws_the_stages(tmp_path, capsys, monkeypatch):
     # the CLI's table and plot end to end, with the short fit of the library's own demo test
     demo = importlib.import_module(main.__module__.rpartition(".")[0] + ".demo")  # where the CLI imports it from
@@ -152,6 +164,7 @@ def test_compression_demo_table_names_its_epochs_and_draws_the_stages(tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("short_test_split")
 def test_demo_from_scratch_small(tmp_path, capsys):
     assert run("demo", "--from-scratch", "--epochs", 1, "--train-subset", 64, "--out-dir", tmp_path, "--quiet") == 0
     out = capsys.readouterr().out

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ._atomic import atomic_path, atomic_write_text, check_output_path
+from .demo import DEMO_FINE_TUNE_EPOCHS, DEMO_FORMATS
 from .progress import ProgressBar
 
 try:
@@ -556,7 +557,7 @@ MIN_EXPORT_SIZE, MAX_EXPORT_SIZE, MAX_EXPORT_BATCH = 8, 4096, 4096
 
 
 def _cmd_demo(args) -> int:
-    from .demo import DEMO_FINE_TUNE_EPOCHS, run_compression_demo, run_demo
+    from .demo import run_compression_demo, run_demo
 
     progress = None if args.quiet else sys.stderr
     if args.from_scratch:
@@ -691,16 +692,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("demo", help="compress the shipped trained ResNet-20 ~9x and recover its accuracy",
-                       description="Compress the shipped trained ResNet-20 about 9x in TT, STT and STR, recover "
+                       description="Show the shipped compressed ResNet-20s beside the dense one, then compress the shipped "
+                                   "trained ResNet-20 about 9x in TT and STT and recover "
                                    "each (rank allocation, fitting to the dense activations, a distilled fine-tune "
                                    "on the embedded CIFAR-10 subset), print a table and save a plot. "
                                    "--from-scratch trains dense, TT and STT from scratch instead.")
     p.add_argument("--from-scratch", action="store_true", help="train dense, TT and STT from scratch instead")
-    p.add_argument("--formats", nargs="+", choices=FORMAT_CHOICES, default=["tt", "stt", "str"],
-                   help="formats to compress to (default tt stt str)")
+    p.add_argument("--formats", nargs="+", choices=FORMAT_CHOICES, default=list(DEMO_FORMATS),
+                   help=f"formats to compress to (default {' '.join(DEMO_FORMATS)})")
     p.add_argument("--compression", type=float, default=9.0, help="whole-model factor (default 9)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="fine-tuning epochs per format (default 3), or with --from-scratch training epochs (5)")
+                   help=f"fine-tuning epochs per format (default {DEMO_FINE_TUNE_EPOCHS}), or with --from-scratch "
+                        "training epochs (5)")
     p.add_argument("--rank", type=int, default=8, help="rank of TT and STT with --from-scratch")
     p.add_argument("--out-dir", default="stpnet-demo", help="where the plot and logs go")
     p.add_argument("--seed", type=int, default=0)

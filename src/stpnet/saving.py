@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._atomic import atomic_path, check_output_path
 from .nn._replace import set_submodule
 from .nn.attention import UnpackedMultiheadAttention
 from .nn.base import FactorizedLayer
@@ -145,6 +145,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     ------
     SavedModelError
         For a fused model or a factorized layer the plan cannot describe.
+    ValueError
+        If ``path`` is a folder or lies under a file.
+    OSError
+        If the folder cannot be written (``path`` is then left as it was).
 
     Examples
     --------
@@ -159,21 +163,13 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     >>> torch.equal(again(x), small(x))
     True
     """
-    path = Path(path)
+    path = check_output_path(path, "save path")
     plan_json = json.dumps(compression_plan(model), sort_keys=True)
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     payload = {"format": FILE_FORMAT, "version": FILE_VERSION, "plan": plan_json, "state": state,
                "sha256": _digest(plan_json, state)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(payload, f)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic_path(path, "save path") as partial:
+        torch.save(payload, partial)
     return path
 
 

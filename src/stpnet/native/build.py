@@ -33,6 +33,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from .._atomic import atomic_write_text
+
 __all__ = ["load_library", "native_enabled", "cache_dir", "c_compiler"]
 
 logger = logging.getLogger(__name__)
@@ -105,16 +107,7 @@ def _digest(path: Path | str) -> dict:
 def _write_record(built: str, library: Path) -> None:
     """Record the size and SHA-256 of the file ``built`` (about to be renamed to
     ``library``) beside ``library``, atomically."""
-    record = record_path(library)
-    fd, partial = tempfile.mkstemp(prefix=f".{record.name}.", suffix=".tmp", dir=library.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_digest(built), f)
-        os.replace(partial, record)
-    except BaseException:
-        if os.path.exists(partial):
-            os.unlink(partial)
-        raise
+    atomic_write_text(record_path(library), json.dumps(_digest(built)), "the native library's record")
 
 
 def verify_library(library: Path) -> str | None:
@@ -159,6 +152,8 @@ def _build(source: Path, target: Path, compiler: str) -> str | None:
                 if os.path.exists(partial):
                     os.unlink(partial)
                 raise
+            logger.info("built the native kernel %s with %s (%s)", target.name, " ".join(flags),
+                        "OpenMP threads" if "-fopenmp" in flags else "no OpenMP: one thread")
             return None
         os.unlink(partial)
         error = f"{' '.join(command)}: {out.stderr.strip()[-2000:]}"
@@ -176,7 +171,7 @@ def load_library(name: str) -> ctypes.CDLL | None:
     source = SOURCE_DIR / f"{name}.c"
     compiler = c_compiler()
     if compiler is None:
-        logger.warning("no C compiler %r found: the native %s kernel is not available",
+        logger.warning("no C compiler %r found: the native %s kernel is not available (using PyTorch ops instead)",
                        os.environ.get("CC") or "cc", name)
         return None
     key = hashlib.sha256("\0".join([source.read_text(), repr(FLAG_SETS), _compiler_version(compiler),

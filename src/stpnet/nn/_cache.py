@@ -7,7 +7,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
-from typing import Callable, Hashable, Iterable, NamedTuple
+from collections.abc import Callable, Hashable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ def _source_tensors(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
     return [(m._parameters, name, p) for m in module.modules() for name, p in m._parameters.items() if p is not None]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _memcmp() -> Callable[[int, int, int], int] | None:
     """The C library's ``memcmp`` (None where it cannot be loaded): a byte comparison of host
     memory several times faster than ``torch.equal``, with no per-call dispatch. Loaded through

@@ -266,58 +266,59 @@ class WeightsOnceEncoderLayer(nn.TransformerEncoderLayer):
 
     def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
                 src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if src_mask is None and src_key_padding_mask is None and not is_causal and self._plain_inference(src):
-            if not self._on_dense_weights():
-                if self.norm_first:
-                    x = src + self._sa_block(self.norm1(src), None, None)
-                    return x + self._ff_block(self.norm2(x))
-                x = self.norm1(src + self._sa_block(src, None, None))
-                return self.norm2(x + self._ff_block(x))
-            tensors = self._kernel_tensors(src)
-            if tensors is not None:
-                attn = self.self_attn
-                in_w, in_b, out_w, out_b, n1_w, n1_b, n2_w, n2_b, l1_w, l1_b, l2_w, l2_b = tensors
-                mask, mask_type = attn.merge_masks(None, None, src)
-                return torch._transformer_encoder_layer_fwd(
-                    src, attn.embed_dim, attn.num_heads, in_w, in_b, out_w, out_b, self.activation_relu_or_gelu == 2,
-                    self.norm_first, self.norm1.eps, n1_w, n1_b, n2_w, n2_b, l1_w, l1_b, l2_w, l2_b, mask, mask_type)
-        return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        plan = None
+        if src_mask is None and src_key_padding_mask is None and not is_causal:
+            plan = self._inference_plan(src)
+        if plan == "modules":
+            if self.norm_first:
+                x = src + self._sa_block(self.norm1(src), None, None)
+                return x + self._ff_block(self.norm2(x))
+            x = self.norm1(src + self._sa_block(src, None, None))
+            return self.norm2(x + self._ff_block(x))
+        if plan is None:
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        attn = self.self_attn
+        in_w, in_b, out_w, out_b, n1_w, n1_b, n2_w, n2_b, l1_w, l1_b, l2_w, l2_b = plan
+        mask, mask_type = attn.merge_masks(None, None, src)
+        return torch._transformer_encoder_layer_fwd(
+            src, attn.embed_dim, attn.num_heads, in_w, in_b, out_w, out_b, self.activation_relu_or_gelu == 2,
+            self.norm_first, self.norm1.eps, n1_w, n1_b, n2_w, n2_b, l1_w, l1_b, l2_w, l2_b, mask, mask_type)
 
-    def _plain_inference(self, src: torch.Tensor) -> bool:
-        """The plain case of the class docstring, but for the tensors' types and devices."""
+    def _inference_plan(self, src: torch.Tensor) -> str | tuple[torch.Tensor, ...] | None:
+        """For a call without masks: None where PyTorch's layer runs (not the plain inference case
+        of the class docstring), ``'modules'`` where a projection is not on its dense weight, else
+        the fused kernel's tensors, each read once. (Submodules and parameters are read from
+        their dicts: this runs on every inference call.)"""
         if (self.training or torch.is_grad_enabled() or type(src) is not torch.Tensor or src.dim() != 3
                 or src.is_nested or recording() or not torch.backends.mha.get_fastpath_enabled()):
-            return False
+            return None
         device = src.device.type
         if device not in ("cpu", "cuda") or torch.is_autocast_enabled(device) or torch.is_autocast_enabled("cpu"):
-            return False
-        attn = self.self_attn
+            return None
+        children = self._modules
+        attn, norm1, norm2 = children.get("self_attn"), children.get("norm1"), children.get("norm2")
+        linear1, linear2 = children.get("linear1"), children.get("linear2")
         if (not isinstance(attn, UnpackedMultiheadAttention) or not attn.packed or not attn.batch_first
-                or attn.num_heads % 2 or not self.activation_relu_or_gelu or self.norm1.eps != self.norm2.eps):
-            return False
+                or attn.num_heads % 2 or not self.activation_relu_or_gelu or norm1.eps != norm2.eps):
+            return None
         stack: list[nn.Module] = [self]
         while stack:  # no hooks anywhere below (they would not run inside the kernel)
             module = stack.pop()
             if module._forward_hooks or module._forward_pre_hooks:
-                return False
-            stack.extend(m for m in module._modules.values() if m is not None)
-        return True
-
-    def _on_dense_weights(self) -> bool:
-        """Whether every projection runs on its dense weight (a fused layer's form; other layers
-        have none and do)."""
-        attn = self.self_attn
-        return all(m.__dict__.get("form", "dense") == "dense" for m in (attn.in_proj, attn.out_proj, self.linear1,
-                                                                          self.linear2))
-
-    def _kernel_tensors(self, src: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """The fused kernel's tensors, each read once, if each is a plain tensor on ``src``'s
-        device; else None."""
-        attn = self.self_attn
-        tensors = (attn.in_proj.weight, attn.in_proj.bias, attn.out_proj.weight, attn.out_proj.bias,
-                   self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
-                   self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias)
-        on_cpu = src.device.type == "cpu"
+                return None
+            for child in module._modules.values():
+                if child is not None:
+                    stack.append(child)
+        in_proj, out_proj = attn._modules.get("in_proj"), attn._modules.get("out_proj")
+        projections = (in_proj, out_proj, linear1, linear2)
+        for m in projections:
+            if m.__dict__.get("form", "dense") != "dense":  # a fused layer's form; other layers have none
+                return "modules"
+        tensors = (in_proj.weight, in_proj._parameters.get("bias"), out_proj.weight, out_proj._parameters.get("bias"),
+                   norm1._parameters.get("weight"), norm1._parameters.get("bias"), norm2._parameters.get("weight"),
+                   norm2._parameters.get("bias"), linear1.weight, linear1._parameters.get("bias"), linear2.weight,
+                   linear2._parameters.get("bias"))
+        on_cpu = device == "cpu"
         for t in tensors:
             if type(t) not in (torch.Tensor, nn.Parameter) or (not t.is_cpu if on_cpu else t.device != src.device):
                 return None

@@ -89,12 +89,13 @@ def _transposed_view(module: nn.Module) -> LinearView | None:
     if not weight.is_floating_point() or weight.device.type == "meta":
         return None
     # confirm the semantics on a probe input (two rows, a fixed generator): the structure alone
-    # does not say that forward is x @ weight + bias
+    # does not say that forward is x @ weight + bias. forward itself, not the module call: the
+    # module's hooks must not see the probe (a hook that asks for the layer type would recurse)
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(2, weight.shape[0], generator=generator).to(device=weight.device, dtype=weight.dtype)
     try:
         with torch.no_grad():
-            got = module(probe)
+            got = module.forward(probe)
             expected = probe @ weight + (bias if bias is not None else 0)
     except Exception:  # noqa: BLE001 - a module that cannot run on a plain matrix is not linear-like
         return None
