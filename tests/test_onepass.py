@@ -146,9 +146,11 @@ def test_native_kernels_can_be_turned_off_and_a_missing_compiler_is_reported(mon
         build.load_library.cache_clear()
         monkeypatch.setenv("STPNET_NATIVE", "1")
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-        with caplog.at_level(logging.WARNING, logger="stpnet.native.build"):
+        with caplog.at_level(logging.INFO, logger="stpnet.native.build"):
             assert build.load_library("onepass") is None
-        assert "no C compiler" in caplog.text
+            assert build.load_library("onepass") is None  # said once per process
+        assert [r.levelname for r in caplog.records] == ["INFO"]  # a machine without a compiler is not a fault
+        assert "no C compiler" in caplog.text and "'plain' form" in caplog.text
         assert not list(tmp_path.iterdir())  # nothing half-built left behind
     finally:
         monkeypatch.undo()

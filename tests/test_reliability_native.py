@@ -45,7 +45,7 @@ def test_the_size_and_sha256_are_recorded_when_the_library_is_built(private_cach
     import hashlib
 
     data = library.read_bytes()
-    assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "flags": ["-O0"]}
     assert build.verify_library(library) is None
     leftovers = [p.name for p in (private_cache / "native").iterdir() if p not in (library, build.record_path(library))]
     assert leftovers == []  # the temporary names were renamed into place
@@ -137,3 +137,15 @@ def test_a_truncated_cached_library_never_kills_the_process(tmp_path):
     assert second.returncode == 0, f"exit {second.returncode}: {second.stderr[-2000:]}"
     assert "onepass True" in second.stdout and "rebuilt" in second.stderr
     assert build.verify_library(library) is None
+
+
+@needs_compiler
+def test_loading_logs_once_which_flag_set_built_the_library(private_cache, caplog):
+    with caplog.at_level(logging.INFO, logger="stpnet.native.build"):
+        assert build.load_library("onepass") is not None  # built now
+        assert build.load_library("onepass") is not None  # the same process: loaded once
+        build.load_library.cache_clear()
+        assert build.load_library("onepass") is not None  # another process would load the cached file
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("built with -O0: no OpenMP: one thread" in line for line in lines), lines
+    assert all(r.levelname == "INFO" for r in caplog.records)

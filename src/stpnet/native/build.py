@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 from .._atomic import atomic_write_text
 
@@ -104,10 +105,23 @@ def _digest(path: Path | str) -> dict:
     return {"size": size, "sha256": h.hexdigest()}
 
 
-def _write_record(built: str, library: Path) -> None:
-    """Record the size and SHA-256 of the file ``built`` (about to be renamed to
-    ``library``) beside ``library``, atomically."""
-    atomic_write_text(record_path(library), json.dumps(_digest(built)), "the native library's record")
+def _write_record(built: str, library: Path, flags: Sequence[str]) -> None:
+    """Record the size and SHA-256 of the file ``built`` (about to be renamed to ``library``) and
+    the compiler flags that built it beside ``library``, atomically."""
+    record = {**_digest(built), "flags": list(flags)}
+    atomic_write_text(record_path(library), json.dumps(record), "the native library's record")
+
+
+def _flag_summary(library: Path) -> str:
+    """The recorded flags of ``library`` and what they mean for threads."""
+    try:
+        flags = json.loads(record_path(library).read_text()).get("flags")
+    except (OSError, ValueError, AttributeError):
+        flags = None
+    if not isinstance(flags, list):
+        return "flags not recorded"
+    threads = "OpenMP threads" if "-fopenmp" in flags else "no OpenMP: one thread"
+    return f"{' '.join(flags)}: {threads}"
 
 
 def verify_library(library: Path) -> str | None:
@@ -146,14 +160,12 @@ def _build(source: Path, target: Path, compiler: str) -> str | None:
             return f"{' '.join(command)}: {exc}"
         if out.returncode == 0:
             try:
-                _write_record(partial, target)
+                _write_record(partial, target, flags)
                 os.replace(partial, target)
             except BaseException:
                 if os.path.exists(partial):
                     os.unlink(partial)
                 raise
-            logger.info("built the native kernel %s with %s (%s)", target.name, " ".join(flags),
-                        "OpenMP threads" if "-fopenmp" in flags else "no OpenMP: one thread")
             return None
         os.unlink(partial)
         error = f"{' '.join(command)}: {out.stderr.strip()[-2000:]}"
@@ -163,16 +175,19 @@ def _build(source: Path, target: Path, compiler: str) -> str | None:
 @functools.lru_cache(maxsize=None)
 def load_library(name: str) -> ctypes.CDLL | None:
     """The shared library built from ``stpnet/native/<name>.c``, compiled on the first call on this
-    machine (a second or two) and cached; None (with a logged warning saying why) where native
-    kernels are off or cannot be built. Each process loads it once."""
+    machine (a second or two) and cached. Each process loads it once, and logs once at INFO level
+    which flag set built it (with OpenMP threads or not). None where native kernels are off or
+    no compiler is found (said once at INFO level, with the fallback), or where a build fails or a
+    cached library fails its check (a warning saying why)."""
+    fallback = "fused layers run their 'plain' form, PyTorch convolutions, instead"
     if not native_enabled():
-        logger.debug("native kernels are off (STPNET_NATIVE=%s)", os.environ.get("STPNET_NATIVE"))
+        logger.info("native kernels are off (STPNET_NATIVE=%s): %s", os.environ.get("STPNET_NATIVE"), fallback)
         return None
     source = SOURCE_DIR / f"{name}.c"
     compiler = c_compiler()
     if compiler is None:
-        logger.warning("no C compiler %r found: the native %s kernel is not available (using PyTorch ops instead)",
-                       os.environ.get("CC") or "cc", name)
+        logger.info("no C compiler %r found: the native %s kernel is not available; %s",
+                    os.environ.get("CC") or "cc", name, fallback)
         return None
     key = hashlib.sha256("\0".join([source.read_text(), repr(FLAG_SETS), _compiler_version(compiler),
                                     _cpu_signature()]).encode()).hexdigest()[:16]
@@ -196,7 +211,9 @@ def load_library(name: str) -> ctypes.CDLL | None:
             logger.warning("the cached native %s kernel %s did not match the size and SHA-256 recorded when it "
                            "was built (%s); it was rebuilt", name, target, stale)
     try:
-        return ctypes.CDLL(str(target))
+        library = ctypes.CDLL(str(target))
     except OSError as exc:
         logger.warning("could not load the native %s kernel %s: %s", name, target, exc)
         return None
+    logger.info("loaded the native %s kernel %s (built with %s)", name, target.name, _flag_summary(target))
+    return library
