@@ -163,15 +163,19 @@ def test_bn_keep_function_errors():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False))
     with pytest.raises(ValueError, match=r"affine=False.*\['1'\]"):
         recalibrate_batchnorm(net, _images(4, 0), keep_function=True)
-    with pytest.raises(ValueError, match="False, True or 'keep_function'"):
+    with pytest.raises(ValueError, match="False, True or 'keep_function'"), pytest.warns(DeprecationWarning):
         stpnet.compress(_net(), "tt", rank=2, calibration=_images(8, 0), recalibrate_bn="keep")
 
 
 def test_compress_recalibrate_bn_keep_function():
+    # the recovery arguments of compress (deprecated for stpnet.recover) still work for a release
     dense = _net()
     x = _images(48, 9)
-    small, report = stpnet.compress(dense, "tt", rank=2, calibration=x, fit_steps=3, recalibrate_bn="keep_function")
-    fitted, _ = stpnet.compress(dense, "tt", rank=2, calibration=x, fit_steps=3)
+    with pytest.warns(DeprecationWarning, match="stpnet.recover"):
+        small, report = stpnet.compress(dense, "tt", rank=2, calibration=x, fit_steps=3,
+                                        recalibrate_bn="keep_function")
+    with pytest.warns(DeprecationWarning, match="stpnet.recover"):
+        fitted, _ = stpnet.compress(dense, "tt", rank=2, calibration=x, fit_steps=3)
     with torch.no_grad():
         assert torch.allclose(small(x), fitted(x), atol=1e-4)
     assert not torch.equal(small.bn1.running_mean, fitted.bn1.running_mean)
@@ -376,9 +380,9 @@ def test_allocation_rejects_an_unreachable_target_and_bad_options():
         stpnet.compress(net, "tt", compression=3.0, allocation="greedy")
     with pytest.raises(ValueError, match="needs compression=... and init='decompose'"):
         stpnet.compress(net, "tt", rank=2, allocation="weight")
-    with pytest.raises(ValueError, match="need calibration inputs"):
+    with pytest.raises(ValueError, match="need calibration inputs"), pytest.warns(DeprecationWarning):
         stpnet.compress(net, "tt", rank=2, fit_steps=5)
-    with pytest.raises(ValueError, match="need calibration inputs"):
+    with pytest.raises(ValueError, match="need calibration inputs"), pytest.warns(DeprecationWarning):
         stpnet.compress(net, "tt", rank=2, recalibrate_bn=True)
 
 
@@ -424,8 +428,9 @@ def test_t_choices_and_per_layer_t_errors():
 def test_compress_with_every_recovery_step_reports_them():
     dense = _net()
     calib = _images(64, 7)
-    small, report = stpnet.compress(dense, "stt", compression=2.0, allocation="weight", calibration=calib,
-                                    fit_steps=5, recalibrate_bn=True, include=["conv1", "conv2"])
+    with pytest.warns(DeprecationWarning, match="stpnet.recover"):  # the one-call form, kept for a release
+        small, report = stpnet.compress(dense, "stt", compression=2.0, allocation="weight", calibration=calib,
+                                        fit_steps=5, recalibrate_bn=True, include=["conv1", "conv2"])
     assert report.fit is not None and [f.name for f in report.fit.layers] == ["conv1", "conv2"]
     assert report.bn_recalibrated and report.allocation == "weight"
     text = report.to_markdown()

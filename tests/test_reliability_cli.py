@@ -5,7 +5,6 @@ directory is locked while a process uses it; exports are written atomically."""
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import subprocess
 import sys
@@ -189,7 +188,7 @@ def test_a_second_process_on_a_run_directory_exits_2_naming_the_holder(workspace
 
 # ---------------------------------------------------------------------------- fuzz
 def _bad_arguments(root: Path) -> dict[str, list[list[str]]]:
-    ck, data = str(root / "run" / "checkpoint.pt"), str(root / "cifar-10-batches-py")
+    ck = str(root / "run" / "checkpoint.pt")
     notes = str(root / "notes.txt")
     return {
         "export": [["--output", ck], ["--output", "/proc/stpnet-fuzz.pt"], ["--output", f"{notes}/x.onnx"],

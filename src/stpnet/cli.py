@@ -355,7 +355,7 @@ def _cmd_compress(args) -> int:
         if bn_mode is None and args.epochs > 0:  # fine-tuning runs BatchNorm on batch statistics
             bn_mode = "keep-function"
     bn = {None: False, "off": False, "estimate": True, "keep-function": "keep_function"}[bn_mode]
-    keep_function = bn == "keep_function"  # done after compression, on augmented images (below)
+    keep_function = bn == "keep_function"  # on augmented images: bn_calibration of the recovery (below)
     allocation = allocation or "uniform"
     if allocation != "uniform" and args.compression is None:
         raise ValueError(f"--allocation {allocation} shares a --compression target among the layers; give "

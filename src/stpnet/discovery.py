@@ -96,7 +96,7 @@ def layer_input_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> d
         return hook
 
     for name, module in model.named_modules():
-        kind = layer_type(module)
+        kind = layer_type(module, keep_forward=False)  # a subclass changing the forward is reported too
         if isinstance(module, FactorizedLayer) or (kind is not None and kind.counterpart is not None):
             hooks.append(module.register_forward_hook(record(name)))
     was_training = model.training

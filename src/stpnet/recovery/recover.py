@@ -32,6 +32,7 @@ class RecoveryReport:
     bn_recalibrated: bool | str = False
 
     def to_dict(self) -> dict:
+        """The report as plain JSON values."""
         return {"fit": self.fit.to_dict() if self.fit is not None else None, "bn_recalibrated": self.bn_recalibrated}
 
 
@@ -91,13 +92,16 @@ def recover(compressed: nn.Module, dense: nn.Module, calibration: torch.Tensor, 
     Raises
     ------
     ValueError
-        For malformed calibration inputs, a bad option, or a ``dense`` that is not the model
-        ``compressed`` was made from.
+        For malformed calibration inputs, a bad option, ``bn_calibration`` without
+        ``recalibrate_bn``, or a ``dense`` that is not the model ``compressed`` was made from.
     """
     check_recovery_options(fit_steps, fit_unit, recalibrate_bn)
     check_images(calibration, "calibration")
     check_images_for(compressed, calibration, "calibration")
     if bn_calibration is not None:
+        if not recalibrate_bn:
+            raise ValueError("bn_calibration gives the inputs of the BatchNorm step; it needs recalibrate_bn=True or "
+                             "'keep_function' (with recalibrate_bn=False it would be ignored)")
         check_images(bn_calibration, "bn_calibration")
         check_images_for(compressed, bn_calibration, "bn_calibration")
     fit = None
