@@ -26,3 +26,26 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
             raise RuntimeError("export failed")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_a_plot_that_fails_to_save_keeps_the_previous_plot(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from stpnet.plot import plot_accuracy_vs_compression
+
+    point = [{"format": "tt", "compression": 9.0, "accuracy": 0.8, "params": 30_000, "label": "tt"}]
+    path = plot_accuracy_vs_compression(point, tmp_path / "plot.png")
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def broken_savefig(self, fname, *args, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        plot_accuracy_vs_compression(point, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]

@@ -18,7 +18,7 @@ from .discovery import (attention_modules, candidate_layers, eligible_layers, la
 from .formats import format_class
 from .nn.base import FactorizedLayer, layer_tensorization, ranks_for_compression, tensor_t, uniform_rank
 from .nn._replace import replace_modules, set_submodule
-from .nn.convert import FACTORIZED_COUNTERPARTS, dense_counterpart, dense_geometry, to_dense, why_not_factorizable
+from .nn.convert import dense_geometry, to_dense, why_not_factorizable
 from .nn.layer_types import layer_type
 from .nn.linear_like import as_linear
 from .recovery._calibration import check_images, check_images_for
@@ -281,7 +281,8 @@ def compress(
     input_shape : sequence of int, optional
         One input's shape (batch 1) for the FLOPs columns of the report.
     inplace : bool, default False
-        Modify ``model`` itself rather than a deep copy.
+        Modify ``model`` itself rather than a deep copy. A compression that raises leaves it as
+        it was.
     allocation : {'uniform', 'weight', 'activation'}
         How ``compression`` is shared among the layers. ``'uniform'``: every layer gets the same
         weight compression. ``'weight'`` / ``'activation'``: per-layer ranks that minimise the
@@ -382,79 +383,87 @@ def compress(
         reference = copy.deepcopy(model)  # the dense activations to fit to
     unpacked, refused = _unpack_attention(model, attention == "packed")
     linearized = _linearize(model)
-    if isinstance(rank, Mapping):
-        names = list(rank)
-        for name in names:
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"rank names layer {name!r}, which the model does not have") from None
-            reason = why_not_factorizable(module)
-            if reason is not None:
-                raise ValueError(f"layer {name!r} cannot be factorized: {reason}; only Conv1d/2d/3d with groups=1 "
-                                 "and Linear (or subclasses keeping their forward) can")
-        eligibility = {n: None if n in rank else "not named in rank=" for n, _ in candidate_layers(model)}
-    else:
-        eligibility = layer_eligibility(model, include, exclude, keep_first_conv, keep_classifier)
-        names = [n for n, reason in eligibility.items() if reason is None]
-    eligibility.update(refused)
-    for name, original in unpacked.items():  # attention none of whose projections is replaced: as it was
-        if not any(n.startswith(name + ".") for n in names):
-            why = sorted({eligibility.pop(c) or "tied" for c in [n for n in eligibility if n.startswith(name + ".")]})
-            eligibility[name] = f"none of its projections is selected ({'; '.join(why)})"
-            set_submodule(model, name, original)
-    tied = tied_layers(model, names)
-    if tied and isinstance(rank, Mapping):
-        raise ValueError(f"layers {tied} share their weight with another module (tied parameters); factorizing "
-                         "one would break the tie. Leave them out of rank=...")
-    if tied:
-        warnings.warn(f"layers {tied} share their weight with another module (tied parameters) and are kept dense; "
-                      "the report lists them", stacklevel=2)
-        names = [n for n in names if n not in tied]
-    _restore_unselected(model, linearized, names)
-    if not names:
-        reasons = "; ".join(f"{n}: {'weight tied to another module' if n in tied else r}"
-                            for n, r in list(eligibility.items())[:8])
-        raise ValueError("no eligible layer: the model has no Conv/Linear with groups=1 outside the kept "
-                         "first convolution and classifier (see include=/keep_first_conv=)"
-                         + (f". Layers seen: {reasons}" if reasons else ". It holds no weight matrix or kernel"))
-    layers = {n: model.get_submodule(n) for n in names}
-    if init == "decompose":
-        _check_weight_dtypes(layers)
-    if per_layer_t is not None:
-        layer_t, adjusted = _check_layer_t(layers, format, per_layer_t, layout, n_modes), []
-    else:
-        layer_t, adjusted = _settle_t(layers, format, requested_t, layout, n_modes)
-    if adjusted:
-        warnings.warn("; ".join(f"{note.name}: {note.reason}" for note in adjusted), stacklevel=2)
-    skipped = [LayerNote(n, type(model.get_submodule(n)).__name__, "weight tied to another module" if n in tied
-                         else reason) for n, reason in eligibility.items() if n not in layers]
-    clip = init == "decompose"
-    if compression is not None and allocation != "uniform":
-        allocated = allocate_ranks(model, format, compression, t=layer_t, layout=layout, n_modes=n_modes,
-                                   criterion=allocation, images=calibration, layers=names, t_choices=t_choices)
-        plan = allocated.ranks
-        if t_choices is not None:
-            layer_t = allocated.t
-    elif compression is not None:
-        plan = _rank_plan_for_target(model, layers, dense_params, format, layer_t, layout, n_modes, compression, clip)
-    elif isinstance(rank, Mapping):
-        plan = {n: tuple(r) if isinstance(r, (list, tuple)) else r for n, r in rank.items()}
-    else:
-        plan = {n: rank for n in names}
-    name_of = {id(m): n for n, m in layers.items()}
-
-    def factorized(dense: nn.Module) -> FactorizedLayer:
-        name = name_of[id(dense)]
-        cls = FACTORIZED_COUNTERPARTS[dense_counterpart(dense)]
-        if init == "decompose":
-            layer = cls.from_dense(dense, format, rank=plan[name], t=layer_t[name], layout=layout, n_modes=n_modes,
-                                   n_iter=n_iter, forward_path=forward_path)
+    made: dict[int, nn.Module] = {}  # factorized layer -> the dense layer it replaced
+    try:  # a rejected compression leaves an inplace model as it was
+        if isinstance(rank, Mapping):
+            names = list(rank)
+            for name in names:
+                try:
+                    module = model.get_submodule(name)
+                except AttributeError:
+                    raise ValueError(f"rank names layer {name!r}, which the model does not have") from None
+                reason = why_not_factorizable(module)
+                if reason is not None:
+                    raise ValueError(f"layer {name!r} cannot be factorized: {reason}; only Conv1d/2d/3d with groups=1 "
+                                     "and Linear (or subclasses keeping their forward) can")
+            eligibility = {n: None if n in rank else "not named in rank=" for n, _ in candidate_layers(model)}
         else:
-            layer = _fresh_like(cls, dense, format, plan[name], layer_t[name], layout, n_modes, forward_path)
-        return _frozen_like(layer, dense)
+            eligibility = layer_eligibility(model, include, exclude, keep_first_conv, keep_classifier)
+            names = [n for n, reason in eligibility.items() if reason is None]
+        eligibility.update(refused)
+        for name, original in unpacked.items():  # attention none of whose projections is replaced: as it was
+            if not any(n.startswith(name + ".") for n in names):
+                inner = [n for n in eligibility if n.startswith(name + ".")]
+                why = sorted({eligibility.pop(c) or "tied" for c in inner})
+                eligibility[name] = f"none of its projections is selected ({'; '.join(why)})"
+                set_submodule(model, name, original)
+        tied = tied_layers(model, names)
+        if tied and isinstance(rank, Mapping):
+            raise ValueError(f"layers {tied} share their weight with another module (tied parameters); factorizing "
+                             "one would break the tie. Leave them out of rank=...")
+        if tied:
+            warnings.warn(f"layers {tied} share their weight with another module (tied parameters) and are kept dense; "
+                          "the report lists them", stacklevel=2)
+            names = [n for n in names if n not in tied]
+        _restore_unselected(model, linearized, names)
+        if not names:
+            reasons = "; ".join(f"{n}: {'weight tied to another module' if n in tied else r}"
+                                for n, r in list(eligibility.items())[:8])
+            raise ValueError("no eligible layer: the model has no Conv/Linear with groups=1 outside the kept "
+                             "first convolution and classifier (see include=/keep_first_conv=)"
+                             + (f". Layers seen: {reasons}" if reasons else ". It holds no weight matrix or kernel"))
+        layers = {n: model.get_submodule(n) for n in names}
+        if init == "decompose":
+            _check_weight_dtypes(layers)
+        if per_layer_t is not None:
+            layer_t, adjusted = _check_layer_t(layers, format, per_layer_t, layout, n_modes), []
+        else:
+            layer_t, adjusted = _settle_t(layers, format, requested_t, layout, n_modes)
+        if adjusted:
+            warnings.warn("; ".join(f"{note.name}: {note.reason}" for note in adjusted), stacklevel=2)
+        skipped = [LayerNote(n, type(model.get_submodule(n)).__name__, "weight tied to another module" if n in tied
+                             else reason) for n, reason in eligibility.items() if n not in layers]
+        clip = init == "decompose"
+        if compression is not None and allocation != "uniform":
+            allocated = allocate_ranks(model, format, compression, t=layer_t, layout=layout, n_modes=n_modes,
+                                       criterion=allocation, images=calibration, layers=names, t_choices=t_choices)
+            plan = allocated.ranks
+            if t_choices is not None:
+                layer_t = allocated.t
+        elif compression is not None:
+            plan = _rank_plan_for_target(model, layers, dense_params, format, layer_t, layout, n_modes, compression,
+                                         clip)
+        elif isinstance(rank, Mapping):
+            plan = {n: tuple(r) if isinstance(r, (list, tuple)) else r for n, r in rank.items()}
+        else:
+            plan = {n: rank for n in names}
+        name_of = {id(m): n for n, m in layers.items()}
 
-    replace_modules(model, lambda m: id(m) in name_of, factorized)  # a shared module stays one shared module
+        def factorized(dense: nn.Module) -> FactorizedLayer:
+            name = name_of[id(dense)]
+            cls = layer_type(dense).factorized  # eligible: a layer type with a factorized layer
+            if init == "decompose":
+                layer = cls.from_dense(dense, format, rank=plan[name], t=layer_t[name], layout=layout, n_modes=n_modes,
+                                       n_iter=n_iter, forward_path=forward_path)
+            else:
+                layer = _fresh_like(cls, dense, format, plan[name], layer_t[name], layout, n_modes, forward_path)
+            made[id(layer)] = dense
+            return _frozen_like(layer, dense)
+
+        replace_modules(model, lambda m: id(m) in name_of, factorized)  # a shared module stays one shared module
+    except BaseException:
+        _undo(model, made, linearized, unpacked)
+        raise
     report = dataclasses.replace(model_report(model, input_shape, dense_params),
                                  allocation=allocation if compression is not None else None, kept_tied=tuple(tied),
                                  skipped=tuple(skipped), adjusted=tuple(adjusted))
@@ -500,6 +509,16 @@ def _linearize(model: nn.Module) -> dict[str, nn.Module]:
     selected = {id(m) for m in originals.values()}
     replace_modules(model, lambda m: id(m) in selected, as_linear)
     return originals
+
+
+def _undo(model: nn.Module, made: Mapping[int, nn.Module], linearized: Mapping[str, nn.Module],
+          unpacked: Mapping[str, nn.Module]) -> None:
+    """Put back, in ``model``, the dense layers of the factorized ones ``made`` (by id), the
+    linear-like layers :func:`_linearize` replaced and the attentions :func:`_unpack_attention`
+    rewrote: the model as it was before :func:`compress` changed it."""
+    replace_modules(model, lambda m: id(m) in made, lambda m: made[id(m)])
+    for name, original in [*linearized.items(), *unpacked.items()]:
+        set_submodule(model, name, original)
 
 
 def _restore_unselected(model: nn.Module, originals: Mapping[str, nn.Module], names: Sequence[str]) -> None:

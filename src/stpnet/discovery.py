@@ -115,6 +115,8 @@ def layer_input_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> d
 
 
 def attention_modules(model: nn.Module) -> list[str]:
+    """Names of the attention modules of ``model`` that ``compress`` rewrites to compress their
+    projections (``nn.MultiheadAttention`` keeping its forward: the ``'attention'`` layer types)."""
     return [n for n, m in model.named_modules() if n and (kind := layer_type(m)) is not None
             and kind.role == "attention"]
 

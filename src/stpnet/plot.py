@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from ._atomic import atomic_path
 from .formats import FORMATS
 
 __all__ = ["plot_accuracy_vs_compression", "plot_recovery_stages"]
@@ -112,7 +113,9 @@ def _save(fig, ax, path: str | Path, title: str) -> Path:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with atomic_path(path, "plot") as partial:  # a failed or interrupted write keeps the old plot
+            fig.savefig(partial, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path

@@ -39,8 +39,9 @@ def decompose(
     X : torch.Tensor or numpy.ndarray
         float32 or float64, on any device; finite and non-empty.
     format : {'tucker', 'sttu', 'tt', 'stt', 'tr', 'str', 'cp'}
-        The fit is the one registered for the format's family (:func:`stpnet.formats.register_fit`): ST-HOSVD for Tucker/STTu,
-        (S)TT-SVD, (S)TR-SVD, and ALS from an SVD start for CP.
+        The fit is the one registered for the format's family
+        (:func:`stpnet.formats.register_fit`): ST-HOSVD for Tucker/STTu, (S)TT-SVD, (S)TR-SVD,
+        and ALS from an SVD start for CP.
     rank : int or sequence of int, optional
         Upper bounds, as in TensorLy: a rank larger than the data allows is lowered to the largest
         valid one, and the result reports its actual ranks. Lengths: Tucker N, TT N-1 (or N+1 with
@@ -144,7 +145,7 @@ def decompose(
         X = X / scale if scale != 1.0 else X
 
     result = method.fit(cls, X, caps, t, tol=tol, svd=svd, generator=generator, n_iter=n_iter, n_restarts=n_restarts,
-                     callback=callback)
+                        callback=callback)
     if scale != 1.0:
         result.scale_(scale)
     return result

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -178,7 +178,9 @@ def _balance(factors: list[torch.Tensor]) -> None:
         factors[k] = A * (target / norms[k])
 
 
-def fit_cp(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> CPTensor:
+def fit_cp(cls: type[CPTensor], X: torch.Tensor, rank: tuple[int, ...] | None, t: int, *, tol: float | None,
+           svd: str, generator: torch.Generator, n_iter: int = 0, n_restarts: int = 0,
+           callback: Callable[[int, float], None] | None = None) -> CPTensor:
     """CP for :func:`stpnet.decompose`: CP-ALS from an SVD start (Carroll & Chang 1970; Harshman
     1970; Kolda & Bader 2009), ``n_iter`` sweeps (when 0: :func:`default_sweeps`), stopping early
     at ``tol`` or when the error stops moving. Without a rank, the smallest rank on a geometric
@@ -197,7 +199,8 @@ def fit_cp(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, call
         R = min(full, max(R + 1, math.ceil(R * 1.5)))
 
 
-def cp_fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
+def cp_fit_bytes(cls: type[CPTensor], shape: Sequence[int], t: int, rank: tuple[int, ...] | None, n_iter: int,
+                 itemsize: int, svd: str) -> int:
     """Peak bytes of :func:`fit_cp`: the tensor, a working copy, and the largest partial
     Khatri-Rao product of the MTTKRP."""
     numel = math.prod(shape)

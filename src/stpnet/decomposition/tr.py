@@ -203,7 +203,9 @@ def tr_als(
     return TRTensor(best_cores, t=t)
 
 
-def fit_tr(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> TRTensor:
+def fit_tr(cls: type[TRTensor], X: torch.Tensor, rank: tuple[int, ...] | None, t: int, *, tol: float | None,
+           svd: str, generator: torch.Generator, n_iter: int = 0, n_restarts: int = 0,
+           callback: Callable[[int, float], None] | None = None) -> TRTensor:
     """TR / STR for :func:`stpnet.decompose`: TR-SVD (Zhao et al. 2016) of the re-tensorized tensor
     (STR-SVD for t > 1), then ``n_iter`` ALS sweeps, restarted from random cores up to
     ``n_restarts`` times when a run stalls above ``tol`` (only with ``tol``: without a target a
@@ -215,7 +217,8 @@ def fit_tr(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, call
     return result
 
 
-def tr_fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
+def tr_fit_bytes(cls: type[TRTensor], shape: Sequence[int], t: int, rank: tuple[int, ...] | None, n_iter: int,
+                 itemsize: int, svd: str) -> int:
     """Peak bytes of :func:`fit_tr`: the chain SVD, and with ALS sweeps the sub-chain and the
     normal equations."""
     numel = math.prod(shape)

@@ -5,7 +5,7 @@ re-tensorized tensor ``X'[(i_1, u), ..., j] = X[..., j*t + u]``, its first core 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -98,13 +98,16 @@ def stt_svd(
     return TTTensor(cores, t=t)
 
 
-def fit_tt(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> TTTensor:
+def fit_tt(cls: type[TTTensor], X: torch.Tensor, rank: tuple[int, ...] | None, t: int, *, tol: float | None,
+           svd: str, generator: torch.Generator, n_iter: int = 0, n_restarts: int = 0,
+           callback: Callable[[int, float], None] | None = None) -> TTTensor:
     """TT / STT for :func:`stpnet.decompose`: TT-SVD (Oseledets 2011) of the re-tensorized tensor;
     STT-SVD for t > 1 (Zhao et al. 2021). TT-SVD is quasi-optimal: no refinement."""
     return stt_svd(X, rank, t, tol=tol, svd=svd, generator=generator)
 
 
-def tt_fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
+def tt_fit_bytes(cls: type[TTTensor], shape: Sequence[int], t: int, rank: tuple[int, ...] | None, n_iter: int,
+                 itemsize: int, svd: str) -> int:
     """Peak bytes of :func:`fit_tt`: the chain SVD of the re-tensorized tensor."""
     return chain_svd_bytes(cls.classic_shape(shape, t), itemsize, None if rank is None else rank[0] // t,
                            svd == "randomized")

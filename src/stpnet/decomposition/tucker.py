@@ -134,7 +134,9 @@ def hooi(
     return TuckerTensor(core, factors, t=t)
 
 
-def fit_tucker(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, callback=None) -> TuckerTensor:
+def fit_tucker(cls: type[TuckerTensor], X: torch.Tensor, rank: tuple[int, ...] | None, t: tuple[int, ...], *,
+               tol: float | None, svd: str, generator: torch.Generator, n_iter: int = 0, n_restarts: int = 0,
+               callback: Callable[[int, float], None] | None = None) -> TuckerTensor:
     """Tucker / STTu for :func:`stpnet.decompose`: ST-HOSVD (Vannieuwenhoven et al. 2012;
     semi-tensor mode products for t > 1), then ``n_iter`` HOOI sweeps (De Lathauwer et al. 2000)."""
     result = st_hosvd(X, rank, t, tol=tol, svd=svd, generator=generator)
@@ -143,7 +145,8 @@ def fit_tucker(cls, X, rank, t, *, tol, svd, generator, n_iter=0, n_restarts=0, 
     return result
 
 
-def tucker_fit_bytes(cls, shape, t, rank, n_iter, itemsize, svd) -> int:
+def tucker_fit_bytes(cls: type[TuckerTensor], shape: Sequence[int], t: tuple[int, ...],
+                     rank: tuple[int, ...] | None, n_iter: int, itemsize: int, svd: str) -> int:
     """Peak bytes of :func:`fit_tucker`: the tensor, a working copy, and the largest mode
     unfolding's SVD."""
     numel = math.prod(shape)

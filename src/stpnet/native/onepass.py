@@ -116,6 +116,12 @@ class OnepassConv2d:
                            None if self._bias is None else self._bias.data_ptr())
         self._plan_ref = ctypes.byref(self._plan)
 
+    def __deepcopy__(self, memo: dict) -> "OnepassConv2d":
+        """The object itself: it never changes after it is made (it holds its own copies of the
+        weights), so copies of a module that cached it (``copy.deepcopy`` of a fused model, as
+        :func:`stpnet.export.export` makes) may share it; its ctypes plan cannot be copied."""
+        return self
+
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(H_out, W_out)`` for an input of ``height`` x ``width``."""
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding

@@ -85,7 +85,7 @@ def from_dense(layer: nn.Module, format: str = "tt", **kwargs: Any) -> Factorize
     FactorizedLayer
     """
     kind = layer_type(layer)
-    target = FACTORIZED_COUNTERPARTS.get(kind.counterpart) if kind is not None else None
+    target = kind.factorized if kind is not None and kind.counterpart is not None else None
     if target is None:
         valid = ", ".join(f"nn.{cls.__name__}" for cls in FACTORIZED_COUNTERPARTS)
         raise ValueError(f"cannot factorize a {type(layer).__name__}; supported layers: {valid}")

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..nn.base import FactorizedLayer
 from ..nn.convert import dense_counterpart, dense_geometry
-from ..nn.layer_types import factorized_layer_type
+from ..nn.layer_types import factorized_layer_type, layer_type
 from ._calibration import check_images, check_images_for, forward_with_hooks, iterate_images, modes_restored
 
 __all__ = ["LayerFit", "FitReport", "fit_to_activations", "activation_errors", "factorized_layer_order"]
@@ -370,6 +370,13 @@ def _check_counterparts(compressed: nn.Module, dense: nn.Module, names: list[str
         advice = ("fit_to_activations pairs the layers by name: give the dense network that compress() "
                   "started from")
         if other is None:
+            parent = name.rpartition(".")[0]
+            kind = layer_type(dense_modules[parent]) if parent in dense_modules else None
+            if kind is not None and kind.role == "attention":
+                raise ValueError(f"the factorized layer {name!r} is a projection of the attention {parent!r}, which "
+                                 "compress() rewrote with Linear projections and the dense network still has as "
+                                 f"{type(dense_modules[parent]).__name__}: stpnet.recover(compressed, dense, "
+                                 "images, ...) pairs them (it rewrites a copy of the dense attention the same way)")
             raise ValueError(f"the dense network has no module {name!r} for the factorized layer of that name; "
                              f"{advice}")
         if isinstance(other, FactorizedLayer):
