@@ -3,7 +3,6 @@ changes the forward (and so stays dense) included: the input shapes are recorded
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 import stpnet

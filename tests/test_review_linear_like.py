@@ -10,20 +10,7 @@ from torch import nn
 from stpnet.discovery import eligible_layers
 from stpnet.nn import layer_type
 from stpnet.recovery import allocate_ranks
-
-
-class TransposedLinear(nn.Module):
-    """HuggingFace's Conv1D, written here without transformers: weight (in, out), x @ W + b."""
-
-    def __init__(self, nf: int, nx: int):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
-        return out.reshape(*x.shape[:-1], self.nf)
+from test_linear_like import TransposedLinear  # HuggingFace's Conv1D, written without transformers
 
 
 class Net(nn.Module):

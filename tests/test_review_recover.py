@@ -1,5 +1,6 @@
-"""``stpnet.recover``: an argument that would be ignored is refused, and a network whose linear
-layers store their weight transposed (HuggingFace's ``Conv1D``) is fitted through its dense form."""
+"""``stpnet.recover``: an argument that would be ignored is refused, a network whose linear layers
+store their weight transposed (HuggingFace's ``Conv1D``) is fitted through its dense form, and
+fitting an attention model without it says to use it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 import stpnet
+from stpnet.recovery import fit_to_activations
 from test_review_linear_like import Net, TransposedLinear
 
 
@@ -39,3 +41,15 @@ def test_recover_fits_factorized_layers_that_replaced_transposed_linears():
         y_small = small.a(x)
     measured = float((y_small - y_dense).norm() / y_dense.norm())
     assert abs(measured - errors["a"].error_after) < 0.05
+
+
+def test_fitting_to_a_dense_attention_directly_points_to_recover():
+    torch.manual_seed(1)
+    dense = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), nn.Flatten(),
+                          nn.Linear(64, 3)).eval()
+    small, _ = stpnet.compress(dense, "tt", rank=4)
+    x = torch.randn(8, 4, 16)
+    with pytest.raises(ValueError, match=r"projection of the attention '0.self_attn'.*stpnet.recover"):
+        fit_to_activations(small, dense, x, steps=2)
+    recovery = stpnet.recover(small, dense, x, fit_steps=2, fit_unit="layer")  # the remedy the message gives
+    assert "0.self_attn.in_proj" in {f.name for f in recovery.fit.layers}

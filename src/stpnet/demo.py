@@ -20,6 +20,7 @@ import torch
 from .compress import compress, model_report
 from .formats import format_class
 from .model_spec import ModelSpec
+from .models import pretrained, pretrained_names
 from .progress import ProgressBar
 
 __all__ = ["run_demo", "run_compression_demo", "shipped_compressed", "DEMO_MODEL", "DEMO_PRETRAINED", "DEMO_FORMATS",
@@ -38,8 +39,6 @@ DEMO_FORMATS = ("tt", "stt")
 def shipped_compressed() -> tuple[str, ...]:
     """The shipped networks compressed from :data:`DEMO_PRETRAINED` (for example
     ``'resnet20-cifar10-stt9x'``), the ones the compression demo shows first."""
-    from .models import pretrained_names
-
     return tuple(n for n in pretrained_names() if n.startswith(DEMO_PRETRAINED + "-"))
 
 
@@ -88,7 +87,6 @@ def run_compression_demo(formats=DEMO_FORMATS, compression: float = 9.0, out_dir
     """
     from .compress import compress as compress_model
     from .data import load_embedded_cifar10
-    from .models import pretrained
     from .pipeline import calibration_images, train_spec
     from .recovery import recalibrate_batchnorm, recover
     from .train import TrainConfig, evaluate
