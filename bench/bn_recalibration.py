@@ -3,7 +3,7 @@
 Re-estimates the BatchNorm statistics (:func:`stpnet.recovery.recalibrate_batchnorm`) of the
 shipped dense ResNet-20, of its plain STT 9x decomposition, and of the block-fitted STT 9x network
 that ``bench/recover.py --recipe v3`` cached (``RECOVERED``), on 512 training images drawn with
-:func:`stpnet.pipeline.calibration_images` (seed 0) without and with the trainer's augmentation
+:func:`stpnet.app.pipeline.calibration_images` (seed 0) without and with the trainer's augmentation
 (``augment=True``: 4-pixel-padded random crop and flip), and prints the float32 accuracy of each
 on the full CIFAR-10 (JPEG q75) test set, one JSON line per network and calibration.
 
@@ -22,7 +22,7 @@ import torch
 import stpnet
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
-from stpnet.pipeline import calibration_images, load_trained, normalized_like
+from stpnet.app.pipeline import calibration_images, load_trained, normalized_like
 from stpnet.recovery import recalibrate_batchnorm
 from stpnet.train import evaluate
 

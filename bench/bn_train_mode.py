@@ -42,7 +42,7 @@ from torch import nn
 
 from stpnet.data import load_dataset, normalize, training_augment
 from stpnet.model_spec import ModelSpec
-from stpnet.pipeline import calibration_images, load_trained, normalized_like
+from stpnet.app.pipeline import calibration_images, load_trained, normalized_like
 from stpnet.recovery import recalibrate_batchnorm
 from stpnet.train import distillation_loss
 

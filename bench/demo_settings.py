@@ -1,6 +1,6 @@
 """Which recovery settings should ``stpnet demo`` use? The compression demo under named settings.
 
-Each variant runs :func:`stpnet.demo.run_compression_demo` (the shipped ResNet-20 compressed 9x,
+Each variant runs :func:`stpnet.app.demo.run_compression_demo` (the shipped ResNet-20 compressed 9x,
 recovered and fine-tuned on the embedded 5,000 CIFAR-10 (JPEG q75) training images, accuracy on
 the embedded 1,000 test images) with every setting spelled out, so a row means the same thing
 whatever the library's defaults are. One JSON line per format goes to
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from stpnet.demo import run_compression_demo
+from stpnet.app.demo import run_compression_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "demo"

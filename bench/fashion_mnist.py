@@ -24,7 +24,7 @@ import torch
 from stpnet.compress import compress, model_report
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
-from stpnet.pipeline import train_spec
+from stpnet.app.pipeline import train_spec
 from stpnet.train import TrainConfig, TrainingDivergedError
 
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)

@@ -2,7 +2,7 @@
 
 Compresses ``resnet20-cifar10`` with :func:`stpnet.compress` (decomposition, the given rank
 allocation, then ``fit_steps`` L-BFGS iterations per fitted unit, layer or block) on
-``CALIB`` preprocessed training images (:func:`stpnet.pipeline.calibration_images`, seed 0), and
+``CALIB`` preprocessed training images (:func:`stpnet.app.pipeline.calibration_images`, seed 0), and
 prints one JSON line: the float32 accuracy on the full CIFAR-10 (JPEG q75) test set, the
 parameter count and the wall time. Used to choose bench/recover.py's recipes.
 
@@ -21,7 +21,7 @@ import torch
 
 import stpnet
 from stpnet.data import load_dataset
-from stpnet.pipeline import calibration_images, load_trained, normalized_like
+from stpnet.app.pipeline import calibration_images, load_trained, normalized_like
 from stpnet.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

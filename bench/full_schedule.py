@@ -53,7 +53,7 @@ from stpnet.compress import compress
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
 from stpnet.models import resnet_cifar
-from stpnet.pipeline import calibration_images, load_trained, normalized_like
+from stpnet.app.pipeline import calibration_images, load_trained, normalized_like
 from stpnet.recovery import recover
 from stpnet.train import TrainConfig, Trainer, evaluate, save_checkpoint
 

@@ -51,7 +51,8 @@ def network(name: str, arch: str) -> tuple[torch.nn.Module, callable, callable]:
 
 def forms(model: torch.nn.Module) -> dict[str, int]:
     """How many layers run in each form (fused layers by form, kept factorized layers by path)."""
-    from stpnet.nn import FactorizedLayer, FusedLayer
+    from stpnet.deploy.fused import FusedLayer
+    from stpnet.nn import FactorizedLayer
 
     count = collections.Counter()
     for m in model.modules():

@@ -26,7 +26,7 @@ from torch import nn
 import stpnet
 from stpnet.models import build_model
 from stpnet.nn import FactorizedLayer
-from stpnet.nn.fused import FusedLayer, FusedSequential
+from stpnet.deploy.fused import FusedLayer, FusedSequential
 
 from latency import FORMATS, NETWORKS, SEMI, time_in_blocks  # bench/ on sys.path
 

@@ -10,7 +10,7 @@ import torch
 import stpnet
 from stpnet.functional.contract import _mix, conv1x1_mix
 from stpnet.models import build_model
-from stpnet.nn.fused import FusedLayer
+from stpnet.deploy.fused import FusedLayer
 
 from latency import onnx_session, time_in_blocks  # bench/latency.py
 

@@ -48,7 +48,7 @@ from stpnet.compress import compress, decompress
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
 from stpnet.models import build_model
-from stpnet.pipeline import inference_latency, train_spec
+from stpnet.app.pipeline import inference_latency, train_spec
 from stpnet.train import TrainConfig, TrainingDivergedError
 
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
@@ -394,7 +394,7 @@ def table(rows: list[dict]) -> str:
 
 
 def report(args) -> None:
-    from stpnet.plot import plot_accuracy_vs_compression
+    from stpnet.app.plot import plot_accuracy_vs_compression
 
     out = Path(args.results) / args.budget
     records = read_records(out / "runs.jsonl")

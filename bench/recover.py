@@ -57,7 +57,7 @@ import torch
 from stpnet.compress import compress
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
-from stpnet.pipeline import calibration_images, load_trained, normalized_like, train_spec
+from stpnet.app.pipeline import calibration_images, load_trained, normalized_like, train_spec
 from stpnet.recovery import recalibrate_batchnorm, recover
 from stpnet.train import TrainConfig, evaluate
 

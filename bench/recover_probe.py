@@ -20,7 +20,7 @@ import torch
 
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
-from stpnet.pipeline import load_trained, normalized_like, train_spec
+from stpnet.app.pipeline import load_trained, normalized_like, train_spec
 from stpnet.train import TrainConfig, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

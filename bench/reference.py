@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from stpnet.cli import main as stpnet_main
+from stpnet.app.cli import main as stpnet_main
 from stpnet.data import load_dataset
 from stpnet.models.pretrained import write_pretrained
-from stpnet.pipeline import load_trained
+from stpnet.app.pipeline import load_trained
 from stpnet.train import evaluate, load_checkpoint
 
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)

@@ -40,7 +40,7 @@ import torch
 import stpnet
 import stpnet.functional.contract as contract
 from stpnet.models import build_model
-from stpnet.nn import FusedSequential
+from stpnet.deploy.fused import FusedSequential
 
 from _machine import cpu_model  # bench/_machine.py
 from latency import time_in_blocks  # bench/latency.py

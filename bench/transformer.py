@@ -40,8 +40,8 @@ import torch
 from stpnet.compress import compress
 from stpnet.data import load_dataset
 from stpnet.model_spec import ModelSpec
-from stpnet.nn import fuse
-from stpnet.pipeline import calibration_images, load_trained, normalized_like, train_spec
+from stpnet.deploy.fused import fuse
+from stpnet.app.pipeline import calibration_images, load_trained, normalized_like, train_spec
 from stpnet.recovery import recover
 from stpnet.train import TrainConfig, evaluate
 
@@ -105,7 +105,7 @@ class Sweep:
         run_dir = self.runs / "dense"
         checkpoint = run_dir / "checkpoint.pt"
         if ("dense", "train") not in self.done:
-            from stpnet.cli import main as cli
+            from stpnet.app.cli import main as cli
 
             start = time.perf_counter()
             subset = ["--train-subset", str(self.args.train_subset)] if self.args.train_subset else []

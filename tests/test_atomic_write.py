@@ -32,7 +32,7 @@ def test_a_plot_that_fails_to_save_keeps_the_previous_plot(tmp_path, monkeypatch
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from stpnet.plot import plot_accuracy_vs_compression
+    from stpnet.app.plot import plot_accuracy_vs_compression
 
     point = [{"format": "tt", "compression": 9.0, "accuracy": 0.8, "params": 30_000, "label": "tt"}]
     path = plot_accuracy_vs_compression(point, tmp_path / "plot.png")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stpnet.cli import main
+from stpnet.app.cli import main
 
 
 @pytest.fixture(scope="module")

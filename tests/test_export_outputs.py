@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import stpnet
-from stpnet.export import export
+from stpnet.deploy.export import export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import stpnet
 from stpnet.models import resnet20
-from stpnet.nn import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FusedLayer, fold_batchnorm, fuse, fuse_layer
+from stpnet.deploy.fold import fold_batchnorm
+from stpnet.deploy.fused import FusedLayer, fuse, fuse_layer
+from stpnet.nn import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

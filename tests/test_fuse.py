@@ -18,9 +18,9 @@ import stpnet
 from stpnet.functional.contract import conv1x1_mix
 from stpnet.models import resnet20
 from stpnet.functional.plain import PLAIN_FORMS, PlainChain, plain_form_weights
-from stpnet.native import onepass_available
-from stpnet.nn import (FUSED_FORMS, FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear, FusedLayer,
-                       fuse, fuse_layer)
+from stpnet.deploy.native import onepass_available
+from stpnet.deploy.fused import FUSED_FORMS, FusedLayer, fuse, fuse_layer
+from stpnet.nn import FactorizedConv1d, FactorizedConv2d, FactorizedConv3d, FactorizedLinear
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,8 +232,8 @@ def test_a_form_the_layer_lacks_is_refused():
 @pytest.mark.parametrize("stage", ["depth", "fold", "stacked"])
 def test_every_grouped_stage_form_exports_to_onnx(stage):
     """A stage form chosen by fuse(example=) is baked into the export: each runs in ONNX Runtime."""
-    _check_fused_onnx(("str", "ring", 2), lambda m: isinstance(m, stpnet.nn.FusedSequential), "spatial_stage", stage,
-                      size=16)
+    _check_fused_onnx(("str", "ring", 2), lambda m: isinstance(m, stpnet.deploy.fused.FusedSequential), "spatial_stage",
+                      stage, size=16)
 
 
 def _check_fused_onnx(combo, selected, attribute: str, value, size: int) -> None:
@@ -304,7 +304,7 @@ def test_fuse_with_an_example_keeps_layers_that_prefer_rebuilding():
 
 
 def test_fuse_with_an_example_measures_each_layer_and_keeps_the_fastest_form(monkeypatch):
-    import stpnet.nn.fused as fused_module
+    import stpnet.deploy.fused as fused_module
 
     torch.manual_seed(5)
     model = nn.Sequential(FactorizedConv2d(8, 16, 3, 1, 1, format="str", rank=8),
@@ -348,7 +348,7 @@ def test_fuse_with_an_example_measures_each_layer_and_keeps_the_fastest_form(mon
 def test_fuse_with_an_example_keeps_the_dense_forms_when_the_whole_model_runs_faster_so(monkeypatch):
     """Per-layer choices that lose inside the network: the whole model measured slower than on its
     rebuilt dense weights runs every fused layer in the 'dense' form (the same function)."""
-    import stpnet.nn.fused as fused_module
+    import stpnet.deploy.fused as fused_module
 
     torch.manual_seed(6)
     model = nn.Sequential(FactorizedConv2d(8, 16, 3, 1, 1, format="stt", rank=4),

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import stpnet
-from stpnet.nn import FactorizedEmbedding, FactorizedLinear, FusedLayer, fuse
+from stpnet.deploy.fused import FusedLayer, fuse
+from stpnet.nn import FactorizedEmbedding, FactorizedLinear
 from stpnet.nn._cache import InferenceCache
 from stpnet.nn.attention import UnpackedMultiheadAttention, WeightsOnceEncoderLayer
 
@@ -166,7 +167,7 @@ def test_the_encoder_fast_path_sees_a_data_edit_of_a_factor():
 def test_a_linear_is_fused_in_the_dense_form_when_it_is_fastest(monkeypatch):
     """For a Linear the fused 'dense' form is the rebuilt dense op: it is always a candidate, and
     the layer is fused (not kept factorized) in it when it is timed fastest; the chain otherwise."""
-    import stpnet.nn.fused as fused_module
+    import stpnet.deploy.fused as fused_module
 
     torch.manual_seed(1)
     model = nn.Sequential(FactorizedLinear(24, 32, format="stt", rank=4), nn.ReLU(),
@@ -192,7 +193,7 @@ def test_a_linear_is_fused_in_the_dense_form_when_it_is_fastest(monkeypatch):
 
 
 def test_an_attention_block_measured_faster_on_dense_weights_runs_them_all(monkeypatch):
-    import stpnet.nn.fused as fused_module
+    import stpnet.deploy.fused as fused_module
 
     model = _compressed()
     x = torch.randn(2, 5, 16)

@@ -136,6 +136,26 @@ def test_no_import_cycle_among_stpnet_modules():
         raise AssertionError("import cycle among stpnet modules:\n  " + "\n  ".join(steps))
 
 
+def test_only_the_application_layer_imports_it():
+    graph = import_graph()
+    app = [m for m in graph if m == "stpnet.app" or m.startswith("stpnet.app.")]
+    assert "stpnet.app.cli" in app and "stpnet.app.pipeline" in app
+    assert "stpnet.app.pipeline" in graph["stpnet.app.cli"]  # the checker sees imports within the app
+    for module, targets in graph.items():
+        if module in app or module == "stpnet":  # stpnet/__init__.py may re-export public names
+            continue
+        reached = [t for t in targets if t == "stpnet.app" or t.startswith("stpnet.app.")]
+        assert not reached, f"{module} imports the application layer: {reached}"
+
+
+def test_the_layers_never_import_their_deployment_forms():
+    graph = import_graph()
+    for module, targets in graph.items():
+        if module == "stpnet.nn" or module.startswith("stpnet.nn."):
+            reached = [t for t in targets if t.startswith("stpnet.deploy")]
+            assert not reached, f"{module} imports {reached}"
+
+
 def test_format_modules_never_import_the_decompositions():
     graph = import_graph()
     formats = [m for m in graph if m.startswith("stpnet.formats")]

@@ -155,7 +155,7 @@ def test_embedding_flags_come_from_its_type():
     embedding = stpnet.nn.from_dense(nn.Embedding(12, 8), "tt", rank=4)
     assert takes_indices(embedding) and takes_indices(nn.Embedding(3, 2)) and not takes_indices(nn.Linear(2, 2))
     assert not factorized_layer_type(embedding).fusable
-    assert stpnet.nn.fuse_layer(embedding) is embedding  # no fused form: the layer as it is
+    assert stpnet.deploy.fused.fuse_layer(embedding) is embedding  # no fused form: the layer as it is
     assert factorized_layer_type(stpnet.nn.from_dense(nn.Conv2d(4, 8, 3), "tt", rank=4)).channel_dim == 1
 
 
@@ -183,7 +183,7 @@ def test_the_callers_test_no_layer_class():
     layer_classes = {"Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention",
                      "FactorizedLinear", "FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d",
                      "FactorizedEmbedding", "_FactorizedConvNd", "DENSE_TYPES"}
-    for path in ("compress.py", "discovery.py", "recovery/allocate.py", "recovery/fit.py", "nn/fused.py"):
+    for path in ("compress.py", "discovery.py", "recovery/allocate.py", "recovery/fit.py", "deploy/fused.py"):
         tree = ast.parse((SRC / path).read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":

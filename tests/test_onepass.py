@@ -1,4 +1,4 @@
-"""The native one-pass kernel (stpnet.native) against three float64 convolutions, and the fused
+"""The native one-pass kernel (stpnet.deploy.native) against three float64 convolutions, and the fused
 layers' 'onepass' form against the dense layer."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from hypothesis import given, settings, strategies as st
 
 import stpnet
 from stpnet.models import build_model
-from stpnet.native import OnepassConv2d, build, onepass_available
-from stpnet.nn import FactorizedConv2d, FusedLayer, fuse_layer
+from stpnet.deploy.native import OnepassConv2d, build, onepass_available
+from stpnet.deploy.fused import FusedLayer, fuse_layer
+from stpnet.nn import FactorizedConv2d
 
 needs_kernel = pytest.mark.skipif(not onepass_available(), reason="the native kernel does not build here")
 
@@ -128,7 +129,7 @@ def test_the_kernel_builds_where_a_compiler_is_found():
     the kernel must build: otherwise every test above would skip and a broken kernel go unseen."""
     if not build.native_enabled() or build.c_compiler() is None:
         pytest.skip("no C compiler, or STPNET_NATIVE=0")
-    assert onepass_available(), "the onepass kernel did not build (see the warning logged by stpnet.native.build)"
+    assert onepass_available(), "the onepass kernel did not build (see the warning logged by stpnet.deploy.native.build)"
 
 
 def test_native_kernels_can_be_turned_off_and_a_missing_compiler_is_reported(monkeypatch, tmp_path, caplog):
@@ -146,7 +147,7 @@ def test_native_kernels_can_be_turned_off_and_a_missing_compiler_is_reported(mon
         build.load_library.cache_clear()
         monkeypatch.setenv("STPNET_NATIVE", "1")
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-        with caplog.at_level(logging.INFO, logger="stpnet.native.build"):
+        with caplog.at_level(logging.INFO, logger="stpnet.deploy.native.build"):
             assert build.load_library("onepass") is None
             assert build.load_library("onepass") is None  # said once per process
         assert [r.levelname for r in caplog.records] == ["INFO"]  # a machine without a compiler is not a fault
@@ -166,7 +167,7 @@ def test_a_failed_build_is_reported_and_leaves_nothing(monkeypatch, tmp_path, ca
     monkeypatch.setenv("CC", str(compiler))
     try:
         build.load_library.cache_clear()
-        with caplog.at_level(logging.WARNING, logger="stpnet.native.build"):
+        with caplog.at_level(logging.WARNING, logger="stpnet.deploy.native.build"):
             assert build.load_library("onepass") is None
         assert "could not build" in caplog.text and "broken compiler" in caplog.text
         assert not list((tmp_path / "cache" / "native").iterdir())

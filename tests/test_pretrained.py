@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stpnet.cli import main
+from stpnet.app.cli import main
 from stpnet.data import load_embedded_cifar10
 from stpnet.models import PretrainedError, build_model, model_card, pretrained, pretrained_names
 from stpnet.models.pretrained import file_sha256
-from stpnet.pipeline import load_trained
+from stpnet.app.pipeline import load_trained
 from stpnet.train import CheckpointError, evaluate
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "stpnet" / "models" / "weights"
@@ -147,8 +147,8 @@ def test_cli_compress_accepts_a_name(tmp_path, capsys):
 def test_compression_demo_semi_tensor_with_per_layer_t_and_kept_function(tmp_path):
     """The demo's semi-tensor path with each layer's t chosen and BatchNorm moved keeping the
     function: the fine-tuned checkpoint records each layer's t and reloads to the same accuracy."""
-    from stpnet.demo import run_compression_demo
-    from stpnet.pipeline import load_trained
+    from stpnet.app.demo import run_compression_demo
+    from stpnet.app.pipeline import load_trained
     from stpnet.train import evaluate
 
     rows, _ = run_compression_demo(formats=("stt",), out_dir=tmp_path, fine_tune_epochs=1, fit_steps=2,
@@ -165,7 +165,7 @@ def test_compression_demo_semi_tensor_with_per_layer_t_and_kept_function(tmp_pat
 
 def test_recovery_stage_plot_draws_missing_stages_as_empty(tmp_path):
     pytest.importorskip("matplotlib")
-    from stpnet.plot import plot_recovery_stages
+    from stpnet.app.plot import plot_recovery_stages
 
     networks = [{"format": "tt", "compression": 9.0, "params": 29959, "plain": 0.12, "accuracy": 0.68},
                 {"format": "stt", "compression": 9.0, "params": 29938, "plain": 0.10, "accuracy": None}]
@@ -176,7 +176,7 @@ def test_recovery_stage_plot_draws_missing_stages_as_empty(tmp_path):
 
 @pytest.mark.slow
 def test_compression_demo_small(tmp_path):
-    from stpnet.demo import run_compression_demo
+    from stpnet.app.demo import run_compression_demo
 
     rows, plot = run_compression_demo(formats=("tt",), out_dir=tmp_path, fine_tune_epochs=1, fit_steps=2,
                                       calibration_size=32, train_subset=64)

@@ -12,7 +12,7 @@ import torch
 import stpnet
 from stpnet.models import model_card, pretrained, resnet20
 from stpnet.models.pretrained import PretrainedError, write_pretrained
-from stpnet.pipeline import load_trained
+from stpnet.app.pipeline import load_trained
 
 pretrained_module = importlib.import_module("stpnet.models.pretrained")
 
@@ -77,7 +77,7 @@ def test_a_dense_card_without_the_optional_fields_still_loads(tmp_path):
 def test_the_demo_shows_shipped_compressed_networks_first(shipped, tmp_path):
     import shutil
 
-    from stpnet.demo import run_compression_demo, shipped_compressed
+    from stpnet.app.demo import run_compression_demo, shipped_compressed
 
     _, card, folder = shipped
     packaged = importlib.resources.files("stpnet.models.weights")

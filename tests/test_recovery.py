@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import stpnet
-from stpnet.cli import main
+from stpnet.app.cli import main
 from stpnet.recovery import (activation_errors, allocate_ranks, factorized_layer_order, fit_to_activations,
                              recalibrate_batchnorm)
 from stpnet.train import (FeatureTaps, TrainConfig, Trainer, distillation_loss, distillation_points,
@@ -82,7 +82,7 @@ def test_augmented_calibration_images_are_shifted_and_flipped_training_images():
     """augment=True: each image is its unaugmented self shifted by at most 4 pixels (zeros coming in)
     and possibly mirrored, as the trainer augments; the same seed gives the same images."""
     from stpnet.data import ImageDataset, normalize
-    from stpnet.pipeline import calibration_images
+    from stpnet.app.pipeline import calibration_images
 
     g = torch.Generator().manual_seed(0)
     data = ImageDataset(torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=g),
@@ -658,7 +658,7 @@ def test_cli_recover_without_epochs_leaves_batchnorm_alone(dense_checkpoint, cif
 
 
 def test_cli_bn_recalibrate_takes_an_optional_mode():
-    from stpnet.cli import build_parser
+    from stpnet.app.cli import build_parser
 
     parse = lambda *flags: build_parser().parse_args(["compress", "ckpt", "--format", "tt", "--compression", "4",
                                                       "--run-dir", "r", *flags])  # noqa: E731

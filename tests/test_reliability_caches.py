@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import stpnet
-from stpnet.nn import FactorizedConv2d, FactorizedLayer, FusedLayer, fuse
+from stpnet.deploy.fused import FusedLayer, fuse
+from stpnet.nn import FactorizedConv2d, FactorizedLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from stpnet.cli import LOCK_NAME, main
-from stpnet.export import export
+from stpnet.app.cli import LOCK_NAME, main
+from stpnet.deploy.export import export
 from stpnet.model_spec import ModelSpec
 from stpnet.train import save_checkpoint
 
@@ -112,7 +112,7 @@ def test_export_to_onnx_without_the_onnx_package_is_one_line(workspace, capsys, 
 
 
 def test_an_export_that_fails_its_check_leaves_the_previous_file(tmp_path, monkeypatch):
-    import stpnet.export as export_module
+    import stpnet.deploy.export as export_module
 
     model = nn.Sequential(nn.Linear(4, 3)).eval()
     path = tmp_path / "m.pt"
@@ -163,7 +163,7 @@ def test_a_second_process_on_a_run_directory_exits_2_naming_the_holder(workspace
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
         import sys, time
         from pathlib import Path
-        from stpnet.cli import run_dir_lock
+        from stpnet.app.cli import run_dir_lock
         with run_dir_lock(Path(sys.argv[1])):
             print("locked", flush=True)
             time.sleep(120)

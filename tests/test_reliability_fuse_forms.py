@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-import stpnet.nn.fused as fused_module
-from stpnet.nn import FactorizedConv2d, FactorizedLayer, FusedLayer, fuse, fused_forms
-from stpnet.native import onepass_available
+import stpnet.deploy.fused as fused_module
+from stpnet.deploy.fused import FusedLayer, fuse, fused_forms
+from stpnet.nn import FactorizedConv2d, FactorizedLayer
+from stpnet.deploy.native import onepass_available
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

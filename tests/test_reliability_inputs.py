@@ -16,7 +16,8 @@ import stpnet
 from stpnet.data import ImageDataset
 from stpnet.models import pretrained
 from stpnet.models.pretrained import PretrainedError, _weights_dir
-from stpnet.nn import FactorizedLayer, fuse
+from stpnet.deploy.fused import fuse
+from stpnet.nn import FactorizedLayer
 from stpnet.recovery import allocate_ranks, fit_to_activations, recalibrate_batchnorm
 from stpnet.train import TrainConfig, Trainer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stpnet.native import build
+from stpnet.deploy.native import build
 
 needs_compiler = pytest.mark.skipif(not build.native_enabled() or build.c_compiler() is None,
                                     reason="no C compiler, or STPNET_NATIVE=0")
@@ -86,7 +86,7 @@ def test_a_damaged_library_is_rebuilt_not_loaded(private_cache, monkeypatch, cap
     monkeypatch.setattr(ctypes, "CDLL", lambda path, *a, **k: loaded.append(build.verify_library(Path(path)))
                         or real_cdll(path, *a, **k))
     build.load_library.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="stpnet.native.build"):
+    with caplog.at_level(logging.WARNING, logger="stpnet.deploy.native.build"):
         assert build.load_library("onepass") is not None
     assert loaded == [None]  # loaded once, after the rebuild, and verified
     assert build.verify_library(library) is None
@@ -101,7 +101,7 @@ def test_a_damaged_library_that_cannot_be_rebuilt_falls_back_with_one_warning(pr
     monkeypatch.setattr(build, "_build", lambda source, target, compiler: "cc: broken compiler")
     monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: pytest.fail("a library that failed its check was loaded"))
     build.load_library.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="stpnet.native.build"):
+    with caplog.at_level(logging.WARNING, logger="stpnet.deploy.native.build"):
         assert build.load_library("onepass") is None
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
@@ -117,10 +117,10 @@ def test_a_truncated_cached_library_never_kills_the_process(tmp_path):
     env.pop("STPNET_NATIVE", None)
     script = textwrap.dedent("""
         import torch, stpnet
-        from stpnet.native import build
+        from stpnet.deploy.native import build
         build.FLAG_SETS = (("-O0",),)  # a quick build: what is checked is the file
         from stpnet.nn import FactorizedConv2d
-        from stpnet.native import onepass_available
+        from stpnet.deploy.native import onepass_available
         torch.manual_seed(0)
         model = torch.nn.Sequential(FactorizedConv2d(8, 8, 3, 1, 1, format="stt", rank=2, t=2)).eval()
         x = torch.randn(1, 8, 8, 8)
@@ -141,7 +141,7 @@ def test_a_truncated_cached_library_never_kills_the_process(tmp_path):
 
 @needs_compiler
 def test_loading_logs_once_which_flag_set_built_the_library(private_cache, caplog):
-    with caplog.at_level(logging.INFO, logger="stpnet.native.build"):
+    with caplog.at_level(logging.INFO, logger="stpnet.deploy.native.build"):
         assert build.load_library("onepass") is not None  # built now
         assert build.load_library("onepass") is not None  # the same process: loaded once
         build.load_library.cache_clear()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import stpnet
-from stpnet.native.onepass import OnepassConv2d, onepass_available
+from stpnet.deploy.native.onepass import OnepassConv2d, onepass_available
 
 needs_native = pytest.mark.skipif(not onepass_available(), reason="no native onepass kernel here")
 
@@ -60,7 +60,7 @@ def test_a_fused_model_deep_copies_after_a_forward_and_its_copy_follows_its_own_
         torch.testing.assert_close(twin(x), expected)
         for p in twin.parameters():
             p.data.mul_(1.25)
-        reference = stpnet.fuse(small, forms=stpnet.nn.fused_forms(twin)).eval()
+        reference = stpnet.fuse(small, forms=stpnet.deploy.fused.fused_forms(twin)).eval()
         reference.load_state_dict(twin.state_dict())
         torch.testing.assert_close(twin(x), reference(x))
         assert not torch.allclose(twin(x), expected)

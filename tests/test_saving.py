@@ -242,6 +242,6 @@ def test_a_file_that_needs_code_to_load_runs_none(tmp_path, capsys):
 def test_a_fused_model_is_refused_at_save(tmp_path):
     small, _ = stpnet.compress(HFStyle(), "tt", compression=2)
     fused = stpnet.fuse(small.eval())  # without an example: every layer a contraction chain
-    assert any(isinstance(m, stpnet.nn.FusedLayer) for m in fused.modules())
+    assert any(isinstance(m, stpnet.deploy.fused.FusedLayer) for m in fused.modules())
     with pytest.raises(SavedModelError, match="before stpnet.fuse"):
         stpnet.save(fused, tmp_path / "f.pt")

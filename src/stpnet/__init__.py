@@ -21,8 +21,8 @@ from .decomposition import InsufficientMemoryError, decompose, relative_error
 from .formats import FORMATS, CPTensor, FactorizedTensor, TRTensor, TTTensor, TuckerTensor
 from .stp import mode_product, rstp, stp, swap_matrix
 from . import nn
-from .nn.fold import fold_batchnorm
-from .nn.fused import fuse
+from .deploy.fold import fold_batchnorm
+from .deploy.fused import fuse
 from .recovery import RecoveryReport, recover
 from .saving import load, save
 

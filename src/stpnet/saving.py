@@ -30,7 +30,7 @@ from ._atomic import atomic_path, check_output_path
 from .nn._replace import set_submodule
 from .nn.attention import UnpackedMultiheadAttention
 from .nn.base import FactorizedLayer
-from .nn.fused import FusedLayer
+from .deploy.fused import FusedLayer
 from .nn.layer_types import LAYER_TYPES, factorized_layer_type
 
 __all__ = ["save", "load", "compression_plan", "apply_plan", "SavedModelError", "FILE_FORMAT", "FILE_VERSION"]

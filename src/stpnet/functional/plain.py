@@ -13,7 +13,7 @@ of three plain convolutions that compute the same function:
 and of the two-op forms that merge the k x k stage with one side. They deliberately spend zeros
 (the identity blocks of ``U ⊗ I_t`` and of a kernel shared by ``g`` groups) to run as the ops the
 backend executes fastest; they are inference-time operators derived from the factors (for
-:class:`stpnet.nn.FusedLayer`), chosen by measurement, never stored as parameters.
+:class:`stpnet.deploy.fused.FusedLayer`), chosen by measurement, never stored as parameters.
 """
 
 from __future__ import annotations

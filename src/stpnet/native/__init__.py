@@ -1,11 +1,6 @@
-"""Native CPU kernels for inference, compiled on first use (:mod:`stpnet.native.build`).
+"""Deprecated alias of :mod:`stpnet.deploy.native`, where this package moved; importing it warns.
+Its submodules ``build`` and ``onepass`` are aliased too. It goes in the next release."""
 
-Optional: without a C compiler everything runs on PyTorch ops, and ``STPNET_NATIVE=0`` turns them
-off. :class:`OnepassConv2d` runs a factorized convolution's plain chain in one pass per image; a
-fused layer (:func:`stpnet.fuse`) offers it as its ``'onepass'`` form where it applies.
-"""
+from .._moved import alias_module
 
-from .build import cache_dir, load_library, native_enabled
-from .onepass import OnepassConv2d, onepass_available
-
-__all__ = ["OnepassConv2d", "onepass_available", "load_library", "native_enabled", "cache_dir"]
+alias_module(__name__, "stpnet.deploy.native", submodules=("build", "onepass"))

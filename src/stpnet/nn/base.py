@@ -26,7 +26,7 @@ __all__ = ["FactorizedLayer", "FORWARD_PATHS"]
 FORWARD_PATHS = ("auto", "rebuild", "contract", "measure")
 
 #: The key under which a fused layer's form (and a layer kept factorized, ``'rebuild'``) is
-#: recorded in its entry of a state dict's ``_metadata``: :func:`stpnet.nn.fused_forms` reads it back.
+#: recorded in its entry of a state dict's ``_metadata``: :func:`stpnet.deploy.fused.fused_forms` reads it back.
 FORM_METADATA_KEY = "stpnet_form"
 
 

@@ -50,13 +50,13 @@ _REGISTRY: dict[str, "Layout"] = {}
 #: Every layout by name.
 LAYOUTS = MappingProxyType(_REGISTRY)
 
-# Layout name -> the fused module class its layers deploy as. Filled by stpnet.nn.fused
+# Layout name -> the fused module class its layers deploy as. Filled by stpnet.deploy.fused
 # (register_fused_form), which builds on the factorized layers and so is imported after this module.
 _FUSED_FORMS: dict[str, type] = {}
 
 
 def register_fused_form(*layout_names: str):
-    """Class decorator: the decorated fused module class (:mod:`stpnet.nn.fused`) is the deployment
+    """Class decorator: the decorated fused module class (:mod:`stpnet.deploy.fused`) is the deployment
     form of the layers of these layouts, and of layouts derived from them that register none of
     their own; :meth:`Layout.fuse` builds it from a factorized layer."""
     def register(cls: type) -> type:
@@ -180,7 +180,7 @@ class Layout:
 
     # ------------------------------------------------------------------ deployment
     def fuse(self, layer: "FactorizedLayer"):
-        """The fused module (:mod:`stpnet.nn.fused`) computing the layer with merged factors: the
+        """The fused module (:mod:`stpnet.deploy.fused`) computing the layer with merged factors: the
         class registered for this layout (:func:`register_fused_form`), or for the nearest layout
         it derives from."""
         for klass in type(self).__mro__:

@@ -47,7 +47,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, *, batch_size:
     images : torch.Tensor
         Preprocessed float inputs ``N x C x ...`` as the model takes them (for images: normalized
         with the model's mean and std): a few hundred training images, best augmented as in
-        training (:func:`stpnet.pipeline.calibration_images` with ``augment=True``), since the
+        training (:func:`stpnet.app.pipeline.calibration_images` with ``augment=True``), since the
         statistics being replaced were gathered on augmented batches.
     batch_size : int
         Forward passes take this many images at a time; each batch's statistics are averaged in.

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn import FactorizedLayer, FusedLayer
+from ..deploy.fused import FusedLayer
+from ..nn import FactorizedLayer
 
 __all__ = ["FeatureTaps", "distillation_points", "modules_named"]
 

@@ -40,7 +40,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def onepass_available() -> bool:
-    """Whether the native kernel is built and loaded (see :mod:`stpnet.native.build`)."""
+    """Whether the native kernel is built and loaded (see :mod:`stpnet.deploy.native.build`)."""
     return _library() is not None
 
 
@@ -119,7 +119,7 @@ class OnepassConv2d:
     def __deepcopy__(self, memo: dict) -> "OnepassConv2d":
         """The object itself: it never changes after it is made (it holds its own copies of the
         weights), so copies of a module that cached it (``copy.deepcopy`` of a fused model, as
-        :func:`stpnet.export.export` makes) may share it; its ctypes plan cannot be copied."""
+        :func:`stpnet.deploy.export.export` makes) may share it; its ctypes plan cannot be copied."""
         return self
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:

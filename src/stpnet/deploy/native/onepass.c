@@ -4,7 +4,7 @@
  * KB: they stay in cache) instead of two full intermediate tensors written and read by three
  * library convolutions. Each stage is stored by output channel (CSR), so the zeros of the plain
  * form (the identity blocks of U (x) I_t, a kernel shared by groups, CP's diagonal) cost nothing.
- * Built and loaded by stpnet/native/build.py; called through stpnet/native/onepass.py, which checks
+ * Built and loaded by stpnet/deploy/native/build.py; called through stpnet/deploy/native/onepass.py, which checks
  * every argument. Vectors of 8 floats (GCC/Clang vector extensions): AVX2/AVX-512 on x86-64, NEON
  * pairs on AArch64. Threads (OpenMP): over images when a batch has at least as many, else the
  * threads share each image by output channel.

@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from .._atomic import atomic_write_text
+from ..._atomic import atomic_write_text
 
 __all__ = ["load_library", "native_enabled", "cache_dir", "c_compiler"]
 
@@ -174,7 +174,7 @@ def _build(source: Path, target: Path, compiler: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def load_library(name: str) -> ctypes.CDLL | None:
-    """The shared library built from ``stpnet/native/<name>.c``, compiled on the first call on this
+    """The shared library built from ``stpnet/deploy/native/<name>.c``, compiled on the first call on this
     machine (a second or two) and cached. Each process loads it once, and logs once at INFO level
     which flag set built it (with OpenMP threads or not). None where native kernels are off or
     no compiler is found (said once at INFO level, with the fallback), or where a build fails or a
