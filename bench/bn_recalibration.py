@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import stpnet
-from stpnet.data import load_dataset
+from stpnet.data import load_dataset, benchmark_data_path
 from stpnet.model_spec import ModelSpec
 from stpnet.app.pipeline import calibration_images, load_trained, normalized_like
 from stpnet.recovery import recalibrate_batchnorm
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 dense, _, state = load_trained("resnet20-cifar10")
 dense.eval()
-data = normalized_like(load_dataset(str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")), state)
+data = normalized_like(load_dataset(str(benchmark_data_path("cifar10-jpeg.tar.gz"))), state)
 
 
 def accuracy(model) -> float:

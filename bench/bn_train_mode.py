@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stpnet.data import load_dataset, normalize, training_augment
+from stpnet.data import load_dataset, normalize, training_augment, benchmark_data_path
 from stpnet.model_spec import ModelSpec
 from stpnet.app.pipeline import calibration_images, load_trained, normalized_like
 from stpnet.recovery import recalibrate_batchnorm
@@ -106,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(1)
     dense, _, state = load_trained("resnet20-cifar10")
     dense.eval()
-    data = normalized_like(load_dataset(str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")), state)
+    data = normalized_like(load_dataset(str(benchmark_data_path("cifar10-jpeg.tar.gz"))), state)
     saved = torch.load(args.recovered, weights_only=True)
     fitted = ModelSpec.from_dict(saved["spec"]).build()
     fitted.load_state_dict(saved["model"])

@@ -8,7 +8,7 @@ the same protocol: SGD (Nesterov 0.9, weight decay 5e-4), lr 0.05 with a cosine 
 hidden layer in Tucker form diverges at this learning rate; see BENCHMARKS.md). Results append to a JSON
 lines file, and finished configurations are skipped, so the script can be stopped and rerun.
 
-Run:  .venv/bin/python bench/fashion_mnist.py --data ../shared/data/fashion-mnist \
+Run:  .venv/bin/python bench/fashion_mnist.py --data "$STPNET_DATA_DIR/fashion-mnist" \
           [--epochs 3] [--train-subset N] [--results results/fashion_mnist.jsonl]
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from stpnet.compress import compress, model_report
-from stpnet.data import load_dataset
+from stpnet.data import load_dataset, benchmark_data_path
 from stpnet.model_spec import ModelSpec
 from stpnet.app.pipeline import train_spec
 from stpnet.train import TrainConfig, TrainingDivergedError
@@ -54,7 +54,7 @@ def results_table(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/fashion-mnist")
+    parser.add_argument("--data", default=str(benchmark_data_path("fashion-mnist")))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--grad-clip", type=float, default=5.0, help="global gradient-norm clip; 0 = none")
     parser.add_argument("--formats", nargs="*", default=[f for f, _ in CONFIGS], help="formats to run")

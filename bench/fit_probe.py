@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import stpnet
-from stpnet.data import load_dataset
+from stpnet.data import load_dataset, benchmark_data_path
 from stpnet.app.pipeline import calibration_images, load_trained, normalized_like
 from stpnet.train import evaluate
 
@@ -30,7 +30,7 @@ torch.set_num_threads(int(sys.argv[6]) if len(sys.argv) > 6 else 1)
 t_choices = tuple(int(v) for v in sys.argv[7].split(",")) if len(sys.argv) > 7 else None
 dense, _, state = load_trained("resnet20-cifar10")
 dense.eval()
-data = normalized_like(load_dataset(str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")), state)
+data = normalized_like(load_dataset(str(benchmark_data_path("cifar10-jpeg.tar.gz"))), state)
 start = time.perf_counter()
 calibration = calibration_images(data, n_calib, 0)
 small, report = stpnet.compress(dense, fmt, compression=9,

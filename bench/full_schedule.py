@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stpnet.compress import compress
-from stpnet.data import load_dataset
+from stpnet.data import load_dataset, benchmark_data_path
 from stpnet.model_spec import ModelSpec
 from stpnet.models import resnet_cifar
 from stpnet.app.pipeline import calibration_images, load_trained, normalized_like
@@ -60,7 +60,7 @@ from stpnet.train import TrainConfig, Trainer, evaluate, save_checkpoint
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DATA = benchmark_data_path("cifar10-jpeg.tar.gz")
 OUT = ROOT / "results" / "full_schedule"
 TEACHER = "resnet20-cifar10"
 

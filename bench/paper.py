@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from stpnet.compress import compress, decompress
-from stpnet.data import load_dataset
+from stpnet.data import load_dataset, benchmark_data_path
 from stpnet.model_spec import ModelSpec
 from stpnet.models import build_model
 from stpnet.app.pipeline import inference_latency, train_spec
@@ -429,7 +429,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--budget", choices=sorted(PROTOCOLS), default="cpu")
-    parser.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
+    parser.add_argument("--data", default=str(benchmark_data_path("cifar10-jpeg.tar.gz")))
     parser.add_argument("--time-limit", type=float, default=150.0, help="minutes; stop after the epoch that crosses it")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the headline pairs and the dense network")
     parser.add_argument("--epochs", type=int, help="override the protocol's epochs (a short slice)")

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 from stpnet.compress import compress
-from stpnet.data import load_dataset
+from stpnet.data import load_dataset, benchmark_data_path
 from stpnet.model_spec import ModelSpec
 from stpnet.app.pipeline import calibration_images, load_trained, normalized_like, train_spec
 from stpnet.recovery import recalibrate_batchnorm, recover
@@ -64,7 +64,7 @@ from stpnet.train import TrainConfig, evaluate
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DATA = benchmark_data_path("cifar10-jpeg.tar.gz")
 SEMI = {"sttu": "tucker", "stt": "tt", "str": "tr"}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from stpnet.data import load_dataset
+from stpnet.data import load_dataset, benchmark_data_path
 from stpnet.model_spec import ModelSpec
 from stpnet.app.pipeline import load_trained, normalized_like, train_spec
 from stpnet.train import TrainConfig, evaluate
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(int(sys.argv[7]) if len(sys.argv) > 7 else 1)
 dense, _, state = load_trained("resnet20-cifar10")
 dense.eval()
-data = normalized_like(load_dataset(str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")), state)
+data = normalized_like(load_dataset(str(benchmark_data_path("cifar10-jpeg.tar.gz"))), state)
 src, lr, epochs, tag = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 wd = float(sys.argv[5]) if len(sys.argv) > 5 else 5e-4
 feat = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0

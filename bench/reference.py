@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from stpnet.app.cli import main as stpnet_main
-from stpnet.data import load_dataset
+from stpnet.data import load_dataset, benchmark_data_path
 from stpnet.models.pretrained import write_pretrained
 from stpnet.app.pipeline import load_trained
 from stpnet.train import evaluate, load_checkpoint
@@ -33,7 +33,7 @@ from stpnet.train import evaluate, load_checkpoint
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = "../shared/data/cifar10-jpeg.tar.gz"
+DATA = str(benchmark_data_path("cifar10-jpeg.tar.gz"))
 DATA_NAME = "CIFAR-10 (JPEG q75): 50,000 training and 10,000 test images"
 
 #: name -> the ``stpnet train`` arguments (without --data and --run-dir). bf16 autocast and

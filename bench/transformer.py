@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from stpnet.compress import compress
-from stpnet.data import load_dataset
+from stpnet.data import load_dataset, benchmark_data_path
 from stpnet.model_spec import ModelSpec
 from stpnet.deploy.fused import fuse
 from stpnet.app.pipeline import calibration_images, load_trained, normalized_like, train_spec
@@ -49,7 +49,7 @@ from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on 
 from latency import time_in_blocks  # bench/latency.py
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+DATA = benchmark_data_path("cifar10-jpeg.tar.gz")
 FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str")
 SEMI = {"sttu", "stt", "str"}
 TRAIN = ["--model", "vit-tiny", "--optimizer", "adamw", "--lr", "1e-3", "--weight-decay", "0.05",

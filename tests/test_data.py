@@ -22,6 +22,7 @@ from stpnet.data import (
     MNIST_CLASSES,
     DataError,
     ImageDataset,
+    benchmark_data_path,
     batches_per_epoch,
     cache_dir,
     crop_padded,
@@ -48,8 +49,8 @@ def cache_root(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def shared_data() -> Path:
-    """``../shared/data`` beside the repository (CI clones the repo next to a copy of shared/)."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    """The benchmark data folder (:func:`stpnet.data.benchmark_data_path`)."""
+    path = benchmark_data_path()
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is not present")
     return path

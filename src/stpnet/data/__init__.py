@@ -5,6 +5,7 @@
 * :class:`ImageDataset` -- the in-memory result (uint8 ``N x C x H x W`` images, int64 labels).
 * :func:`random_crop`, :func:`random_hflip`, :func:`training_augment`, :func:`normalize` -- batched augmentation on tensors.
 * :func:`iterate_batches` -- deterministic, resumable, shardable minibatches.
+* :func:`benchmark_data_path` -- where the benchmarks' and tests' real data lives.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Union
 
 from .augment import crop_padded, normalize, random_crop, random_hflip, training_augment
 from .batches import batches_per_epoch, epoch_indices, iterate_batches
+from .benchmark import benchmark_data_path
 from .cache import cache_dir
 from .cifar import CIFAR10_CLASSES, load_cifar10
 from .dataset import ImageDataset
@@ -22,6 +24,7 @@ from .errors import DataError
 from .idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx, load_mnist
 
 __all__ = [
+    "benchmark_data_path",
     "DataError",
     "ImageDataset",
     "load_dataset",
