@@ -165,7 +165,7 @@ class Protocol:
         spec_path = self.run_dir(ROWS["a"], seed) / "spec.json"
         if spec_path.exists():
             return sum(p.numel() for p in build(json.loads(spec_path.read_text())).parameters())
-        small, _ = compress(self.dense, "stt", compression=9, t=2, allocation="weight", fit_steps=0)
+        small, _ = compress(self.dense, "stt", compression=9, t=2, allocation="weight")
         return sum(p.numel() for p in small.parameters())
 
     def start(self, row: Row, seed: int) -> tuple[nn.Module, dict]:
