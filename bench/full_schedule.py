@@ -32,6 +32,13 @@ Run (from the repository root; one run at a time at full threads):
     .venv/bin/python bench/full_schedule.py --probe a --lrs 0.01 0.05 0.1 --weight-decays 5e-4 5e-5
     nohup .venv/bin/python bench/full_schedule.py --rows a b c d e > results/full_schedule/train.log 2>&1 &
     .venv/bin/python bench/full_schedule.py --report
+    .venv/bin/python bench/full_schedule.py --ship a-stt-9x-s0 resnet20-cifar10-stt9x   # nothing else running
+
+``--ship RUN NAME`` makes a finished run a shipped network (``stpnet.models.pretrained(NAME)``):
+it rebuilds the run's network from ``spec.json`` and its final weights, measures its float32
+accuracy on the 10,000 test images and its latency through ``stpnet.fuse(model, example=x)``
+against the dense network at batch 1 and 128 (alternating blocks, medians), and writes
+``<NAME>.pt`` and ``<NAME>.json`` into ``src/stpnet/models/weights`` (``--ship-dir``).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from stpnet.recovery import recover
 from stpnet.train import TrainConfig, Trainer, evaluate, save_checkpoint
 
 from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
+from latency import time_in_blocks  # bench/latency.py
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = benchmark_data_path("cifar10-jpeg.tar.gz")
@@ -331,6 +339,85 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def finished_checkpoint(run: str, keep: Path) -> tuple[Path, dict, dict | None]:
+    """A run's final checkpoint, its spec and its ``runs.jsonl`` line (None while it runs)."""
+    results = [json.loads(line) for line in (OUT / "runs.jsonl").read_text().splitlines() if line.strip()] \
+        if (OUT / "runs.jsonl").exists() else []
+    result = next((r for r in results if r["name"] == run), None)
+    run_dir = OUT / "runs" / run
+    if not (run_dir / "spec.json").exists():
+        known = sorted(p.name for p in (OUT / "runs").glob("*") if p.is_dir())
+        raise SystemExit(f"no run named {run!r}; runs: {', '.join(known) or 'none'}")
+    spec = json.loads((run_dir / "spec.json").read_text())
+    checkpoint = (keep / run / "checkpoint.pt") if result is not None else (run_dir / "checkpoint.pt")
+    if not checkpoint.exists():
+        raise SystemExit(f"{checkpoint} does not exist (a finished run's checkpoint is in --keep)")
+    return checkpoint, spec, result
+
+
+def ship(run: str, name: str, keep: Path, directory: Path, allow_unfinished: bool = False) -> dict:
+    """Write run ``run``'s final network as the shipped network ``name`` (weights and card)."""
+    from stpnet import fuse
+    from stpnet.models import model_card
+    from stpnet.models.pretrained import write_pretrained
+    from stpnet.train import load_checkpoint
+
+    checkpoint_path, spec, result = finished_checkpoint(run, keep)
+    if result is None and not allow_unfinished:
+        raise SystemExit(f"run {run!r} has not finished (see --report); --allow-unfinished ships it as it is")
+    if spec["kind"] != "zoo":
+        raise SystemExit(f"run {run!r} is a {spec['kind']} network, not a compressed zoo network")
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = build(spec)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    dense, _, state = load_trained(TEACHER)
+    dense.eval()
+    data = normalized_like(load_dataset(str(DATA)), state)
+    accuracy = evaluate(model, data.test_x, data.test_y, data.mean, data.std, device=torch.device("cpu"))["accuracy"]
+
+    latency = {"batch": {}, "threads": torch.get_num_threads(), "cpu": cpu_model(), "torch": torch.__version__,
+               "command": f"python bench/full_schedule.py --ship {run} {name}",
+               "method": "stpnet.fuse(model, example=x) against the dense network: medians of alternating "
+                         "blocks (bench/latency.py time_in_blocks), forward under no_grad, float32"}
+    for batch, repeats in ((1, 300), (128, 30)):
+        x = data.test_x[:batch].float().div(255)
+        x = (x - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)
+        fused = fuse(model, example=x).eval()
+        times = time_in_blocks({"dense": dense, "fused": fused}, x, repeats)
+        latency["batch"][str(batch)] = {"dense_ms": times["dense"] * 1e3, "fused_ms": times["fused"] * 1e3,
+                                        "fused_over_dense": times["fused"] / times["dense"]}
+
+    history = checkpoint["history"]
+    config = checkpoint["config"]
+    train_seconds = sum(r["epoch_time"] + r["eval_time"] for r in history)
+    row = ROWS[run.split("-")[0]]
+    command = (f"OMP_NUM_THREADS=1 python bench/full_schedule.py --rows {row.key} --seeds {config['seed']} "
+               f"--epochs {config['epochs']} --amp {config['amp']}"
+               + (" --channels-last" if config.get("channels_last") else ""))
+    base = model_card(TEACHER).to_dict()
+    card_fields = {
+        **{k: base[k] for k in ("architecture", "in_channels", "num_classes", "input_size", "classes", "data",
+                                "mean", "std")},
+        "name": name, "test_accuracy": accuracy, "test_samples": len(data.test_y),
+        "training": {"command": command, "what": row.what, "config": config, "epochs": len(history),
+                     "start": f"{TEACHER} compressed and fitted block by block, then distilled from it"
+                              if row.start == "fitted" else "random init",
+                     "start_test_accuracy": spec.get("start_test_accuracy"),
+                     "start_seconds": spec.get("start_seconds"), "train_seconds": train_seconds,
+                     "threads_per_run": 1, "cpu": cpu_model(), "torch": torch.__version__,
+                     "dense_test_accuracy": base["test_accuracy"],
+                     "compression": (sum(p.numel() for p in dense.parameters())
+                                     / sum(p.numel() for p in model.parameters()))},
+        "compression": {k: spec["model"][k] for k in ("format", "t", "layout", "ranks")},
+        "latency": latency,
+    }
+    card = write_pretrained(model, card_fields, directory)
+    print(json.dumps({"name": name, "test_accuracy": accuracy, "params": card.params, "sha256": card.sha256,
+                      "latency": {b: round(v["fused_over_dense"], 3) for b, v in latency["batch"].items()}}))
+    return card.to_dict()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=[], choices=sorted(ROWS), help="rows to train, in order")
@@ -347,9 +434,16 @@ def main() -> None:
     parser.add_argument("--probe-epochs", type=int, default=3)
     parser.add_argument("--time-steps", action="store_true", help="time a training step in each precision/layout")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--ship", nargs=2, metavar=("RUN", "NAME"),
+                        help="write a finished run as the shipped network NAME (e.g. a-stt-9x-s0 resnet20-cifar10-stt9x)")
+    parser.add_argument("--ship-dir", default=str(ROOT / "src" / "stpnet" / "models" / "weights"))
+    parser.add_argument("--allow-unfinished", action="store_true", help="--ship a run that is still training")
     args = parser.parse_args()
     if args.report:
         print(report())
+        return
+    if args.ship:
+        ship(*args.ship, Path(args.keep), Path(args.ship_dir), args.allow_unfinished)
         return
     OUT.mkdir(parents=True, exist_ok=True)
     protocol = Protocol(args)

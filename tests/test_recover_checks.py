@@ -10,7 +10,7 @@ from torch import nn
 
 import stpnet
 from stpnet.recovery import fit_to_activations
-from test_review_linear_like import Net, TransposedLinear
+from test_linear_like_probe import Net, TransposedLinear
 
 
 def test_bn_calibration_without_the_batchnorm_step_is_refused():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import stpnet
-from test_review_linear_like import TransposedLinear
+from test_linear_like_probe import TransposedLinear
 
 
 class Mixed(nn.Module):
