@@ -268,7 +268,7 @@ def train(model: nn.Module, tokens: torch.Tensor, *, steps: int, batch: int, con
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if log_every and (step + 1) % log_every == 0:
-            print(f"  step {step + 1}/{steps} loss {float(loss):.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(f"  step {step + 1}/{steps} loss {float(loss.detach()):.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     model.eval()
     return time.perf_counter() - start
 

@@ -20,7 +20,8 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "stpnet" / "models" / "w
 
 #: SHA-256 of each shipped weights file, pinned here independently of the card beside it; and the
 #: accuracy floor on the embedded 1,000-image CIFAR-10 test subset (a few points below what the
-#: network scores there, BENCHMARKS.md).
+#: network scores there, BENCHMARKS.md). Compressed networks (``-stt9x``, ``-tt9x``) are pinned
+#: the same way.
 EXPECTED = {
     "resnet20-cifar10": ("c78dabdded34699c1e52c509b162d44d2c4ebbc4dd38434ad4566720d5b0a645", 0.86),
     "resnet32-cifar10": ("a59ab7d1efff4017bb2a8bcf2a7b81f451e1a57294fcddc70dd817826d38e93f", 0.87),
@@ -50,11 +51,18 @@ def test_loads_in_eval_mode_with_its_card(name):
     assert not model.training and all(not m.training for m in model.modules())
     assert card.name == name
     assert card.params == sum(p.numel() for p in model.parameters())
-    assert card.params == sum(p.numel() for p in build_model(card.architecture).parameters())
+    dense_params = sum(p.numel() for p in build_model(card.architecture).parameters())
     assert len(card.mean) == len(card.std) == card.in_channels == 3
-    assert card.test_samples == 10_000 and 0.85 < card.test_accuracy < 1.0
-    assert card.training["command"].startswith("stpnet train ")
+    assert card.test_samples == 10_000 and EXPECTED[name][1] < card.test_accuracy < 1.0
     assert next(model.parameters()).dtype == torch.float32
+    if card.compression is None:
+        assert card.params == dense_params
+        assert card.training["command"].startswith("stpnet train ")
+    else:  # a compressed network: its factorization, the command that trained it, its fused latency
+        assert card.compression["format"] in name and card.params * 8.5 < dense_params
+        assert card.training["command"].startswith("OMP_NUM_THREADS=1 python bench/full_schedule.py --rows ")
+        assert set(card.latency["batch"]) == {"1", "128"}
+        assert all(v["fused_over_dense"] > 0 for v in card.latency["batch"].values())
 
 
 @pytest.mark.slow
@@ -64,6 +72,7 @@ def test_accuracy_on_the_embedded_test_subset(name, subset):
     result = evaluate(model, subset.test_x, subset.test_y, card.mean, card.std, device=torch.device("cpu"))
     assert len(subset.test_y) == 1000
     assert result["accuracy"] >= EXPECTED[name][1]
+    assert abs(result["accuracy"] - card.test_accuracy) <= 0.02  # the subset agrees with the full test set
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -54,8 +54,8 @@ __all__ = ["FUSED_FORMS", "FusedLayer", "FusedSequential", "FusedTucker2", "Fuse
 #: larger than the factors is built; the form to export); a convolution's plain-convolution forms
 #: (:mod:`stpnet.functional.plain`: ``'plain'``, ``'merged_in'``, ``'merged_out'``) on weights
 #: derived once in inference (faster at batch 1 on CPU); a Linear's ``'plain'`` form, two
-#: ``F.linear`` on weights derived once in inference (the chain's Kronecker factors expanded, so
-#: that no reshape between the products copies: sequential/ring and Tucker-2 layouts); or
+#: ``F.linear`` on weights derived once in inference (sequential/ring and Tucker-2 layouts; a
+#: last factor ``B ⊗ I_t`` applied as ``B`` on ``t`` times the rows, never built); or
 #: ``'dense'``, the dense op on the
 #: weight the chain computes, rebuilt once in inference; or ``'onepass'``, the plain chain of a 2-D
 #: convolution (dilation 1) in one native pass per image (:class:`stpnet.deploy.native.OnepassConv2d`),
@@ -63,10 +63,6 @@ __all__ = ["FUSED_FORMS", "FusedLayer", "FusedSequential", "FusedTucker2", "Fuse
 #: it, any other call (gradients, another dtype or device, channels_last, tracing) runs ``'plain'``.
 #: ``fuse(example=x)`` measures them.
 FUSED_FORMS = ("chain", *PLAIN_FORMS, "dense", "onepass")
-
-
-def _eye(n: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.eye(n, dtype=like.dtype, device=like.device)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -166,17 +162,30 @@ class FusedLayer(InferenceCache, BatchNormFoldable):
         no such form (paired)."""
         return None
 
-    def _plain_linear(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A Linear as two plain ``F.linear`` weights ``(W_in (r, in), W_out (out, r))``, the
-        chain's Kronecker factors ``⊗ I_t`` expanded so that no reshape between its products
-        copies; None where the layout has no such form. ``output_scale`` is not applied."""
+    def _plain_linear(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """A Linear as two plain products ``(W_in (g r, in), W_out (out / g, r), g)``: ``h = x W_in^T``
+        read as ``(..., g, r)``, then ``W_out`` applied to each of the ``g`` groups and the result
+        read with output channel ``p g + u`` (group ``u``). ``g`` is the ``t`` of the chain's last
+        factor ``B ⊗ I_t`` (1 without one), applied as one product on ``g`` times the rows instead
+        of built; None where the layout has no such form. ``output_scale`` is not applied."""
         return None
 
-    def _plain_linear_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        W_in, W_out = self._plain_linear()
-        if self.output_scale is not None:
+    def _plain_linear_weights(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        W_in, W_out, groups = self._plain_linear()
+        if self.output_scale is not None and groups == 1:
             W_out = self._scale_rows(W_out)
-        return W_in.contiguous(), W_out.contiguous()
+        return W_in.contiguous(), W_out.contiguous(), groups
+
+    def _plain_linear_apply(self, x: torch.Tensor, W_in: torch.Tensor, W_out: torch.Tensor,
+                            groups: int) -> torch.Tensor:
+        """The ``'plain'`` form on ``x`` (..., in) with the weights of :meth:`_plain_linear_weights`."""
+        if groups == 1:
+            return F.linear(F.linear(x, W_in), W_out, self.bias)
+        lead = x.shape[:-1]
+        h = F.linear(x.reshape(-1, self.in_features), W_in)  # (n, g r), groups first
+        y = F.linear(h.reshape(h.shape[0] * groups, -1), W_out)  # (n g, out / g)
+        y = y.reshape(h.shape[0], groups, -1).transpose(1, 2).reshape(h.shape[0], self.out_features)
+        return self._output_affine(y).reshape(*lead, self.out_features)
 
     @property
     def forms(self) -> tuple[str, ...]:
@@ -301,9 +310,9 @@ class FusedLayer(InferenceCache, BatchNormFoldable):
             self._remember_plan(x, (self.form, False), lambda x: F.linear(x, weight, self.bias))
             return F.linear(x, weight, self.bias)
         if self.form == "plain":
-            W_in, W_out = self._cached("plain_linear", self._plain_linear_weights)
-            self._remember_plan(x, (self.form, False), lambda x: F.linear(F.linear(x, W_in), W_out, self.bias))
-            return F.linear(F.linear(x, W_in), W_out, self.bias)
+            W_in, W_out, groups = self._cached("plain_linear", self._plain_linear_weights)
+            self._remember_plan(x, (self.form, False), lambda x: self._plain_linear_apply(x, W_in, W_out, groups))
+            return self._plain_linear_apply(x, W_in, W_out, groups)
         lead = x.shape[:-1]
         y = self._output_affine(self._linear(x.reshape(-1, self.in_features)))
         return y.reshape(*lead, self.out_features)
@@ -363,9 +372,12 @@ class FusedSequential(FusedLayer):
     def _linear(self, x):
         return sequential_linear(x, self._factors())
 
-    def _plain_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # z = x A, read as (n, rank, t); the output is B applied to each of the t columns: B ⊗ I_t
-        return self.A.transpose(0, 1), torch.kron(self.B.contiguous(), _eye(self.t, self.B))
+    def _plain_linear(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        # z = x A has columns (k, u), u last; W_in takes them in (u, k) order, so that h reads as
+        # (n, t, k) and B applies to each of the t groups: (B ⊗ I_t) without building it
+        k = self.A.shape[1] // self.t
+        W_in = self.A.transpose(0, 1).reshape(k, self.t, self.in_features).transpose(0, 1)
+        return W_in.reshape(self.t * k, self.in_features), self.B, self.t
 
 
 @register_fused_form("tucker2")
@@ -391,11 +403,16 @@ class FusedTucker2(FusedLayer):
     def _linear(self, x):
         return tucker2_linear(x, self.core, self.U_out, self.U_in)
 
-    def _plain_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # x -> (U_in ⊗ I_t_in)^T x -> core -> U_out ⊗ I_t_out
+    def _plain_linear(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        # x -> (U_in ⊗ I_t_in)^T x -> core -> (U_out ⊗ I_t_out): the input side merged into the core,
+        # W_in[o, q t_in + w] = sum_k core[o, k t_in + w] U_in[q, k]; its rows (k, u) reordered to
+        # (u, k), so that U_out applies to each of the t_out groups
         t_in, t_out = self.in_features // self.U_in.shape[0], self.out_features // self.U_out.shape[0]
-        W_in = self.core @ torch.kron(self.U_in.transpose(0, 1).contiguous(), _eye(t_in, self.core))
-        return W_in, torch.kron(self.U_out.contiguous(), _eye(t_out, self.U_out))
+        rows = self.core.shape[0]
+        W_in = torch.einsum("okw,qk->oqw", self.core.reshape(rows, -1, t_in), self.U_in).reshape(rows, -1)
+        r_out = rows // t_out
+        W_in = W_in.reshape(r_out, t_out, self.in_features).transpose(0, 1).reshape(rows, self.in_features)
+        return W_in, self.U_out, t_out
 
 
 @register_fused_form("paired")
