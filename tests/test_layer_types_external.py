@@ -42,12 +42,12 @@ class FactorizedPlainLinear(FactorizedLinear):
 @pytest.fixture
 def plain_linear_type():
     class PlainLinearType(layer_types.LinearType):
-        name = "review_plain_linear"
+        name = "external_plain_linear"
         dense = PlainLinear
         factorized = FactorizedPlainLinear
 
-    yield layer_types.LAYER_TYPES["review_plain_linear"]
-    layer_types._REGISTRY.pop("review_plain_linear")  # the registry is process-wide: leave it as it was
+    yield layer_types.LAYER_TYPES["external_plain_linear"]
+    layer_types._REGISTRY.pop("external_plain_linear")  # the registry is process-wide: leave it as it was
 
 
 def test_a_layer_type_registered_later_is_compressed(plain_linear_type):
