@@ -8,8 +8,10 @@ batch: ``stpnet.compress(dense, fmt, compression=X)`` (attention projections, ML
 included), then ``stpnet.fuse(small, example=x)`` for that batch. Dense, factorized and fused are
 timed in one process in alternating blocks (``bench/latency.py``'s ``time_in_blocks``: every
 model a warm-up and a block of calls in each of ``--rounds`` rounds, the median per model), forward only under
-``no_grad``, ``--threads`` intra-op threads. Printed: the ratios to dense, dense milliseconds,
-and the forms ``fuse`` chose (``--profile``: the fused model's top operators).
+``no_grad``, ``--threads`` intra-op threads. ``fused`` checks its cached weights' bits on every
+call (``watch='bits'``, the default); ``fused_versions`` is ``fuse(..., watch='versions')``, the
+serving mode that checks version counters only. Printed: the ratios to dense, dense
+milliseconds, and the forms ``fuse`` chose (``--profile``: the fused model's top operators).
 
 Run (from the repository root; ratios are only meaningful with nothing else running):
     .venv/bin/python bench/fused_transformer.py                      # vit and lm, stt 3x, batch 1 and 32
@@ -89,18 +91,22 @@ def main(argv: list[str] | None = None) -> None:
                     x = make(batch)
                     with torch.no_grad():
                         fused = stpnet.fuse(small, example=x).eval()
-                        models = {"dense": dense, "factorized": small, "fused": fused}
+                        served = stpnet.fuse(small, example=x, watch="versions").eval()
+                        models = {"dense": dense, "factorized": small, "fused": fused, "fused_versions": served}
                         times = time_in_blocks({k: (lambda v, m=m, run=run: run(m, v)) for k, m in models.items()}, x,
                                                args.repeats, rounds=args.rounds)
                     row = {"model": name, "format": fmt, "factor": factor, "batch": batch,
                            "compression": round(sum(p.numel() for p in dense.parameters()) / report.params, 2),
                            "dense_ms": round(times["dense"] * 1e3, 3),
                            "factorized_ratio": round(times["factorized"] / times["dense"], 3),
-                           "fused_ratio": round(times["fused"] / times["dense"], 3), "forms": forms(fused),
+                           "fused_ratio": round(times["fused"] / times["dense"], 3),
+                           "fused_versions_ratio": round(times["fused_versions"] / times["dense"], 3),
+                           "forms": forms(fused), "forms_versions": forms(served),
                            "repeats": args.repeats, "rounds": args.rounds, "threads": args.threads,
                            "cpu": cpu_model(), "torch": torch.__version__}
                     print(f"{name:>4} {fmt:>6} {factor:g}x batch {batch:>3}: dense {row['dense_ms']:.3f} ms, "
-                          f"factorized {row['factorized_ratio']:.3f}x, fused {row['fused_ratio']:.3f}x  {row['forms']}",
+                          f"factorized {row['factorized_ratio']:.3f}x, fused {row['fused_ratio']:.3f}x, "
+                          f"fused watch='versions' {row['fused_versions_ratio']:.3f}x  {row['forms']}",
                           flush=True)
                     if args.json:
                         with args.json.open("a") as f:

@@ -72,6 +72,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str", "cp")
 SEMI = {"sttu", "stt", "str"}
 VOCAB = 256  # byte values
+FT_STEPS = 100  # the short fine-tune's default length
 
 
 # ----------------------------------------------------------------------------------------- corpus
@@ -516,7 +517,8 @@ class Sweep:
     def compressed(self, dense: nn.Module, dense_params: int, fmt: str, factor: float, embedding: str) -> None:
         args = self.args
         name = f"{fmt}-{factor:g}x-emb-{embedding}"
-        if self.is_done(name, "ft"):
+        ft_step = "ft" if args.ft_steps == FT_STEPS else f"ft{args.ft_steps}"  # another length: a step of its own
+        if self.is_done(name, ft_step):
             return
         t = 2 if fmt in SEMI else None
         exclude = embedding_names(dense) if embedding == "excluded" else None
@@ -524,7 +526,7 @@ class Sweep:
         try:
             small, report = stpnet.compress(dense, fmt, compression=factor, t=t, exclude=exclude)
         except ValueError as error:
-            self.record(name, "ft", format=fmt, target=factor, embedding=embedding, error=str(error))
+            self.record(name, ft_step, format=fmt, target=factor, embedding=embedding, error=str(error))
             return
         common = {"format": fmt, "target": factor, "embedding": embedding, "params": report.params,
                   "compression": dense_params / report.params}
@@ -544,7 +546,7 @@ class Sweep:
                         log_every=0)
         if args.save_compressed:
             stpnet.save(small, Path(args.runs) / f"{name}-{self.run_id}.pt")
-        self.record(name, "ft", **common, perplexity=round(perplexity(small, self.validation), 4),
+        self.record(name, ft_step, **common, perplexity=round(perplexity(small, self.validation), 4),
                     seconds=round(seconds, 1), ft_steps=args.ft_steps, ft_lr=args.ft_lr)
 
 
@@ -568,8 +570,9 @@ def report(path: Path) -> str:
              f"dense: perplexity {dense['perplexity']:.3f}, {dense['params']:,} parameters"
              + (f", trained in {dense['seconds'] / 60:.1f} min" if dense and "seconds" in dense else "")
              if dense else "dense: not trained yet", "",
-             "| target | method | embedding | params | compression | plain | fit | fine-tuned |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| target | method | embedding | params | compression | plain | fit | fine-tuned ({FT_STEPS} steps) "
+             "| fine-tuned longer |",
+             "|---|---|---|---|---|---|---|---|---|"]
     by: dict[tuple, dict] = {}
     for r in rows:
         if r["config"] != "dense":
@@ -582,10 +585,13 @@ def report(path: Path) -> str:
             continue
         anyrow = next(iter(measured.values()))
         if "error" in anyrow:
-            lines.append(f"| {target:g}x | {fmt} | {emb} | - | - | {anyrow['error'][:60]} | | |")
+            lines.append(f"| {target:g}x | {fmt} | {emb} | - | - | {anyrow['error'][:60]} | | | |")
             continue
         cells = [f"{steps[s]['perplexity']:.3f}" if s in steps and "perplexity" in steps[s] else "-"
                  for s in ("plain", "fit", "ft")]
+        longer = sorted((r["ft_steps"], r["perplexity"]) for k, r in steps.items()
+                        if k.startswith("ft") and k != "ft" and "perplexity" in r)
+        cells.append(", ".join(f"{p:.3f} ({n} steps)" for n, p in longer) or "-")
         lines.append(f"| {target:g}x | {fmt} | {emb} | {anyrow['params']:,} | {anyrow['compression']:.2f}x | "
                      + " | ".join(cells) + " |")
     timed = [(key, steps["latency"]) for key, steps in ordered if "dense_b1" in steps.get("latency", {})]
@@ -622,7 +628,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embedding", nargs="*", default=["excluded", "included"], choices=("excluded", "included"))
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--fit-unit", choices=("block", "layer"), default="block")
-    parser.add_argument("--ft-steps", type=int, default=100)
+    parser.add_argument("--ft-steps", type=int, default=FT_STEPS,
+                        help=f"distilled fine-tune steps (a length other than {FT_STEPS} is recorded as a step of its own)")
     parser.add_argument("--ft-lr", type=float, default=5e-4)
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--save-compressed", action="store_true", help="stpnet.save every fine-tuned model")

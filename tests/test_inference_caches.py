@@ -247,3 +247,63 @@ def test_a_cached_value_is_reused_while_unchanged_even_with_nan_factors(comparis
         assert layer.weight is first
         factor.data[(0,) * factor.ndim] = 0.0
         assert layer.weight is not first and not torch.isnan(layer.weight).all()
+
+
+# ---------------------------------------------------------------- fuse(watch='versions')
+def _versions_model() -> nn.Module:
+    model = fuse(_net(), watch="versions")
+    for m in model.modules():
+        if isinstance(m, FusedLayer):
+            m.form = "dense"
+    return model.eval()
+
+
+def test_watch_versions_sets_every_cache_and_computes_the_same_function():
+    x = torch.randn(2, 3, 8, 8)
+    exact, served = _fused("dense"), _versions_model()
+    caches = [m for m in served.modules() if hasattr(m, "watch")]
+    assert caches and all(m.watch == "versions" for m in caches)
+    assert all(m.watch == "bits" for m in exact.modules() if hasattr(m, "watch"))
+    torch.testing.assert_close(_cached(served, x), _cached(exact, x), rtol=0, atol=0)
+    again = copy.deepcopy(served).train().eval()  # kept through copies and mode changes
+    assert all(m.watch == "versions" for m in again.modules() if hasattr(m, "watch"))
+
+
+@pytest.mark.parametrize("edit", ["in-place op", "load_state_dict", "new parameter"])
+def test_watch_versions_sees_every_edit_made_through_pytorch(edit):
+    x = torch.randn(2, 3, 8, 8)
+    model = _versions_model()
+    before = _cached(model, x)
+    layer = next(m for m in model.modules() if isinstance(m, FusedLayer))
+    name, p = next((n, q) for n, q in layer.named_parameters() if n != "bias")
+    with torch.no_grad():
+        if edit == "in-place op":
+            p.mul_(1.5)
+        elif edit == "load_state_dict":
+            state = model.state_dict()
+            state[next(k for k in state if k.endswith(name))] = p * 1.5
+            model.load_state_dict(state)
+        else:
+            setattr(layer, name, nn.Parameter(p * 1.5))
+    after = _cached(model, x)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, _fresh(model, x))
+
+
+def test_watch_versions_does_not_see_data_writes_and_bits_does():
+    """The documented difference: ``p.data`` writes bump no version counter of ``p``."""
+    x = torch.randn(2, 3, 8, 8)
+    for watch, seen in (("bits", True), ("versions", False)):
+        model = _versions_model() if watch == "versions" else _fused("dense")
+        before = _cached(model, x)
+        for layer in (m for m in model.modules() if isinstance(m, FusedLayer)):
+            for name, p in layer.named_parameters():
+                if name != "bias":  # the factors the cached dense weights come from
+                    p.data.mul_(1.5)
+        assert (not torch.equal(_cached(model, x), before)) is seen, watch
+
+
+@pytest.mark.parametrize("bad", ["exact", "", None, True])
+def test_watch_must_be_a_known_mode(bad):
+    with pytest.raises(ValueError, match=r"watch must be one of \('bits', 'versions'\)"):
+        fuse(_net(), watch=bad)

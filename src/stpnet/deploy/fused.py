@@ -36,7 +36,7 @@ from ..functional.contract import (GROUPED_STAGES, CPFactors, SequentialFactors,
 from .native.onepass import OnepassConv2d, onepass_available
 from ..functional.plain import (PLAIN_FORMS, PlainChain, PlainForm, cp_plain, plain_conv, plain_form_weights,
                                 sequential_plain, tucker2_plain)
-from ..nn._cache import InferenceCache, recording
+from ..nn._cache import WATCH_MODES, InferenceCache, recording
 from ..nn._timing import best_time, interleaved_best_times
 from ..nn.base import FORM_METADATA_KEY, FactorizedLayer
 from .fold import BatchNormFoldable
@@ -470,7 +470,7 @@ def fuse_layer(layer: FactorizedLayer) -> nn.Module:
 
 def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str = "measure",
          fold_batchnorm: bool = False, inplace: bool = False,
-         forms: Mapping[str, str] | Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+         forms: Mapping[str, str] | Mapping[str, torch.Tensor] | None = None, watch: str = "bits") -> nn.Module:
     """Replace every factorized Conv/Linear of ``model`` by its fused deployment form.
 
     A fused model is for inference: save and share the unfused compressed model (its state dict,
@@ -520,6 +520,14 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         state dict, or that state dict itself (its recorded forms are read). Every factorized
         layer must be named; not with ``example``. A fused state dict of a model folded with
         ``fold_batchnorm=True`` loads into one fused with ``forms=`` and ``fold_batchnorm=True``.
+    watch : {'bits', 'versions'}, default 'bits'
+        How each inference call checks that the weights derived from the factors (and cached) are
+        still current. ``'bits'`` compares the factors' bits with a copy, so any edit is seen,
+        ``p.data`` writes included; that reads every factor on every call, which at batch 1 costs
+        a small transformer up to a fifth of its time. ``'versions'`` checks each parameter's
+        identity, version counter and storage only: every change made through PyTorch
+        operations is seen (optimizer steps, ``load_state_dict``, in-place ops), writes through
+        ``p.data``, NumPy or raw memory are not; the choice for serving fixed weights.
 
     Notes
     -----
@@ -543,6 +551,8 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
     """
     if decide not in ("measure", "cost"):
         raise ValueError(f"decide must be 'measure' or 'cost', got {decide!r}")
+    if watch not in WATCH_MODES:
+        raise ValueError(f"watch must be one of {WATCH_MODES}, got {watch!r}")
     if forms is not None:
         if example is not None:
             raise ValueError("give example= (to choose the forms by timing) or forms= (the forms recorded by "
@@ -554,7 +564,7 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         if forms is not None:
             raise ValueError("forms= names the layers of a model; for one layer, fuse_layer(layer) and "
                              "set_form_spec(form)")
-        return fuse_layer(model)
+        return _watch(fuse_layer(model), watch)
     if not inplace:
         model = copy.deepcopy(model)
     if forms is not None:
@@ -575,9 +585,18 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
     _read_encoder_weights_once(fused)
     if fold_batchnorm:
         fused = _fold_batchnorm(fused, inplace=True)
+    _watch(fused, watch)
     if example is not None and decide == "measure":
         _keep_faster_than_dense(fused, example)
     return fused
+
+
+def _watch(model: nn.Module, watch: str) -> nn.Module:
+    """Set ``watch`` on every inference cache of ``model`` (``fuse(watch=)``)."""
+    for m in model.modules():
+        if isinstance(m, InferenceCache):
+            m.watch = watch
+    return model
 
 
 def _check_example(model: nn.Module, example: object) -> None:

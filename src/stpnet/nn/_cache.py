@@ -113,15 +113,23 @@ def _group_bits(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch
     return _bits(tensors[0]) if len(tensors) == 1 else torch.cat([_bits(t) for t in tensors])
 
 
-def source_key_valid(key: SourceKey) -> bool:
+#: How an :class:`InferenceCache` checks a cached value's sources on each inference call
+#: (``InferenceCache.watch``): ``'bits'`` compares their bits too; ``'versions'`` stops after the
+#: cheap checks (identity, version counter, storage, geometry, dtype, gradient flag).
+WATCH_MODES = ("bits", "versions")
+
+
+def source_key_valid(key: SourceKey, bits: bool = True) -> bool:
     """Whether every source of ``key`` is unchanged: the same object in the same place, at the
-    same version, on the same storage with the same geometry, dtype and gradient flag, holding
-    the same bits."""
+    same version, on the same storage with the same geometry, dtype and gradient flag, and (with
+    ``bits``) holding the same bits."""
     for owner, name, p, version, pointer, requires_grad, shape, stride, dtype in key.sources:
         if (owner.get(name) is not p or p._version != version or p.data_ptr() != pointer
                 or p.requires_grad != requires_grad or p.dtype is not dtype or p.shape != shape
                 or p.stride() != stride):
             return False
+    if not bits:
+        return True
     if key.host:
         memcmp = _memcmp()
         for source, copy, nbytes in key.host:
@@ -174,6 +182,13 @@ class InferenceCache(nn.Module):
     factors per call runs the uncached paths (a fused model's ``'chain'`` form, or
     ``torch.compile``).
 
+    Serving fixed weights, a model can opt out of the bit comparison: with ``watch = 'versions'``
+    (``stpnet.fuse(..., watch='versions')``) each call runs only the checks before it, which see
+    every change made through PyTorch operations on the parameters (optimizer steps,
+    ``load_state_dict``, ``copy_`` and other in-place ops, a new Parameter) but not writes through
+    ``p.data``, NumPy or raw memory; a transformer's batch-1 call then costs what the dense
+    network's does (BENCHMARKS.md, "Transformers").
+
     ``train()``, ``.to()``, ``.half()`` and every other ``_apply`` drop the cache outright. Training,
     gradient recording, tracing and compilation always rebuild. The check walks a list made when
     the value was cached (no module traversal per call: at batch 1 that traversal cost more than a
@@ -191,7 +206,11 @@ class InferenceCache(nn.Module):
     def _cache_key(self) -> SourceKey:
         return source_key(self._cache_sources())
 
-    _cache_valid = staticmethod(source_key_valid)
+    #: ``'bits'`` (exact, the default) or ``'versions'``: see the class docstring and :data:`WATCH_MODES`.
+    watch: str = "bits"
+
+    def _cache_valid(self, key: SourceKey) -> bool:
+        return source_key_valid(key, self.watch == "bits")
 
     def _cached(self, name: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``build()``, remembered in inference (eval mode, gradients off) while the tensors it is
