@@ -73,6 +73,7 @@ FORMATS = ("tucker", "sttu", "tt", "stt", "tr", "str", "cp")
 SEMI = {"sttu", "stt", "str"}
 VOCAB = 256  # byte values
 FT_STEPS = 100  # the short fine-tune's default length
+FIT_STEPS = 30  # L-BFGS iterations per block of the data-aware fit, by default
 
 
 # ----------------------------------------------------------------------------------------- corpus
@@ -516,8 +517,10 @@ class Sweep:
 
     def compressed(self, dense: nn.Module, dense_params: int, fmt: str, factor: float, embedding: str) -> None:
         args = self.args
-        name = f"{fmt}-{factor:g}x-emb-{embedding}"
-        ft_step = "ft" if args.ft_steps == FT_STEPS else f"ft{args.ft_steps}"  # another length: a step of its own
+        # another fit length or unit is a configuration of its own; another fine-tune length a step of its own
+        variant = "" if (args.fit_steps, args.fit_unit) == (FIT_STEPS, "block") else f"-fit{args.fit_steps}{args.fit_unit}"
+        name = f"{fmt}-{factor:g}x-emb-{embedding}{variant}"
+        ft_step = "ft" if args.ft_steps == FT_STEPS else f"ft{args.ft_steps}"
         if self.is_done(name, ft_step):
             return
         t = 2 if fmt in SEMI else None
@@ -528,7 +531,8 @@ class Sweep:
         except ValueError as error:
             self.record(name, ft_step, format=fmt, target=factor, embedding=embedding, error=str(error))
             return
-        common = {"format": fmt, "target": factor, "embedding": embedding, "params": report.params,
+        common = {"format": fmt, "target": factor, "embedding": embedding, "variant": variant.lstrip("-"),
+                  "params": report.params,
                   "compression": dense_params / report.params}
         if not self.is_done(name, "plain"):
             self.record(name, "plain", **common, perplexity=round(perplexity(small, self.validation), 4),
@@ -576,10 +580,11 @@ def report(path: Path) -> str:
     by: dict[tuple, dict] = {}
     for r in rows:
         if r["config"] != "dense":
-            by.setdefault((r["target"], r["format"], r["embedding"]), {})[r["step"]] = r
+            by.setdefault((r["target"], r["format"], r["embedding"], r.get("variant", "")), {})[r["step"]] = r
     order = ("whitened-svd", "svd", *FORMATS)
-    ordered = sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][2] != "excluded", order.index(kv[0][1])))
-    for (target, fmt, emb), steps in ordered:
+    ordered = sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][2] != "excluded", order.index(kv[0][1]), kv[0][3]))
+    for (target, fmt, emb, variant), steps in ordered:
+        fmt = f"{fmt} ({variant})" if variant else fmt
         measured = {k: v for k, v in steps.items() if k != "latency"}
         if not measured:
             continue
@@ -601,7 +606,7 @@ def report(path: Path) -> str:
                   f"{first['dense_b1'] * 1e3:.2f}, batch 32 {first['dense_b32'] * 1e3:.2f}.", "",
                   "| target | format | embedding | b1 factorized | b1 fused | b32 factorized | b32 fused |",
                   "|---|---|---|---|---|---|---|"]
-        for (target, fmt, emb), r in timed:
+        for (target, fmt, emb, _), r in timed:
             cells = [f"{r[f'{kind}_b{b}'] / r[f'dense_b{b}']:.2f}" for b in (1, 32) for kind in ("factorized", "fused")]
             lines.append(f"| {target:g}x | {fmt} | {emb} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -626,7 +631,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--factors", type=float, nargs="*", default=[2, 3, 5])
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--embedding", nargs="*", default=["excluded", "included"], choices=("excluded", "included"))
-    parser.add_argument("--fit-steps", type=int, default=30)
+    parser.add_argument("--fit-steps", type=int, default=FIT_STEPS,
+                        help="L-BFGS iterations per unit (another value, or --fit-unit layer, is a configuration of its own)")
     parser.add_argument("--fit-unit", choices=("block", "layer"), default="block")
     parser.add_argument("--ft-steps", type=int, default=FT_STEPS,
                         help=f"distilled fine-tune steps (a length other than {FT_STEPS} is recorded as a step of its own)")
