@@ -220,6 +220,16 @@ def matrix_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 over a model's state dict: every key and its tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
 def perplexity(model: nn.Module, data: torch.Tensor, batch: int = 16) -> float:
     """exp of the mean next-token cross-entropy over the windows ``data`` (N, T + 1)."""
     model.eval()
@@ -417,6 +427,7 @@ class Sweep:
         self.settings = settings
         lines = self.log.read_text().splitlines() if self.log.exists() else []
         rows = [json.loads(line) for line in lines if line.strip()]
+        self.rows = rows
         self.done = {(r.get("run"), r["config"], r["step"]) for r in rows}
         self.validation = windows(self.corpus.validation, args.val_windows, args.context)
         self.calibration = windows(self.corpus.train, args.calibration, args.context,
@@ -438,10 +449,14 @@ class Sweep:
         return (self.run_id, config, step) in self.done
 
     def dense(self) -> nn.Module:
-        """The trained dense model: from the checkpoint (written by stpnet.save) or trained now."""
+        """The trained dense model: from the checkpoint (written by stpnet.save, outside the tree)
+        or trained now (seeded: on another machine of the same kind the same weights). Its
+        weights' digest goes into the log with the first row; a model whose digest differs from
+        the logged one (retrained where the arithmetic differs) is refused, so rows measured on
+        two different dense models never share a table."""
         checkpoint = Path(self.args.runs) / f"dense-{self.run_id}.pt"
         if checkpoint.exists():
-            return stpnet.load(checkpoint, build(self.arch, self.config))
+            return self.checked(stpnet.load(checkpoint, build(self.arch, self.config)))
         torch.manual_seed(self.args.seed)
         model = build(self.arch, self.config)
         args = self.args
@@ -449,11 +464,24 @@ class Sweep:
               f"{self.corpus.info['train_bytes']:,} bytes of Python {self.corpus.info['python']} sources", flush=True)
         seconds = train(model, self.corpus.train, steps=args.steps, batch=args.batch, context=args.context, lr=args.lr,
                         seed=args.seed, warmup=args.warmup, log_every=args.log_every)
+        self.checked(model)
         stpnet.save(model, checkpoint)
         self.record("dense", "train", perplexity=round(perplexity(model, self.validation), 4),
                     params=sum(p.numel() for p in model.parameters()), seconds=round(seconds, 1),
                     tokens_seen=args.steps * args.batch * args.context)
         return model.eval()
+
+    def checked(self, model: nn.Module) -> nn.Module:
+        """``model`` if its weights are those the log's rows were measured on (logged on first use)."""
+        digest = state_digest(model)
+        logged = [r for r in self.rows if r.get("run") == self.run_id and "dense_sha256" in r]
+        if logged and logged[0]["dense_sha256"] != digest:
+            raise SystemExit(f"the dense model's weights (SHA-256 {digest[:16]}...) differ from those the rows of run "
+                             f"{self.run_id} in {self.log} were measured on ({logged[0]['dense_sha256'][:16]}...): it "
+                             "was retrained where the arithmetic differs; write to another --out")
+        if not logged:
+            self.record("dense", "digest", dense_sha256=digest)
+        return model
 
     def run(self) -> None:
         checkpoint = Path(self.args.runs) / f"dense-{self.run_id}.pt"
@@ -561,7 +589,7 @@ def report(path: Path) -> str:
         return "no results yet"
     run = rows[-1]["run"]  # the latest run's settings
     rows = [r for r in rows if r["run"] == run]
-    dense = next((r for r in rows if r["config"] == "dense"), None)
+    dense = next((r for r in rows if r["config"] == "dense" and r["step"] == "train"), None)
     info, settings = rows[-1]["corpus"], rows[-1]["settings"]
     lines = [f"corpus: Python {info['python']} standard library, {info['files']} files "
              f"({info['train_files']} train / {info['validation_files']} validation), {info['train_bytes']:,} / "
