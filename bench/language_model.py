@@ -230,6 +230,7 @@ def state_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+@torch.no_grad()
 def perplexity(model: nn.Module, data: torch.Tensor, batch: int = 16) -> float:
     """exp of the mean next-token cross-entropy over the windows ``data`` (N, T + 1)."""
     model.eval()
