@@ -186,8 +186,8 @@ class InferenceCache(nn.Module):
     (``stpnet.fuse(..., watch='versions')``) each call runs only the checks before it, which see
     every change made through PyTorch operations on the parameters (optimizer steps,
     ``load_state_dict``, ``copy_`` and other in-place ops, a new Parameter) but not writes through
-    ``p.data``, NumPy or raw memory; a transformer's batch-1 call then costs what the dense
-    network's does (BENCHMARKS.md, "Transformer inference latency").
+    ``p.data``, NumPy or raw memory; a small transformer's batch-1 call then runs about a tenth
+    faster (BENCHMARKS.md, "Transformer inference latency").
 
     ``train()``, ``.to()``, ``.half()`` and every other ``_apply`` drop the cache outright. Training,
     gradient recording, tracing and compilation always rebuild. The check walks a list made when
