@@ -524,7 +524,7 @@ def fuse(model: nn.Module, *, example: torch.Tensor | None = None, decide: str =
         How each inference call checks that the weights derived from the factors (and cached) are
         still current. ``'bits'`` compares the factors' bits with a copy, so any edit is seen,
         ``p.data`` writes included; that reads every factor on every call, which at batch 1 costs
-        a small transformer up to a fifth of its time. ``'versions'`` checks each parameter's
+        a small transformer about a tenth of its time. ``'versions'`` checks each parameter's
         identity, version counter and storage only: every change made through PyTorch
         operations is seen (optimizer steps, ``load_state_dict``, in-place ops), writes through
         ``p.data``, NumPy or raw memory are not; the choice for serving fixed weights.
