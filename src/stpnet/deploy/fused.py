@@ -65,6 +65,13 @@ __all__ = ["FUSED_FORMS", "FusedLayer", "FusedSequential", "FusedTucker2", "Fuse
 FUSED_FORMS = ("chain", *PLAIN_FORMS, "dense", "onepass")
 
 
+def _groups_first(W: torch.Tensor, groups: int) -> torch.Tensor:
+    """``W`` with its rows ``(k, u)`` (``u`` of ``groups``, last) reordered to ``(u, k)``: the first
+    weight of a Linear's grouped ``'plain'`` form (:meth:`FusedLayer._plain_linear`)."""
+    rows, columns = W.shape
+    return W.reshape(rows // groups, groups, columns).transpose(0, 1).reshape(rows, columns)
+
+
 def _channels_last(x: torch.Tensor) -> bool:
     """A 4-D input stored channels_last (and not also plain contiguous)."""
     return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
@@ -375,9 +382,7 @@ class FusedSequential(FusedLayer):
     def _plain_linear(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         # z = x A has columns (k, u), u last; W_in takes them in (u, k) order, so that h reads as
         # (n, t, k) and B applies to each of the t groups: (B ⊗ I_t) without building it
-        k = self.A.shape[1] // self.t
-        W_in = self.A.transpose(0, 1).reshape(k, self.t, self.in_features).transpose(0, 1)
-        return W_in.reshape(self.t * k, self.in_features), self.B, self.t
+        return _groups_first(self.A.transpose(0, 1), self.t), self.B, self.t
 
 
 @register_fused_form("tucker2")
@@ -410,9 +415,7 @@ class FusedTucker2(FusedLayer):
         t_in, t_out = self.in_features // self.U_in.shape[0], self.out_features // self.U_out.shape[0]
         rows = self.core.shape[0]
         W_in = torch.einsum("okw,qk->oqw", self.core.reshape(rows, -1, t_in), self.U_in).reshape(rows, -1)
-        r_out = rows // t_out
-        W_in = W_in.reshape(r_out, t_out, self.in_features).transpose(0, 1).reshape(rows, self.in_features)
-        return W_in, self.U_out, t_out
+        return _groups_first(W_in, t_out), self.U_out, t_out
 
 
 @register_fused_form("paired")
