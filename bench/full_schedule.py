@@ -318,9 +318,14 @@ def _step_time(model, teacher, x, y, bf16: bool, channels_last: bool, steps: int
     return times[len(times) // 2]
 
 
+def finished_runs() -> list[dict]:
+    """The lines of ``runs.jsonl``: one per finished run."""
+    path = OUT / "runs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def report() -> str:
-    rows = [json.loads(line) for line in (OUT / "runs.jsonl").read_text().splitlines() if line.strip()] \
-        if (OUT / "runs.jsonl").exists() else []
+    rows = finished_runs()
     lines = ["| row | what | params | compression | test accuracy (last / best) | train accuracy | CPU time |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["row"], r["seed"])):
@@ -341,8 +346,7 @@ def report() -> str:
 
 def finished_checkpoint(run: str, keep: Path) -> tuple[Path, dict, dict | None]:
     """A run's final checkpoint, its spec and its ``runs.jsonl`` line (None while it runs)."""
-    results = [json.loads(line) for line in (OUT / "runs.jsonl").read_text().splitlines() if line.strip()] \
-        if (OUT / "runs.jsonl").exists() else []
+    results = finished_runs()
     result = next((r for r in results if r["name"] == run), None)
     run_dir = OUT / "runs" / run
     if not (run_dir / "spec.json").exists():
@@ -453,8 +457,7 @@ def main() -> None:
     if args.probe:
         protocol.probe(ROWS[args.probe], args.seeds[0])
         return
-    done = {json.loads(line)["name"] for line in (OUT / "runs.jsonl").read_text().splitlines() if line.strip()} \
-        if (OUT / "runs.jsonl").exists() else set()
+    done = {r["name"] for r in finished_runs()}
     for seed in args.seeds:
         for key in args.rows:
             row = ROWS[key]
