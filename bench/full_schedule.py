@@ -324,6 +324,34 @@ def finished_runs() -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+#: What Zhao et al. (2021) report for each row's configuration on CIFAR-10 ResNet, for the claim table.
+PAPER = {"a": "STT R14: 9x, about -2", "b": "(no TT at 9x)", "c": "-", "d": "TT R14: 3x, about -2",
+         "e": "STT R14: 9x, about -2"}
+
+
+def claim_table(results: list[dict]) -> str:
+    """Dense and every finished row (seeds pooled), against dense and beside the paper's figures."""
+    from stpnet.models import model_card
+
+    dense = model_card(TEACHER)
+    lines = ["| row | network | params | compression | test accuracy | against dense (points) | "
+             "the paper (compression, points) | CPU time per run |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| - | dense ResNet-20 (`{TEACHER}`) | {dense.params:,} | 1.00x | {dense.test_accuracy:.2%} | 0 | - | - |"]
+    for key in sorted(ROWS):
+        runs = [r for r in results if r["row"] == key]
+        if not runs:
+            continue
+        accuracies = [r["test_accuracy"] for r in runs]
+        mean = sum(accuracies) / len(accuracies)
+        shown = f"{mean:.2%}" if len(runs) == 1 else (
+            f"{mean:.2%} ({len(runs)} seeds: {', '.join(f'{a:.2%}' for a in accuracies)})")
+        hours = sum((r["train_seconds"] + (r["start_seconds"] or 0)) * r["threads"] for r in runs) / 3600 / len(runs)
+        lines.append(f"| {key} | {ROWS[key].what} | {runs[0]['params']:,} | {runs[0]['compression']:.2f}x | {shown} | "
+                     f"{100 * (mean - dense.test_accuracy):+.2f} | {PAPER[key]} | {hours:.1f} core-h |")
+    return "\n".join(lines)
+
+
 def report() -> str:
     rows = finished_runs()
     lines = ["| row | what | params | compression | test accuracy (last / best) | train accuracy | CPU time |",
@@ -341,6 +369,8 @@ def report() -> str:
             last = history[-1]
             lines.append(f"| {path.parent.name} (running) | epoch {last['epoch']} | | | "
                          f"{last['test_accuracy']:.2%} | {last['train_accuracy']:.2%} | |")
+    if rows:
+        lines += ["", claim_table(rows)]
     return "\n".join(lines)
 
 
