@@ -25,6 +25,8 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "stpnet" / "models" / "w
 EXPECTED = {
     "resnet20-cifar10": ("c78dabdded34699c1e52c509b162d44d2c4ebbc4dd38434ad4566720d5b0a645", 0.86),
     "resnet32-cifar10": ("a59ab7d1efff4017bb2a8bcf2a7b81f451e1a57294fcddc70dd817826d38e93f", 0.87),
+    "resnet20-cifar10-stt9x": ("067f6df9db303197e1a70b3ad0399bf8d1b79f29ab195730ca43d2c57faa26ef", 0.80),
+    "resnet20-cifar10-tt9x": ("ae123c17af5e33c623164205f70c04f332ce9efa6841fab0f92317abdbe43dad", 0.78),
 }
 SHIPPED = sorted(EXPECTED)
 
@@ -162,7 +164,7 @@ def test_compression_demo_semi_tensor_with_per_layer_t_and_kept_function(tmp_pat
 
     rows, _ = run_compression_demo(formats=("stt",), out_dir=tmp_path, fine_tune_epochs=1, fit_steps=2,
                                    calibration_size=32, train_subset=64, t_choices=(1, 2), bn_keep_function=True)
-    stt = rows[1]
+    stt = next(r for r in rows if r["format"] == "stt")  # after the shipped networks' rows
     assert 8.5 < stt["compression"] < 9.5
     small, spec, state = load_trained(tmp_path / "stt" / "checkpoint.pt")
     assert isinstance(spec.t, dict) and set(spec.t.values()) <= {1, 2}
@@ -185,12 +187,17 @@ def test_recovery_stage_plot_draws_missing_stages_as_empty(tmp_path):
 
 @pytest.mark.slow
 def test_compression_demo_small(tmp_path):
-    from stpnet.app.demo import run_compression_demo
+    from stpnet.app.demo import run_compression_demo, shipped_compressed
 
     rows, plot = run_compression_demo(formats=("tt",), out_dir=tmp_path, fine_tune_epochs=1, fit_steps=2,
                                       calibration_size=32, train_subset=64)
-    assert [r["format"] for r in rows] == ["dense", "tt"]
-    dense, tt = rows
+    shipped = shipped_compressed()
+    assert [r["format"] for r in rows] == ["dense", *shipped, "tt"]
+    dense, tt = rows[0], rows[-1]
+    for row in rows[1:-1]:  # the shipped compressed networks, shown first with their card's accuracy
+        card = model_card(row["format"])
+        assert row["params"] == card.params and row["full_test_accuracy"] == card.test_accuracy
+        assert abs(row["accuracy"] - card.test_accuracy) <= 0.02
     assert dense["accuracy"] >= EXPECTED[SHIPPED[0]][1]
     assert 8.5 < tt["compression"] < 9.5 and tt["params"] < dense["params"] / 8.5
     assert all(0 <= tt[k] <= 1 for k in ("plain", "recovered", "accuracy"))
