@@ -107,10 +107,11 @@ class Row:
 #: 5e-4 (the usual CIFAR ResNet recipe), gradients clipped at global norm 5 for the factorized ones
 #: (as in ``bench/paper.py``), and the peak learning rate the 3-epoch probe at 0.05 / 0.1 / 0.2
 #: scored best with (test accuracy after epoch 3): (c) 41.6 / 42.6 / 41.2%, so 0.1; (d) 45.0 /
-#: 40.2 / 35.1% and (e) 42.1 / 40.1 / 37.1%, so 0.05. (f), (g): the 40-epoch fine-tune's recipe (``bench/recover.py`` v5: 0.01 /
-#: 5e-4, block outputs matched with weight 1) at full length from (a)'s and (b)'s fitted starts: at
-#: 0.05, (b) fell from its fitted 60.8% to 43.2% in the first epoch and relearned from there
-#: (80.83% after 100 epochs), where the fine-tune at 0.01 kept 74.9% after one epoch (83.30% after 40).
+#: 40.2 / 35.1% and (e) 42.1 / 40.1 / 37.1%, so 0.05. (f), (g): the 40-epoch fine-tune's recipe
+#: (``bench/recover.py`` v5: 0.01 / 5e-4, block outputs matched with weight 1) at full length from
+#: (a)'s and (b)'s fitted starts. At 0.05, (a) and (b) fell from their fitted 59-61% to 42-43% in
+#: the first epoch and relearned from there (83.03% and 80.83% after 100 epochs); the 40-epoch
+#: fine-tunes at 0.01 stood at 64.3% and 58.5% after one epoch and ended at 83.38% and 83.30%.
 ROWS = {
     "a": Row("a", "STT 9x, fitted, distilled", "fitted", "stt", compression=9, t=2, teacher=True,
              weight_decay=5e-5),
