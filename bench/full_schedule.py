@@ -18,10 +18,11 @@ Every row trains ``--epochs`` (default 100) with SGD (Nesterov momentum 0.9), a 
 from its peak learning rate, batch 128, pad-4 crop and flip. Distillation (a, b, c, f, g): alpha
 0.9, temperature 4, on the logits; (f) and (g) also match every residual block's output (a thin
 network's block outputs have other widths than the teacher's, so (c) cannot). The peak learning
-rate and the weight decay per row are in ``ROWS``; ``--probe`` is how they were chosen (a few epochs on a fixed training subset per setting, logged
-to ``results/full_schedule/probes.jsonl``), and ``--time-steps`` measures which of float32/bf16
-autocast and contiguous/channels_last is faster on the machine at hand (``results/full_schedule/
-step_times.jsonl``); ``--amp`` and ``--channels-last`` set them for the runs.
+rate and the weight decay per row are in ``ROWS``; ``--probe`` is how they were chosen (a few
+epochs on a fixed training subset per setting, logged to ``results/full_schedule/probes.jsonl``),
+and ``--time-steps`` measures which of float32/bf16 autocast and contiguous/channels_last is
+faster on the machine at hand (``results/full_schedule/step_times.jsonl``); ``--amp`` and
+``--channels-last`` set them for the runs.
 
 Each run lives in ``results/full_schedule/runs/<row>-s<seed>/``: ``spec.json`` (how to rebuild the
 network), ``checkpoint.pt`` (every epoch, written atomically: a killed run resumes exactly where
