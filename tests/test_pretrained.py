@@ -29,6 +29,7 @@ EXPECTED = {
     "resnet20-cifar10-tt9x": ("ae123c17af5e33c623164205f70c04f332ce9efa6841fab0f92317abdbe43dad", 0.78),
 }
 SHIPPED = sorted(EXPECTED)
+COMPRESSED = [name for name in SHIPPED if name.endswith("9x")]
 
 
 def test_every_shipped_network_is_pinned_here():
@@ -88,9 +89,9 @@ def test_eval_outputs_are_deterministic(name, subset):
     assert torch.equal(first, again) and torch.equal(first, other)
 
 
+@pytest.mark.parametrize("name", SHIPPED)
 @pytest.mark.parametrize("damage", ["flip", "truncate", "append"])
-def test_a_corrupted_copy_is_refused(damage, tmp_path):
-    name = SHIPPED[0]
+def test_a_corrupted_copy_is_refused(name, damage, tmp_path):
     copy = tmp_path / f"{name}.pt"
     shutil.copyfile(WEIGHTS / f"{name}.pt", copy)
     data = bytearray(copy.read_bytes())
@@ -142,6 +143,21 @@ def test_cli_eval_and_report_accept_a_name(capsys):
     assert out["test_samples"] == 1000 and out["test_accuracy"] >= EXPECTED[SHIPPED[0]][1]
     assert main(["report", SHIPPED[0]]) == 0
     assert "params" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_cli_eval_and_export_take_a_shipped_compressed_name(name, tmp_path, capsys):
+    card = model_card(name)
+    assert main(["eval", name, "--data", "cifar10-subset"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["test_samples"] == 1000 and abs(out["test_accuracy"] - card.test_accuracy) <= 0.02
+    assert main(["export", name, "--output", str(tmp_path / "m.pt")]) == 0
+    exported = torch.jit.load(str(tmp_path / "m.pt"))
+    model, _ = pretrained(name)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_cli_compress_accepts_a_name(tmp_path, capsys):
