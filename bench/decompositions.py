@@ -15,7 +15,7 @@ Fairness notes
 --------------
 * TensorLy runs on its ``pytorch`` backend with the same torch tensor as stpnet: both then call
   the same LAPACK SVD through ``torch.linalg.svd``. On this machine the pytorch backend was faster
-  than the numpy one for every TensorLy call we tried (pass ``--tl-backend numpy`` to see).
+  than the numpy one for every TensorLy call in this script (pass ``--tl-backend numpy`` to see).
 * TensorLy's ``tucker`` runs HOOI sweeps by default. ``n_iter_max=0`` returns its HOSVD
   initialisation unchanged (the loop in ``partial_tucker`` does not run), so "HOSVD" rows use
   stpnet ``n_iter=0`` vs TensorLy ``n_iter_max=0``; "HOOI" rows use stpnet ``n_iter=K`` vs TensorLy
@@ -396,7 +396,7 @@ def stp_benchmarks(args, out: list[str]):
     rng = np.random.default_rng(42)
     cases = [
         ((64, 256), (32, 64)),      # n = 8 p
-        ((256, 1024), (64, 256)),   # n = 16 p  (the target size)
+        ((256, 1024), (64, 256)),   # n = 16 p  (the size the summary table quotes)
         ((1024, 2048), (128, 512)),  # n = 16 p, largest where the Kronecker form still fits easily
         ((128, 64), (512, 128)),    # p = 8 n   (the other fast path)
         ((64, 96), (64, 64)),       # neither divides: lcm case

@@ -41,7 +41,9 @@ Run (from the repository root; one run at a time at full threads):
 it rebuilds the run's network from ``spec.json`` and its final weights, measures its float32
 accuracy on the 10,000 test images and its latency through ``stpnet.fuse(model, example=x)``
 against the dense network at batch 1 and 128 (alternating blocks, medians), and writes
-``<NAME>.pt`` and ``<NAME>.json`` into ``src/stpnet/models/weights`` (``--ship-dir``).
+``<NAME>.pt`` and ``<NAME>.json`` into ``src/stpnet/models/weights`` (``--ship-dir``). ``--retime``
+measures every shipped compressed network's latency again, all in the same alternating blocks
+against one dense timing (nothing else running), and rewrites the cards' ``latency`` only.
 """
 
 from __future__ import annotations
@@ -56,19 +58,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _machine import (
+    cpu_model,  # bench/_machine.py (scripts run from bench/ on sys.path)
+)
+from latency import time_in_blocks  # bench/latency.py
 from torch import nn
 from torch.nn import functional as F
 
+from stpnet.app.pipeline import calibration_images, load_trained, normalized_like
 from stpnet.compress import compress
-from stpnet.data import load_dataset, benchmark_data_path
+from stpnet.data import benchmark_data_path, load_dataset
 from stpnet.model_spec import ModelSpec
 from stpnet.models import resnet_cifar
-from stpnet.app.pipeline import calibration_images, load_trained, normalized_like
 from stpnet.recovery import recover
 from stpnet.train import TrainConfig, Trainer, evaluate, save_checkpoint
-
-from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
-from latency import time_in_blocks  # bench/latency.py
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = benchmark_data_path("cifar10-jpeg.tar.gz")
@@ -419,7 +422,6 @@ def finished_checkpoint(run: str, keep: Path) -> tuple[Path, dict, dict | None]:
 
 def ship(run: str, name: str, keep: Path, directory: Path, allow_unfinished: bool = False) -> dict:
     """Write run ``run``'s final network as the shipped network ``name`` (weights and card)."""
-    from stpnet import fuse
     from stpnet.models import model_card
     from stpnet.models.pretrained import write_pretrained
     from stpnet.train import load_checkpoint
@@ -438,17 +440,7 @@ def ship(run: str, name: str, keep: Path, directory: Path, allow_unfinished: boo
     data = normalized_like(load_dataset(str(DATA)), state)
     accuracy = evaluate(model, data.test_x, data.test_y, data.mean, data.std, device=torch.device("cpu"))["accuracy"]
 
-    latency = {"batch": {}, "threads": torch.get_num_threads(), "cpu": cpu_model(), "torch": torch.__version__,
-               "command": f"python bench/full_schedule.py --ship {run} {name}",
-               "method": "stpnet.fuse(model, example=x) against the dense network: medians of alternating "
-                         "blocks (bench/latency.py time_in_blocks), forward under no_grad, float32"}
-    for batch, repeats in ((1, 300), (128, 30)):
-        x = data.test_x[:batch].float().div(255)
-        x = (x - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)
-        fused = fuse(model, example=x).eval()
-        times = time_in_blocks({"dense": dense, "fused": fused}, x, repeats)
-        latency["batch"][str(batch)] = {"dense_ms": times["dense"] * 1e3, "fused_ms": times["fused"] * 1e3,
-                                        "fused_over_dense": times["fused"] / times["dense"]}
+    latency = fused_latency({name: model}, dense, data, f"python bench/full_schedule.py --ship {run} {name}")[name]
 
     history = checkpoint["history"]
     config = checkpoint["config"]
@@ -480,6 +472,51 @@ def ship(run: str, name: str, keep: Path, directory: Path, allow_unfinished: boo
     return card.to_dict()
 
 
+def fused_latency(models: dict[str, nn.Module], dense: nn.Module, data, command: str) -> dict[str, dict]:
+    """Each model's card ``latency``: fused through ``stpnet.fuse(model, example=x)``, timed with the
+    dense network in the same alternating blocks at batch 1 and 128, so every ratio has the same
+    dense time beside it."""
+    from stpnet import fuse
+
+    method = ("stpnet.fuse(model, example=x) against the dense network: medians of alternating "
+              "blocks (bench/latency.py time_in_blocks), forward under no_grad, float32")
+    latency = {name: {"batch": {}, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+                      "torch": torch.__version__, "command": command, "method": method} for name in models}
+    for batch, repeats in ((1, 300), (128, 30)):
+        x = data.test_x[:batch].float().div(255)
+        x = (x - torch.tensor(data.mean).view(1, 3, 1, 1)) / torch.tensor(data.std).view(1, 3, 1, 1)
+        fused = {name: fuse(model, example=x).eval() for name, model in models.items()}
+        times = time_in_blocks({"dense": dense, **fused}, x, repeats)
+        for name in models:
+            latency[name]["batch"][str(batch)] = {"dense_ms": times["dense"] * 1e3, "fused_ms": times[name] * 1e3,
+                                                  "fused_over_dense": times[name] / times["dense"]}
+    return latency
+
+
+def retime(directory: Path) -> dict[str, dict]:
+    """Measure the fused latency of every shipped compressed network in ``directory`` again, all
+    against one dense timing, and rewrite their cards' ``latency`` (weights untouched)."""
+    from stpnet._atomic import atomic_write_text
+    from stpnet.models.pretrained import ModelCard, pretrained
+
+    dense, _, state = load_trained(TEACHER)
+    dense.eval()
+    data = normalized_like(load_dataset(str(DATA)), state)
+    names = sorted(p.stem for p in directory.glob("*.json")
+                   if json.loads(p.read_text()).get("compression") is not None)
+    if not names:
+        raise SystemExit(f"no shipped compressed network in {directory}")
+    models = {name: pretrained(name, path=directory / f"{name}.pt")[0] for name in names}
+    latency = fused_latency(models, dense, data, "python bench/full_schedule.py --retime")
+    for name in names:
+        path = directory / f"{name}.json"
+        card = ModelCard.from_dict({**json.loads(path.read_text()), "latency": latency[name]})
+        atomic_write_text(path, json.dumps(card.to_dict(), indent=1) + "\n", "model card")
+    summary = {name: {b: round(v["fused_over_dense"], 3) for b, v in latency[name]["batch"].items()} for name in names}
+    print(json.dumps(summary))
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", default=[], choices=sorted(ROWS), help="rows to train, in order")
@@ -500,9 +537,14 @@ def main() -> None:
                         help="write a finished run as the shipped network NAME (e.g. a-stt-9x-s0 resnet20-cifar10-stt9x)")
     parser.add_argument("--ship-dir", default=str(ROOT / "src" / "stpnet" / "models" / "weights"))
     parser.add_argument("--allow-unfinished", action="store_true", help="--ship a run that is still training")
+    parser.add_argument("--retime", action="store_true",
+                        help="time every shipped compressed network's fused form again, against one dense timing")
     args = parser.parse_args()
     if args.report:
         print(report())
+        return
+    if args.retime:
+        retime(Path(args.ship_dir))
         return
     if args.ship:
         ship(*args.ship, Path(args.keep), Path(args.ship_dir), args.allow_unfinished)

@@ -56,7 +56,7 @@ def test_weight_is_a_read_only_tensor_shaped_like_torch(kind):
 @pytest.mark.parametrize("fastpath", [True, False])
 def test_transformer_encoder_layer_runs_compressed_in_eval(fastpath, fused):
     """PyTorch's own encoder layer reads linear1.weight, self_attn.in_proj_weight, ... in its
-    fast-path check (the crash of the issue); compressed, and compressed then fused, it runs with
+    fast-path check (which crashed on factorized layers that had no ``weight``); compressed, and compressed then fused, it runs with
     the fast path on and off and computes what the rebuilt dense weights compute."""
     torch.manual_seed(0)
     model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
