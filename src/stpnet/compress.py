@@ -48,6 +48,7 @@ class LayerReport:
 
     @property
     def compression(self) -> float:
+        """This layer's compression factor, ``dense_params / params``."""
         return self.dense_params / self.params
 
 
@@ -68,6 +69,32 @@ class CompressionReport:
     ``dense_params`` and ``params`` count every parameter of the model (BatchNorm, kept layers and
     biases included), so ``compression`` is the whole-model factor. MACs count the Conv and Linear
     layers for one input of ``input_shape`` (batch 1), or are None without an input shape.
+
+    Attributes
+    ----------
+    layers : tuple of LayerReport
+        One row per Conv/Linear-like layer, factorized or kept dense, in module order.
+    dense_params, params : int
+        Parameters of the uncompressed and of the compressed model.
+    input_shape : tuple of int or None
+        The input the MACs were counted for (batch 1), or None.
+    allocation : str or None
+        How the ranks were allocated (``compress(allocation=...)``), None for uniform ranks.
+    fit : FitReport or None
+        The data-aware fit's per-layer errors, once :meth:`with_recovery` added them.
+    bn_recalibrated : bool or str
+        Whether the BatchNorm statistics were re-estimated (``'keep_function'``: and its weights
+        rescaled to keep the function).
+    kept_tied : tuple of str
+        Layers kept dense because their weight is tied to another module's.
+    skipped, adjusted : tuple of LayerNote
+        Layers left dense, and layers compressed with another setting than asked for, with why.
+
+    Examples
+    --------
+    >>> small, report = stpnet.compress(model, "stt", compression=9)     # doctest: +SKIP
+    >>> report.compression, report.ranks                                  # doctest: +SKIP
+    >>> print(report.to_markdown())                                       # doctest: +SKIP
     """
 
     layers: tuple[LayerReport, ...]
@@ -83,6 +110,7 @@ class CompressionReport:
 
     @property
     def compression(self) -> float:
+        """The whole-model compression factor, ``dense_params / params``."""
         return self.dense_params / self.params
 
     @property
@@ -98,15 +126,18 @@ class CompressionReport:
 
     @property
     def dense_macs(self) -> int | None:
+        """Multiply-adds of the uncompressed Conv/Linear layers for one input; None without an input shape."""
         values = [r.dense_macs for r in self.layers]
         return None if any(v is None for v in values) else sum(values)
 
     @property
     def macs(self) -> int | None:
+        """Multiply-adds of the model's Conv/Linear layers as they are; None without an input shape."""
         values = [r.macs for r in self.layers]
         return None if any(v is None for v in values) else sum(values)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, object]:
+        """The report as plain JSON values (layers with their compression, totals, notes)."""
         return {"layers": [asdict(r) | {"compression": r.compression} for r in self.layers],
                 "dense_params": self.dense_params, "params": self.params, "compression": self.compression,
                 "dense_macs": self.dense_macs, "macs": self.macs,
@@ -168,8 +199,21 @@ def model_report(model: nn.Module, input_shape: Sequence[int] | None = None,
                  dense_params: int | None = None) -> CompressionReport:
     """Report every Conv/Linear layer of ``model`` (factorized or dense) and the totals.
 
-    ``dense_params`` is the parameter count of the uncompressed model; by default it is computed
-    by counting each factorized layer as the dense layer it replaces.
+    Parameters
+    ----------
+    model : nn.Module
+        Any model, compressed by :func:`stpnet.compress` or not.
+    input_shape : sequence of int, optional
+        One input's shape with its batch dimension (e.g. ``(1, 3, 32, 32)``): counts each layer's
+        forward multiply-adds. Without it the MACs are None.
+    dense_params : int, optional
+        The parameter count of the uncompressed model; by default each factorized layer counts as
+        the dense layer it replaces.
+
+    Returns
+    -------
+    CompressionReport
+        One row per Conv/Linear-like layer and the whole-model totals.
     """
     shapes = layer_input_shapes(model, input_shape)
     rows = []

@@ -155,7 +155,20 @@ def relative_error(X: ArrayLike, approximation: FactorizedTensor | ArrayLike) ->
     """``||X - X_hat||_F / ||X||_F`` for a dense tensor and a factorized (or dense) approximation.
 
     Computed in float64 after scaling by the largest entry, so it neither overflows nor
-    underflows; 0.0 when both are zero, ``inf`` for a non-zero approximation of a zero tensor.
+    underflows.
+
+    Parameters
+    ----------
+    X : array-like
+        The dense reference tensor (torch tensor or NumPy array).
+    approximation : FactorizedTensor or array-like
+        Its approximation, factorized (rebuilt with ``to_tensor()``) or dense, of the same shape.
+
+    Returns
+    -------
+    float
+        The relative Frobenius error: 0.0 when both are zero, ``inf`` for a non-zero approximation
+        of a zero tensor.
     """
     X = as_tensor(X, "X")[0].detach().double()
     Y = approximation.to_tensor() if isinstance(approximation, FactorizedTensor) else as_tensor(approximation)[0]

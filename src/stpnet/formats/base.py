@@ -143,7 +143,7 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
     refinement: ClassVar[str | None] = None
 
     @classmethod
-    def name_for_t(cls, t) -> str:
+    def name_for_t(cls, t: int | Sequence[int]) -> str:
         """The format name for STP factor(s) ``t``: ``family`` for t = 1, ``semi_name`` above."""
         semi = any(v > 1 for v in t) if isinstance(t, tuple) else t > 1
         if semi and cls.semi_name is None:
@@ -151,7 +151,8 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
         return cls.semi_name if semi else cls.family
 
     @classmethod
-    def t_for(cls, semi: bool, t, shape: Sequence[int] | None = None) -> int | tuple[int, ...]:
+    def t_for(cls, semi: bool, t: int | Sequence[int] | None,
+              shape: Sequence[int] | None = None) -> int | tuple[int, ...]:
         """The STP factor a format name asks for: ``t`` checked (default 2 for a semi-tensor name,
         1 for a classic one), refusing t > 1 under a classic name. With ``shape``, checked against
         the tensor (:meth:`resolve_t`); without, one positive int (a layer's t)."""
@@ -164,13 +165,13 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
         return t
 
     @classmethod
-    def resolve_t(cls, shape: Sequence[int], t) -> int | tuple[int, ...]:
+    def resolve_t(cls, shape: Sequence[int], t: int | Sequence[int]) -> int | tuple[int, ...]:
         """Check the STP factor for a tensor of ``shape``: one positive int (Tucker overrides this
         with one per mode)."""
         return cls._one_t(t)
 
     @classmethod
-    def _one_t(cls, t) -> int:
+    def _one_t(cls, t: int) -> int:
         """One positive int, above 1 only for a format with a semi-tensor variant."""
         t = check_positive_int(t, "t")
         if t > 1 and cls.semi_name is None:
@@ -209,19 +210,21 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
 
     @classmethod
     @abstractmethod
-    def validate_rank(cls, shape: Sequence[int], rank, t=1, clip: bool = True) -> tuple[int, ...]:
+    def validate_rank(cls, shape: Sequence[int], rank: int | Sequence[int], t: int | Sequence[int] = 1,
+                      clip: bool = True) -> tuple[int, ...]:
         """Check ``rank`` for a tensor of ``shape`` (ValueError saying what is valid) and return the
         full rank tuple; with ``clip``, lowered to what the shape can use."""
 
     @staticmethod
     @abstractmethod
-    def param_count(shape: Sequence[int], rank: Sequence[int], t=1) -> int:
+    def param_count(shape: Sequence[int], rank: Sequence[int], t: int | Sequence[int] = 1) -> int:
         """Parameters of the format for ``shape`` at ``rank`` (validated ranks)."""
 
     @classmethod
     @abstractmethod
-    def random(cls, shape: Sequence[int], rank, t=1, *, std: float = 1.0, dtype=None, device=None,
-               generator=None, clip: bool = True) -> "FactorizedTensor":
+    def random(cls, shape: Sequence[int], rank: int | Sequence[int], t: int | Sequence[int] = 1, *,
+               std: float = 1.0, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               generator: torch.Generator | None = None, clip: bool = True) -> "FactorizedTensor":
         """A random tensor of the format whose dense entries have root-mean-square ``std``."""
 
     @abstractmethod
@@ -249,7 +252,7 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
 
     @property
     @abstractmethod
-    def t(self):
+    def t(self) -> int | tuple[int, ...]:
         """The STP factor (an int, or one int per mode for Tucker)."""
 
     @property
@@ -280,13 +283,16 @@ class FactorizedTensor(nn.Module, metaclass=_FormatMeta):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The factors' dtype."""
         return self.factors[0].dtype
 
     @property
     def device(self) -> torch.device:
+        """The device the factors are on."""
         return self.factors[0].device
 
     def forward(self) -> torch.Tensor:
+        """The dense tensor (:meth:`to_tensor`), so the tensor can be called like a module."""
         return self.to_tensor()
 
     def extra_repr(self) -> str:

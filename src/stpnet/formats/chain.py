@@ -49,21 +49,26 @@ class CoreTensor(FactorizedTensor):
 
     @property
     def factors(self) -> list[torch.Tensor]:
+        """The cores, in chain order."""
         return list(self.cores)
 
     @torch.no_grad()
     def scale_(self, factor: float) -> None:
+        """Multiply the tensor by ``factor`` in place (through the last core)."""
         self.cores[-1].mul_(factor)
 
     def reconstruction_macs(self) -> int:
+        """Multiply-adds :meth:`to_tensor` spends (the cost of rebuilding the dense tensor once)."""
         return chain_reconstruction_macs([G.shape for G in self.cores], self._t)
 
     @property
     def t(self) -> int:
+        """The STP factor linking consecutive cores."""
         return self._t
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """Shape of the dense tensor."""
         dims = [int(G.shape[1]) for G in self.cores]
         dims[-1] *= self._t
         return tuple(dims)

@@ -64,10 +64,12 @@ class CPTensor(FactorizedTensor):
 
     @property
     def t(self) -> int:
+        """The STP factor: always 1 (CP has no semi-tensor variant)."""
         return 1
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """Shape of the dense tensor."""
         return tuple(int(A.shape[0]) for A in self.factor_list)
 
     @property
@@ -76,13 +78,16 @@ class CPTensor(FactorizedTensor):
         return (int(self.factor_list[0].shape[1]),)
 
     def to_tensor(self) -> torch.Tensor:
+        """Reconstruct the dense tensor, the weighted sum of the rank-one terms (differentiable)."""
         return cp_to_tensor(list(self.factor_list))
 
     def reconstruction_macs(self) -> int:
+        """Multiply-adds :meth:`to_tensor` spends (the cost of rebuilding the dense tensor once)."""
         return cp_reconstruction_macs(self.shape, self.rank[0])
 
     @torch.no_grad()
     def scale_(self, factor: float) -> None:
+        """Multiply the tensor by ``factor`` in place (through the last factor matrix)."""
         self.factor_list[-1].mul_(factor)
 
     @classmethod

@@ -107,6 +107,7 @@ class TRTensor(CoreTensor):
         return tuple(self._t * int(G.shape[0]) for G in self.cores)
 
     def to_tensor(self) -> torch.Tensor:
+        """Reconstruct the dense tensor: the trace of the ring of STP-linked cores (differentiable)."""
         return tr_to_tensor(list(self.cores), self._t)
 
 

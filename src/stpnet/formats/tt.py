@@ -107,6 +107,7 @@ class TTTensor(CoreTensor):
         return tuple(self._t * int(G.shape[0]) for G in list(self.cores)[1:])
 
     def to_tensor(self) -> torch.Tensor:
+        """Reconstruct the dense tensor from the STP-linked chain of cores (differentiable)."""
         return tt_to_tensor(list(self.cores), self._t)
 
     # ----------------------------------------------------------- rank algebra

@@ -69,21 +69,26 @@ class TuckerTensor(FactorizedTensor):
 
     @property
     def t(self) -> tuple[int, ...]:
+        """The STP factor of each mode."""
         return self._t
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """Shape of the dense tensor: each factor's rows times its mode's t."""
         return tuple(int(U.shape[0]) * t for U, t in zip(self.factor_list, self._t))
 
     @property
     def rank(self) -> tuple[int, ...]:
+        """The ranks: the core's shape."""
         return tuple(int(s) for s in self.core.shape)
 
     def to_tensor(self) -> torch.Tensor:
+        """Reconstruct the dense tensor: the core times each factor by semi-tensor mode products (differentiable)."""
         return tucker_to_tensor(self.core, list(self.factor_list))
 
     @torch.no_grad()
     def scale_(self, factor: float) -> None:
+        """Multiply the tensor by ``factor`` in place (through the core)."""
         self.core.mul_(factor)
 
     @classmethod
@@ -92,6 +97,7 @@ class TuckerTensor(FactorizedTensor):
         return cls.validate_t(shape, t)
 
     def reconstruction_macs(self) -> int:
+        """Multiply-adds :meth:`to_tensor` spends (the cost of rebuilding the dense tensor once)."""
         return tucker_reconstruction_macs(self.core.shape, [U.shape for U in self.factor_list])
 
     def to_classic(self) -> "TuckerTensor":

@@ -24,9 +24,17 @@ BN_MODES = (False, True, "keep_function")
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    """What :func:`recover` did: the fit (None without one) and the BatchNorm recalibration
-    (False, True, or ``'keep_function'``). :meth:`stpnet.CompressionReport.with_recovery` adds
-    it to the compression's report."""
+    """What :func:`recover` did. :meth:`stpnet.CompressionReport.with_recovery` adds it to the
+    compression's report.
+
+    Attributes
+    ----------
+    fit : FitReport or None
+        The data-aware fit's per-layer (or per-block) errors before and after; None without a fit.
+    bn_recalibrated : bool or str
+        The BatchNorm step: False, True (statistics re-estimated) or ``'keep_function'``
+        (re-estimated, its weights rescaled to keep the function).
+    """
 
     fit: FitReport | None
     bn_recalibrated: bool | str = False
