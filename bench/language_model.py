@@ -584,6 +584,32 @@ class Sweep:
 
 
 # ----------------------------------------------------------------------------------------- report
+def summary_tables(ordered: list[tuple[tuple, dict]]) -> list[str]:
+    """One table per embedding setting: a row per method, a column per target holding
+    ``plain / fit / fine-tuned`` perplexities (default settings only; variants stay in the long table)."""
+    targets = sorted({key[0] for key, _ in ordered})
+    lines = []
+    for emb in ("excluded", "included"):
+        cells: dict[str, dict[float, str]] = {}
+        for (target, fmt, e, variant), steps in ordered:
+            if e != emb or variant:
+                continue
+            values = [f"{steps[s]['perplexity']:.3f}" if "perplexity" in steps.get(s, {}) else "-"
+                      for s in ("plain", "fit", "ft")]
+            while len(values) > 1 and values[-1] == "-":
+                values.pop()
+            cells.setdefault(fmt, {})[target] = " / ".join(values)
+        if not cells:
+            continue
+        title = "embeddings dense" if emb == "excluded" else "embeddings compressed"
+        lines += ["", f"Perplexity, {title}: plain / fit / fine-tuned ({FT_STEPS} steps)", "",
+                  "| method | " + " | ".join(f"{t:g}x" for t in targets) + " |",
+                  "|---|" + "---|" * len(targets)]
+        for fmt, by_target in cells.items():
+            lines.append(f"| {fmt} | " + " | ".join(by_target.get(t, "") for t in targets) + " |")
+    return lines
+
+
 def report(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows:
@@ -628,6 +654,7 @@ def report(path: Path) -> str:
         cells.append(", ".join(f"{p:.3f} ({n} steps)" for n, p in longer) or "-")
         lines.append(f"| {target:g}x | {fmt} | {emb} | {anyrow['params']:,} | {anyrow['compression']:.2f}x | "
                      + " | ".join(cells) + " |")
+    lines += summary_tables(ordered)
     timed = [(key, steps["latency"]) for key, steps in ordered if "dense_b1" in steps.get("latency", {})]
     if timed:
         first = timed[0][1]
