@@ -58,10 +58,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _machine import (
-    cpu_model,  # bench/_machine.py (scripts run from bench/ on sys.path)
-)
-from latency import time_in_blocks  # bench/latency.py
 from torch import nn
 from torch.nn import functional as F
 
@@ -72,6 +68,9 @@ from stpnet.model_spec import ModelSpec
 from stpnet.models import resnet_cifar
 from stpnet.recovery import recover
 from stpnet.train import TrainConfig, Trainer, evaluate, save_checkpoint
+
+from _machine import cpu_model  # bench/_machine.py (scripts run from bench/ on sys.path)
+from latency import time_in_blocks  # bench/latency.py
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = benchmark_data_path("cifar10-jpeg.tar.gz")

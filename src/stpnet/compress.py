@@ -79,7 +79,8 @@ class CompressionReport:
     input_shape : tuple of int or None
         The input the MACs were counted for (batch 1), or None.
     allocation : str or None
-        How the ranks were allocated (``compress(allocation=...)``), None for uniform ranks.
+        How a ``compression`` target was shared among the layers (``compress(allocation=...)``:
+        ``'uniform'``, ``'weight'`` or ``'activation'``); None when the ranks were given.
     fit : FitReport or None
         The data-aware fit's per-layer errors, once :meth:`with_recovery` added them.
     bn_recalibrated : bool or str
