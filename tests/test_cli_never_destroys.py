@@ -86,7 +86,8 @@ def test_export_refuses_to_replace_its_own_checkpoint(workspace, capsys):
         _assert_rejected(["export", ck, "--output", other], workspace, capsys, "holds an stpnet checkpoint")
         code, _ = _run(["export", ck, "--output", other, "--force"], capsys)
         assert code == 0
-        assert torch.jit.load(str(other)) is not None  # replaced, by request
+        exported = torch.jit.load(str(other))  # replaced, by request, with a working TorchScript network
+        assert exported(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     finally:
         other.unlink()
 

@@ -179,7 +179,8 @@ def test_non_float_numpy_dtype():
 
 @pytest.mark.parametrize("name", ["ttt", "ht", "tensor_train", ""])
 def test_unknown_format(name):
-    with pytest.raises(ValueError, match=rf"unknown format '{name}'; valid formats: tucker, sttu, tt, stt, tr, str"):
+    valid = re.escape(", ".join(stpnet.FORMATS))  # every format, cp included, and nothing after
+    with pytest.raises(ValueError, match=rf"unknown format '{name}'; valid formats: {valid}$"):
         decompose(_x(4, 6, 8), name, rank=2)
 
 

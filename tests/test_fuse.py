@@ -70,13 +70,19 @@ def test_fused_layer_computes_the_same_function(combo, kind):
     linear_forms = ("chain", "plain", "dense") if layout in ("sequential", "ring", "tucker2") else ("chain", "dense")
     assert fused.forms == (linear_forms if kind == "linear" else ("chain", "dense") if layout == "paired" else
                            tuple(f for f in FUSED_FORMS if onepass or f != "onepass"))
+    x_ref = x.clone().requires_grad_(True)
+    _dense(layer, x_ref).square().sum().backward()  # the input gradient through the dense weight
     for form in fused.forms:
         fused.form = form
         with torch.no_grad():
             assert float((fused(x) - expected).norm() / expected.norm()) < 1e-12, form
         fused.zero_grad()
-        fused(x).square().sum().backward()
+        x_in = x.clone().requires_grad_(True)
+        fused(x_in).square().sum().backward()
         assert all(p.grad is not None for p in fused.parameters()), form
+        assert float((x_in.grad - x_ref.grad).norm() / x_ref.grad.norm()) < 1e-10, form
+        if layer.bias is not None:
+            assert float((fused.bias.grad - layer.bias.grad).norm() / layer.bias.grad.norm()) < 1e-10, form
     fused.form = "chain"
     # it stays compressed: about the factorized parameter count, far from the dense one
     n_fused = sum(p.numel() for p in fused.parameters())

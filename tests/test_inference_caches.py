@@ -115,7 +115,7 @@ def test_to_and_half_drop_the_caches(kind):
             assert "_inference_cache" not in m.__dict__ and "_plan" not in m.__dict__
     model.float()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), _fresh(model, x), rtol=1e-3, atol=1e-3)  # rounded through half
+        torch.testing.assert_close(model(x), _fresh(model, x), rtol=1e-4, atol=1e-5)  # rounded through half, no stale cache
 
 
 @pytest.mark.parametrize("kind", ["factorized", "fused-dense"])
@@ -246,7 +246,7 @@ def test_a_cached_value_is_reused_while_unchanged_even_with_nan_factors(comparis
         first = layer.weight
         assert layer.weight is first
         factor.data[(0,) * factor.ndim] = 0.0
-        assert layer.weight is not first and not torch.isnan(layer.weight).all()
+        assert layer.weight is not first and not torch.isnan(layer.weight).any()
 
 
 # ---------------------------------------------------------------- fuse(watch='versions')
