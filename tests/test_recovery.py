@@ -366,6 +366,9 @@ def test_activation_allocation_needs_images_and_uses_them():
         allocate_ranks(net, "tt", 3.0, criterion="activation")
     alloc = allocate_ranks(net, "tt", 3.0, criterion="activation", images=_images(16, 0))
     assert abs(alloc.compression - 3.0) / 3.0 < 0.02
+    # the errors it weighs are measured on those images: other images, other errors
+    other = allocate_ranks(net, "tt", 3.0, criterion="activation", images=_images(16, 1))
+    assert alloc.layer_errors != other.layer_errors
 
 
 def test_allocation_rejects_an_unreachable_target_and_bad_options():

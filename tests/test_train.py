@@ -298,3 +298,7 @@ def test_torchrun_style_two_process_training_on_cpu(tmp_path):
         assert torch.equal(a, b)  # gradients were averaged across the ranks (BN buffers stay local)
     assert r0["history"][-1]["test_accuracy"] == r1["history"][-1]["test_accuracy"]
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 2  # written once, by rank 0
+    # and they trained together: one process alone with the same seed and settings ends elsewhere
+    alone = tiny_model()
+    Trainer(alone, tiny_data(), TrainConfig(epochs=2, batch_size=8, seed=3), device="cpu").fit()
+    assert any(not torch.equal(p.detach(), r0["state"][name]) for name, p in alone.named_parameters())
