@@ -584,6 +584,11 @@ class Sweep:
 
 
 # ----------------------------------------------------------------------------------------- report
+def _perplexity_cells(steps: dict) -> list[str]:
+    """The plain, fit and fine-tuned perplexities of one configuration, ``-`` where not measured."""
+    return [f"{steps[s]['perplexity']:.3f}" if "perplexity" in steps.get(s, {}) else "-" for s in ("plain", "fit", "ft")]
+
+
 def summary_tables(ordered: list[tuple[tuple, dict]]) -> list[str]:
     """One table per embedding setting: a row per method, a column per target holding
     ``plain / fit / fine-tuned`` perplexities (default settings only; variants stay in the long table)."""
@@ -594,8 +599,7 @@ def summary_tables(ordered: list[tuple[tuple, dict]]) -> list[str]:
         for (target, fmt, e, variant), steps in ordered:
             if e != emb or variant:
                 continue
-            values = [f"{steps[s]['perplexity']:.3f}" if "perplexity" in steps.get(s, {}) else "-"
-                      for s in ("plain", "fit", "ft")]
+            values = _perplexity_cells(steps)
             while len(values) > 1 and values[-1] == "-":
                 values.pop()
             cells.setdefault(fmt, {})[target] = " / ".join(values)
@@ -647,8 +651,7 @@ def report(path: Path) -> str:
         if "error" in anyrow:
             lines.append(f"| {target:g}x | {fmt} | {emb} | - | - | {anyrow['error'][:60]} | | | |")
             continue
-        cells = [f"{steps[s]['perplexity']:.3f}" if s in steps and "perplexity" in steps[s] else "-"
-                 for s in ("plain", "fit", "ft")]
+        cells = _perplexity_cells(steps)
         longer = sorted((r["ft_steps"], r["perplexity"]) for k, r in steps.items()
                         if k.startswith("ft") and k != "ft" and "perplexity" in r)
         cells.append(", ".join(f"{p:.3f} ({n} steps)" for n, p in longer) or "-")
