@@ -22,7 +22,9 @@ rate and the weight decay per row are in ``ROWS``; ``--probe`` is how they were 
 epochs on a fixed training subset per setting, logged to ``results/full_schedule/probes.jsonl``),
 and ``--time-steps`` measures which of float32/bf16 autocast and contiguous/channels_last is
 faster on the machine at hand (``results/full_schedule/step_times.jsonl``); ``--amp`` and
-``--channels-last`` set them for the runs.
+``--channels-last`` set them for the runs. ``--forward-path measure`` (the default) lets each
+factorized layer train on whichever of its two forward paths ran a forward and backward pass
+faster on the first batch; the paths compute the same function.
 
 Each run lives in ``results/full_schedule/runs/<row>-s<seed>/``: ``spec.json`` (how to rebuild the
 network), ``checkpoint.pt`` (every epoch, written atomically: a killed run resumes exactly where
@@ -66,6 +68,7 @@ from stpnet.compress import compress
 from stpnet.data import benchmark_data_path, load_dataset
 from stpnet.model_spec import ModelSpec
 from stpnet.models import resnet_cifar
+from stpnet.nn import FactorizedLayer
 from stpnet.recovery import recover
 from stpnet.train import TrainConfig, Trainer, evaluate, save_checkpoint
 
@@ -239,6 +242,9 @@ class Protocol:
     def train(self, row: Row, seed: int) -> dict | None:
         run_dir = self.run_dir(row, seed)
         model, spec = self.start(row, seed)
+        for layer in model.modules():  # the same function either way; only the speed differs
+            if isinstance(layer, FactorizedLayer):
+                layer.forward_path = self.args.forward_path
         config = self.config(row, seed)
         deadline = time.monotonic() + self.args.time_limit * 60 if self.args.time_limit else None
 
@@ -523,6 +529,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--amp", default="bf16", choices=("off", "bf16"), help="bf16 autocast or float32 (see --time-steps)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC layout (see --time-steps)")
+    parser.add_argument("--forward-path", default="measure", choices=("auto", "measure", "rebuild", "contract"),
+                        help="the factorized layers' forward path in training: 'measure' times both on the first "
+                             "batch, forward and backward, and keeps the faster per layer (default)")
     parser.add_argument("--time-limit", type=float, help="minutes; stop cleanly after the epoch that crosses it")
     parser.add_argument("--keep", default=str(ROOT / "runs" / "full_schedule"),
                         help="where a finished run's checkpoint goes (outside the tree)")

@@ -7,6 +7,7 @@ A test that takes ``combo`` runs for every (format, layout, t) combination of th
 from __future__ import annotations
 
 import io
+import time
 import warnings
 
 import pytest
@@ -294,6 +295,51 @@ def test_measured_path_choice_times_both_paths_once_per_shape():
     layer.train()
     layer(x).sum().backward()
     assert all(p.grad is not None for p in layer.weight_tensor.parameters())
+
+
+class _SlowBackward(torch.autograd.Function):
+    """The identity, whose backward pass sleeps: a path fast forward and slow to train through."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.03)
+        return grad
+
+
+def test_measured_path_choice_in_training_times_the_backward_pass_too():
+    # contract: fast forward, slow backward; rebuild: slower forward, fast backward. Timed forward
+    # only (inference) contract wins; timed as a training step runs it, rebuild does.
+    torch.manual_seed(6)
+    layer = FactorizedConv2d(8, 8, 3, 1, 1, format="stt", rank=4, t=2, forward_path="measure").double()
+    reference = FactorizedConv2d(8, 8, 3, 1, 1, format="stt", rank=4, t=2, forward_path="rebuild").double()
+    reference.load_state_dict(layer.state_dict())
+    dense_forward, contract_forward = layer._dense_forward, layer._contract_forward
+
+    def slow_forward(x, weight):
+        time.sleep(0.01)
+        return dense_forward(x, weight)
+
+    layer._dense_forward = slow_forward
+    layer._contract_forward = lambda x: _SlowBackward.apply(contract_forward(x))
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    out = layer(x)  # training mode, gradients on: measured with the backward pass
+    assert layer.choose_path(x.shape) == "rebuild"
+    # the measurement left no gradient behind: one backward gives the reference's gradients
+    assert all(p.grad is None for p in layer.parameters()) and x.grad is None
+    out.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for p, q in zip(layer.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # an inference call is timed forward only
+    assert layer.choose_path(x.shape, inference=True) == "contract"
 
 
 def test_fuse_with_an_example_keeps_layers_that_prefer_rebuilding():

@@ -25,7 +25,7 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "stpnet" / "models" / "w
 EXPECTED = {
     "resnet20-cifar10": ("c78dabdded34699c1e52c509b162d44d2c4ebbc4dd38434ad4566720d5b0a645", 0.86),
     "resnet32-cifar10": ("a59ab7d1efff4017bb2a8bcf2a7b81f451e1a57294fcddc70dd817826d38e93f", 0.87),
-    "resnet20-cifar10-stt9x": ("067f6df9db303197e1a70b3ad0399bf8d1b79f29ab195730ca43d2c57faa26ef", 0.80),
+    "resnet20-cifar10-stt9x": ("981075ec8c524d31945c0f7e2823f61786bd934a4e35083b0721cb720798fc22", 0.83),
     "resnet20-cifar10-tt9x": ("ae123c17af5e33c623164205f70c04f332ce9efa6841fab0f92317abdbe43dad", 0.78),
 }
 SHIPPED = sorted(EXPECTED)

@@ -250,20 +250,34 @@ class FactorizedLayer(InferenceCache):
     def _choice_key(self, input_shape: Sequence[int], device_type: str, inference: bool) -> tuple:
         return (tuple(int(s) for s in input_shape), device_type, self.weight_tensor.dtype, tuple(self.rank), inference)
 
-    @torch.no_grad()
     def _measure_paths(self, x: torch.Tensor, inference: bool = False, repeats: int = 3) -> str:
         """Time both paths on ``x`` (in alternating rounds, each a warm-up call and the best of
-        ``repeats``) and remember the faster; ``inference``: as eval mode runs them, with the
-        rebuilt weight and merged cores cached."""
-        if inference:
-            rebuild = lambda: self._dense_forward(x, self.weight)  # noqa: E731
+        ``repeats``) and remember the faster. ``inference``: as eval mode runs them, with the
+        rebuilt weight and merged cores cached. A training call (gradients enabled) times what a
+        training step pays: the forward pass and the backward pass to the factors (and to ``x``
+        where it requires a gradient), through ``torch.autograd.grad``, so no ``.grad`` changes."""
+        if inference or not torch.is_grad_enabled():
+            with torch.no_grad():
+                timings = self._path_timings(x, inference, repeats, lambda out: None)
         else:
-            rebuild = lambda: self._dense_forward(x, self.dense_weight())  # noqa: E731
-        timings = interleaved_best_times({"rebuild": rebuild, "contract": lambda: self._contract_forward(x)},
-                                         x.device, rounds=repeats, repeats=1)
+            probe = x.detach().requires_grad_(x.requires_grad)
+            wanted = [p for p in self.parameters() if p.requires_grad] + ([probe] if probe.requires_grad else [])
+
+            def backward(out: torch.Tensor) -> None:
+                if out.requires_grad and wanted:
+                    torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=True)
+
+            timings = self._path_timings(probe, inference, repeats, backward)
         choice = min(timings, key=timings.get)
         self.__dict__.setdefault("_path_choices", {})[self._choice_key(x.shape, x.device.type, inference)] = choice
         return choice
+
+    def _path_timings(self, x: torch.Tensor, inference: bool, repeats: int, backward) -> dict[str, float]:
+        """Best seconds of each path on ``x``, each call followed by ``backward(output)``."""
+        weight = (lambda: self.weight) if inference else self.dense_weight
+        paths = {"rebuild": lambda: self._dense_forward(x, weight()), "contract": lambda: self._contract_forward(x)}
+        runs = {name: (lambda forward=forward: backward(forward())) for name, forward in paths.items()}
+        return interleaved_best_times(runs, x.device, rounds=repeats, repeats=1)
 
     def path_for(self, x: torch.Tensor) -> str:
         """The path a forward call on ``x`` takes: measured now if ``forward_path='measure'`` and

@@ -244,7 +244,8 @@ class FactorizedConv2d(_FactorizedConvNd):
     forward_path : {'auto', 'rebuild', 'contract', 'measure'}
         'auto' picks, per input shape, the cheaper path by the cost model; 'measure' times both
         paths on the first input of each shape (device, dtype) and keeps the faster, in the
-        spirit of ``torch.backends.cudnn.benchmark``; the others force a path.
+        spirit of ``torch.backends.cudnn.benchmark`` (a call with gradients enabled times the
+        forward and the backward pass, as a training step runs them); the others force a path.
     clip_ranks : bool, default False
         Lower ranks to what the tensorization can use (see :class:`FactorizedLinear`).
 
